@@ -1,0 +1,34 @@
+"""lightning_megatron: train and serve transformer language models with megatron-core under PyTorch Lightning.
+
+Importing the package registers ``"megatron"`` in Lightning's strategy registry, so ``Trainer(strategy="megatron")``
+and ``strategy: megatron`` in a LightningCLI config work.
+"""
+
+import warnings
+
+# megatron-core warns at import time about every optional backend it does not find; backends.py reports them once.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*", category=UserWarning)
+
+from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
+
+from lightning_megatron.models.gpt import GPT, GPTConfig  # noqa: E402
+from lightning_megatron.module import MegatronModule  # noqa: E402
+from lightning_megatron.optim import OptimConfig  # noqa: E402
+from lightning_megatron.parallel import LayoutError, ParallelConfig  # noqa: E402
+from lightning_megatron.precision import MegatronPrecision  # noqa: E402
+from lightning_megatron.strategy import MegatronStrategy  # noqa: E402
+
+if MegatronStrategy.strategy_name not in StrategyRegistry:
+    MegatronStrategy.register_strategies(StrategyRegistry)
+
+__version__ = "0.1.0"
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "LayoutError",
+    "MegatronModule",
+    "MegatronPrecision",
+    "MegatronStrategy",
+    "OptimConfig",
+    "ParallelConfig",
+]

@@ -1,0 +1,161 @@
+"""GPT: a decoder-only language model on megatron-core's ``GPTModel``, as a LightningModule.
+
+The batch contract (see docs/module-contract.md): a dict of ``[batch, seq]`` tensors - ``tokens`` (input ids),
+``labels`` (the next token at each position), ``loss_mask`` (1.0 where the token counts towards the loss), and
+optionally ``position_ids`` and ``attention_mask`` (``[batch, 1, seq, seq]``, True where attention is *blocked*;
+omit it for plain causal attention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from lightning_megatron.models.layers import gpt_block_spec, init_weights
+from lightning_megatron.module import MegatronModule
+from lightning_megatron.optim import OptimConfig
+from lightning_megatron.schedule import LossFn
+
+
+@dataclass
+class GPTConfig:
+    """The architecture of a GPT; parallel layout and precision come from the strategy, not from here."""
+
+    vocab_size: int
+    num_layers: int = 12
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; ``None`` means one per attention head."""
+    ffn_hidden_size: int | None = None
+    """Defaults to 4 x hidden_size."""
+    seq_length: int = 1024
+    position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
+    rotary_base: int = 10000
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    add_bias_linear: bool = True
+    qk_layernorm: bool = False
+    tie_embeddings: bool = True
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    seed: int = 1234
+    """Seeds the initial weights; the same seed gives the same weights under every parallel layout."""
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
+        """Vocabulary rounded up so that it splits evenly into TP shards of a multiple of 128 rows (megatron's)."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+    @classmethod
+    def tiny(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":
+        """4 layers, 4 heads, hidden 128: trains on a laptop CPU in minutes and splits up to TP4 or PP2 x VP2."""
+        return cls(**{**dict(vocab_size=vocab_size, num_layers=4, hidden_size=128, num_attention_heads=4,
+                             seq_length=128), **overrides})
+
+    @classmethod
+    def gpt2_124m(cls, vocab_size: int = 50257, **overrides: Any) -> "GPTConfig":
+        """GPT-2 small: 12 layers, 12 heads, hidden 768."""
+        return cls(**{**dict(vocab_size=vocab_size), **overrides})
+
+    @classmethod
+    def gpt2_350m(cls, vocab_size: int = 50257, **overrides: Any) -> "GPTConfig":
+        """GPT-2 medium: 24 layers, 16 heads, hidden 1024."""
+        return cls(**{**dict(vocab_size=vocab_size, num_layers=24, hidden_size=1024, num_attention_heads=16),
+                      **overrides})
+
+    @classmethod
+    def gpt2_1_3b(cls, vocab_size: int = 50257, **overrides: Any) -> "GPTConfig":
+        """GPT-3 XL shape: 24 layers, 16 heads, hidden 2048."""
+        return cls(**{**dict(vocab_size=vocab_size, num_layers=24, hidden_size=2048, num_attention_heads=16),
+                      **overrides})
+
+    @classmethod
+    def llama(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":
+        """A Llama-style decoder: RoPE, RMSNorm, SwiGLU, no biases, untied embeddings (sizes from ``overrides``)."""
+        defaults = dict(vocab_size=vocab_size, position_embedding_type="rope", normalization="RMSNorm",
+                        activation="swiglu", add_bias_linear=False, tie_embeddings=False, layernorm_epsilon=1e-6)
+        return cls(**{**defaults, **overrides})
+
+
+class GPT(MegatronModule):
+    """A GPT language model trained with next-token cross entropy (masked by ``loss_mask``)."""
+
+    def __init__(self, config: GPTConfig, optim: OptimConfig | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.optim = optim or OptimConfig()
+        self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
+
+    def transformer_config(self, **fields: Any) -> TransformerConfig:
+        c = self.config
+        swiglu = c.activation == "swiglu"
+        base: dict[str, Any] = dict(
+            num_layers=c.num_layers,
+            hidden_size=c.hidden_size,
+            num_attention_heads=c.num_attention_heads,
+            num_query_groups=c.num_query_groups,
+            ffn_hidden_size=c.ffn_hidden_size or 4 * c.hidden_size,
+            normalization=c.normalization,
+            layernorm_epsilon=c.layernorm_epsilon,
+            add_bias_linear=c.add_bias_linear,
+            gated_linear_unit=swiglu,
+            activation_func=F.silu if swiglu else F.gelu,
+            hidden_dropout=c.hidden_dropout,
+            attention_dropout=c.attention_dropout,
+            init_method_std=c.init_method_std,
+            qk_layernorm=c.qk_layernorm,
+            # init_weights redraws every tensor layout-invariantly; megatron's draw still marks the TP shards.
+            perform_initialization=True,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+        )
+        return TransformerConfig(**{**base, **fields})
+
+    def build_stage(
+        self, config: TransformerConfig, pre_process: bool, post_process: bool, vp_stage: int | None
+    ) -> GPTModel:
+        c = self.config
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=gpt_block_spec(config, vp_stage, qk_layernorm=c.qk_layernorm),
+            vocab_size=c.padded_vocab_size(config.tensor_model_parallel_size),
+            max_sequence_length=c.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=c.tie_embeddings,
+            position_embedding_type=c.position_embedding_type,
+            rotary_base=c.rotary_base,
+            vp_stage=vp_stage,
+        )
+        init_weights(model, config, c.seed, tied_output_name="embedding.word_embeddings.weight" if c.tie_embeddings else None)
+        return model
+
+    def forward_step(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, LossFn]:
+        tokens = batch["tokens"]
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        token_losses = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"])
+        loss_mask = batch["loss_mask"]
+
+        def loss_fn(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            mask = loss_mask.reshape(-1).float()
+            return (output.reshape(-1).float() * mask).sum(), mask.sum()
+
+        return token_losses, loss_fn
+
+    def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
+        return self.optim

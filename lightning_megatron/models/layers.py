@@ -1,0 +1,119 @@
+"""Layer specs and weight initialisation shared by our megatron-core models.
+
+The specs compose megatron-core's local (non-Transformer-Engine) modules and swap in :class:`Norm`, a torch norm
+that supports sequence parallelism, so SP runs on CPUs and on GPUs without Transformer Engine or Apex.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class Norm:
+    """A torch ``LayerNorm``/``RMSNorm`` built from a megatron config, usable with sequence parallelism.
+
+    Under sequence parallelism each TP rank normalises its own slice of the sequence, so the norm's gradients are
+    partial sums: marking the parameters ``sequence_parallel`` makes megatron's ``finalize_model_grads`` all-reduce
+    them across the TP group, as it does for Transformer Engine's norms.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object) -> torch.nn.Module:
+        if config.normalization == "RMSNorm":
+            norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"normalization={config.normalization!r} is not supported; use 'LayerNorm' or 'RMSNorm'")
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def gpt_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    """megatron-core's local GPT layer spec with :class:`Norm` in place of its norms."""
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm)
+    attention = spec.submodules.self_attention
+    if qk_layernorm:
+        attention = dataclasses.replace(
+            attention,
+            submodules=dataclasses.replace(attention.submodules, q_layernorm=Norm, k_layernorm=Norm),
+        )
+    submodules = dataclasses.replace(
+        spec.submodules, input_layernorm=Norm, pre_mlp_layernorm=Norm, self_attention=attention
+    )
+    return dataclasses.replace(spec, submodules=submodules)
+
+
+def gpt_block_spec(config: TransformerConfig, vp_stage: int | None, qk_layernorm: bool = False) -> TransformerBlockSubmodules:
+    """The decoder block of one pipeline stage (or virtual stage): its layers and a final :class:`Norm`."""
+    layer = gpt_layer_spec(qk_layernorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=Norm
+    )
+
+
+_LOCAL_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def _global_name(name: str, module: torch.nn.Module) -> str:
+    """The parameter's name in the whole model: local layer indices become global layer numbers."""
+    match = _LOCAL_LAYER.search(name)
+    if match is None:
+        return name
+    block_name = name[: match.start(1)] + match.group(1)
+    layer = module.get_submodule(block_name.lstrip("."))
+    return name[: match.start(1)] + str(layer.layer_number - 1) + name[match.end(1) :]
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def init_weights(model: torch.nn.Module, config: TransformerConfig, seed: int, tied_output_name: str | None = None) -> None:
+    """Initialise every parameter from a generator keyed on (seed, global parameter name).
+
+    megatron-core draws weights from one RNG stream per pipeline stage, so a PP=2 model starts from other weights
+    than a single process. Keying each tensor on its global name makes the initial model identical under every
+    TP/PP/VP layout, which is what lets runs of different layouts be compared. Tensor-parallel shards are cut from
+    the full tensor the way megatron-core shards it (gated MLP halves are sharded separately). The draw happens on
+    the parameter's device, so CPU and GPU runs of one seed start from different (but equally layout-free) weights.
+    """
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+    for name, param in model.named_parameters():
+        global_name = _global_name(name, model)
+        if tied_output_name and global_name == "output_layer.weight":
+            global_name = tied_output_name
+        if param.ndim == 1:
+            is_norm_weight = name.endswith("weight") and "norm" in name
+            param.fill_(1.0 if is_norm_weight else 0.0)
+            continue
+        std = output_std if global_name.endswith(_OUTPUT_PROJECTIONS) else config.init_method_std
+        sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+        dim = getattr(param, "partition_dim", 0) if sharded else 0
+        full_shape = list(param.shape)
+        full_shape[dim] *= tp_size if sharded else 1
+        generator = torch.Generator(param.device).manual_seed(_seed_for(seed, global_name))
+        full = torch.empty(full_shape, device=param.device).normal_(0.0, std, generator=generator)
+        if sharded:
+            gated = config.gated_linear_unit and "linear_fc1" in name
+            if gated:
+                halves = full.chunk(2, dim=dim)
+                full = torch.cat([h.chunk(tp_size, dim=dim)[tp_rank] for h in halves], dim=dim)
+            else:
+                full = full.chunk(tp_size, dim=dim)[tp_rank]
+        param.copy_(full.to(param.dtype))
+

@@ -1,0 +1,116 @@
+"""The contract between a LightningModule and :class:`~lightning_megatron.strategy.MegatronStrategy`.
+
+A module subclasses :class:`MegatronModule` and implements three methods:
+
+* :meth:`~MegatronModule.transformer_config` - its megatron ``TransformerConfig``, completed with the fields the
+  strategy decides (parallel sizes, precision, recomputation);
+* :meth:`~MegatronModule.build_stage` - the megatron-core model of one pipeline stage (``pre_process`` holds the
+  embedding, ``post_process`` the output layer and loss; ``vp_stage`` is the virtual stage, or ``None``);
+* :meth:`~MegatronModule.forward_step` - run one model chunk on one microbatch and return its output with a loss
+  function mapping that output to ``(sum of token losses, number of tokens)``.
+
+Everything else - splitting batches into microbatches, running megatron's pipeline schedule, reducing the loss over
+microbatches and data-parallel ranks, the optimizer step - is the strategy's job. ``training_step`` and
+``validation_step`` are provided and log ``train_loss`` / ``val_loss``; override them to log more.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from lightning_megatron import parallel
+from lightning_megatron.optim import OptimConfig
+from lightning_megatron.schedule import LossFn, StepResult, batch_size_of
+
+
+class MegatronModule(pl.LightningModule, ABC):
+    """Base class of LightningModules trained with megatron-core's parallelism."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: torch.nn.ModuleList | None = None
+
+    @abstractmethod
+    def transformer_config(self, **fields: Any) -> TransformerConfig:
+        """The model's megatron ``TransformerConfig``, with ``fields`` (set by the strategy) applied on top."""
+
+    @abstractmethod
+    def build_stage(
+        self, config: TransformerConfig, pre_process: bool, post_process: bool, vp_stage: int | None
+    ) -> torch.nn.Module:
+        """Build the megatron-core model of one (virtual) pipeline stage."""
+
+    @abstractmethod
+    def forward_step(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, LossFn]:
+        """Run ``model`` (one chunk) on one microbatch; return its output and the loss function for it."""
+
+    def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
+        """The optimizer and learning-rate schedule; the strategy builds megatron's optimizer from it."""
+        return OptimConfig()
+
+    @property
+    def megatron_config(self) -> TransformerConfig:
+        """The ``TransformerConfig`` the chunks were built with (after :meth:`configure_model`)."""
+        if self.chunks is None:
+            raise RuntimeError("the model is not built yet; call configure_model() first")
+        return parallel.unwrap(self.chunks[0]).config
+
+    def configure_model(self) -> None:
+        """Build this rank's model chunks (idempotent); megatron's parallel state must be initialised."""
+        if self.chunks is not None:
+            return
+        fields = self._strategy_fields()
+        config = self.transformer_config(**fields)
+        self.chunks = torch.nn.ModuleList(
+            parallel.build_chunks(lambda pre, post, vp: self.build_stage(config, pre, post, vp))
+        )
+
+    def sequence_length(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """The sequence length of a batch, which sizes the tensors sent between pipeline stages."""
+        return batch["tokens"].shape[1]
+
+    def optimizer_zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to do: the strategy zeroes megatron's gradient buffers before each step's schedule."""
+
+    def _strategy_fields(self) -> dict[str, Any]:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        fields = getattr(strategy, "transformer_fields", None)
+        return fields() if callable(fields) else {}
+
+    def _run(self, batch: Mapping[str, torch.Tensor], forward_only: bool) -> StepResult:
+        return self.trainer.strategy.run_step(self, batch, forward_only=forward_only)
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Forward and backward over all microbatches of ``batch``; logs ``train_loss`` and the learning rate."""
+        result = self._run(batch, forward_only=False)
+        size = batch_size_of(batch)
+        self.log("train_loss", result.loss, prog_bar=True, batch_size=size)
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is not None:
+            self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True, batch_size=size)
+        return result.loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Loss without backward; logs ``val_loss`` (per-token mean over the batch) and ``val_ppl``."""
+        return self._log_eval(batch, "val")
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Like :meth:`validation_step`, logging ``test_loss`` and ``test_ppl``."""
+        return self._log_eval(batch, "test")
+
+    def _log_eval(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        result = self._run(batch, forward_only=True)
+        # Weighting each batch by its token count makes the epoch mean the per-token loss over the whole split.
+        self.log(f"{stage}_loss", result.loss, prog_bar=True, batch_size=result.num_tokens)
+        self.log(f"{stage}_ppl", math.exp(min(result.loss.item(), 50.0)), batch_size=result.num_tokens)
+        return result.loss
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
+        """Advance megatron's scheduler by one optimizer step."""
+        scheduler.step(increment=1)

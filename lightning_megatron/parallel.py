@@ -1,0 +1,159 @@
+"""Process groups, megatron's parallel state, and the wrapping of model chunks.
+
+:class:`ParallelConfig` is the layout a user asks for; :meth:`ParallelConfig.validate` checks it against the world
+and the model before any process group exists, so a bad layout fails on every rank with a message naming the fix
+instead of hanging in a collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class LayoutError(ValueError):
+    """A parallel layout or batch size that cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model and the data are split across processes; data parallel is whatever remains."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Processes that hold one replica of the model."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Replicas of the model in a world of ``world_size`` processes."""
+        return world_size // self.model_parallel_size
+
+    def validate(self, world_size: int) -> None:
+        """Raise :class:`LayoutError` if this layout cannot split ``world_size`` processes."""
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if world_size % self.model_parallel_size:
+            raise LayoutError(
+                f"tensor ({self.tensor_model_parallel_size}) x pipeline ({self.pipeline_model_parallel_size}) x "
+                f"context ({self.context_parallel_size}) parallel = {self.model_parallel_size} does not divide the "
+                f"{world_size} processes; set devices x num_nodes to a multiple of {self.model_parallel_size}"
+            )
+        vp = self.virtual_pipeline_model_parallel_size
+        if vp is not None and vp > 1 and self.pipeline_model_parallel_size < 2:
+            raise LayoutError(
+                "virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2; "
+                "unset it or raise the pipeline size"
+            )
+        if self.sequence_parallel and self.tensor_model_parallel_size < 2:
+            raise LayoutError("sequence_parallel needs tensor_model_parallel_size >= 2; turn it off or raise TP")
+
+    def validate_model(self, num_layers: int, num_attention_heads: int, num_query_groups: int | None = None) -> None:
+        """Raise :class:`LayoutError` if the model's layers or heads do not split over this layout."""
+        tp = self.tensor_model_parallel_size
+        if num_attention_heads % tp:
+            raise LayoutError(
+                f"num_attention_heads={num_attention_heads} is not divisible by tensor_model_parallel_size={tp}; "
+                f"choose a TP size that divides the head count"
+            )
+        if num_query_groups is not None and num_query_groups % tp:
+            raise LayoutError(
+                f"num_query_groups={num_query_groups} is not divisible by tensor_model_parallel_size={tp}; "
+                f"choose a TP size that divides the number of key/value heads"
+            )
+        stages = self.pipeline_model_parallel_size * (self.virtual_pipeline_model_parallel_size or 1)
+        if num_layers % stages:
+            raise LayoutError(
+                f"num_layers={num_layers} does not split into pipeline ({self.pipeline_model_parallel_size}) x "
+                f"virtual pipeline ({self.virtual_pipeline_model_parallel_size or 1}) = {stages} equal stages; "
+                f"choose sizes whose product divides the layer count"
+            )
+
+    def transformer_fields(self) -> dict[str, Any]:
+        """The fields of megatron's ``TransformerConfig`` that this layout determines."""
+        vp = self.virtual_pipeline_model_parallel_size
+        return {
+            "tensor_model_parallel_size": self.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": self.pipeline_model_parallel_size,
+            "virtual_pipeline_model_parallel_size": vp if vp and vp > 1 else None,
+            "context_parallel_size": self.context_parallel_size,
+            "sequence_parallel": self.sequence_parallel,
+        }
+
+
+def initialize(config: ParallelConfig, seed: int) -> None:
+    """Create megatron's process groups on top of the initialised default group, and seed its RNG tracker."""
+    vp = config.virtual_pipeline_model_parallel_size
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vp if vp and vp > 1 else None,
+        context_parallel_size=config.context_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down megatron's process groups (the default group is left to Lightning)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def stage_layout() -> list[tuple[bool, bool, int | None]]:
+    """``(pre_process, post_process, vp_stage)`` of each model chunk this rank builds."""
+    vp_size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vp_size is None or vp_size == 1:
+        return [(parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage(), None)]
+    return [
+        (
+            parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            stage,
+        )
+        for stage in range(vp_size)
+    ]
+
+
+def build_chunks(build_stage: Callable[[bool, bool, int | None], torch.nn.Module]) -> list[torch.nn.Module]:
+    """Build the model chunks of this rank: one per pipeline stage it holds (several with a virtual pipeline)."""
+    return [build_stage(pre, post, vp_stage) for pre, post, vp_stage in stage_layout()]
+
+
+def wrap_chunks(
+    chunks: Sequence[torch.nn.Module], config: TransformerConfig, ddp_config: DistributedDataParallelConfig
+) -> list[DistributedDataParallel]:
+    """Cast chunks to the training dtype (megatron's ``Float16Module``) and wrap them in megatron's DDP."""
+    wrapped = []
+    for index, chunk in enumerate(chunks):
+        if config.fp16 or config.bf16:
+            chunk = Float16Module(config, chunk)
+        wrapped.append(
+            DistributedDataParallel(
+                config,
+                ddp_config,
+                chunk,
+                # Later chunks overlap their communication with compute anyway; megatron's loop does the same.
+                disable_bucketing=index > 0,
+            )
+        )
+    return wrapped
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside megatron's DDP and Float16Module wrappers."""
+    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk

@@ -1,0 +1,341 @@
+"""MegatronStrategy: megatron-core's tensor, pipeline, context and data parallelism as a Lightning strategy.
+
+The hooks run in Lightning's order: ``setup_environment`` validates the layout and creates the process groups,
+Lightning calls the module's ``configure_model`` (which builds this rank's pipeline chunks), ``setup`` wraps the
+chunks in megatron's DDP and builds megatron's optimizer. Each training step runs megatron's forward-backward
+schedule inside ``training_step`` (see :mod:`lightning_megatron.schedule`); the precision plugin's ``backward``
+is therefore empty and its ``optimizer_step`` calls megatron's ``optimizer.step()``. No Lightning loop is replaced.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer import call
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+
+from lightning_megatron import parallel
+from lightning_megatron.cpu import CPUEmulation
+from lightning_megatron.module import MegatronModule
+from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
+from lightning_megatron.parallel import LayoutError, ParallelConfig
+from lightning_megatron.precision import MegatronPrecision
+from lightning_megatron.schedule import StepResult, batch_size_of, run_schedule, split_microbatches
+
+
+class MegatronStrategy(ParallelStrategy):
+    """Train :class:`~lightning_megatron.module.MegatronModule` models with megatron-core's parallelism.
+
+    Data parallelism is the world size divided by tensor x pipeline x context parallelism. Each data-parallel rank's
+    batch is split into microbatches of ``micro_batch_size`` samples (taken from the datamodule when unset), which
+    megatron's schedule runs as gradient accumulation.
+    """
+
+    strategy_name = "megatron"
+
+    def __init__(
+        self,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        virtual_pipeline_model_parallel_size: int | None = None,
+        context_parallel_size: int = 1,
+        sequence_parallel: bool = False,
+        micro_batch_size: int | None = None,
+        use_distributed_optimizer: bool = False,
+        overlap_grad_reduce: bool = False,
+        overlap_param_gather: bool = False,
+        seed: int | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: MegatronPrecision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self.parallel_config = ParallelConfig(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            context_parallel_size=context_parallel_size,
+            sequence_parallel=sequence_parallel,
+        )
+        self.micro_batch_size = micro_batch_size
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self.overlap_grad_reduce = overlap_grad_reduce
+        self.overlap_param_gather = overlap_param_gather
+        self.seed = seed
+        self.num_nodes = 1
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._cpu = CPUEmulation()
+        self._clip_grad: float | None = None
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    def precision_plugin(self) -> MegatronPrecision:
+        plugin = self._precision_plugin
+        if not isinstance(plugin, MegatronPrecision):
+            self._precision_plugin = plugin = _to_megatron_precision(plugin)
+        return plugin
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Any) -> None:
+        self._precision_plugin = None if plugin is None else _to_megatron_precision(plugin)
+
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Replicas of the model, i.e. the number of ranks that see different data."""
+        return self.parallel_config.data_parallel_size(self.world_size)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Shard data by data-parallel rank only: TP, PP and CP ranks of one replica read the same samples."""
+        return {
+            "num_replicas": parallel_state.get_data_parallel_world_size(),
+            "rank": parallel_state.get_data_parallel_rank(),
+        }
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    @property
+    def handles_gradient_accumulation(self) -> bool:
+        return True
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    # ------------------------------------------------------------------ environment
+    def setup_environment(self) -> None:
+        """Validate everything that could hang a collective, then create the process groups."""
+        super().setup_environment()
+        self._set_world_ranks()
+        self._validate()
+        if self.root_device.type == "cpu":
+            self._cpu.__enter__()
+        reset_seed()
+        backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, backend, **kwargs)
+        parallel.initialize(self.parallel_config, self._seed())
+
+    def _set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
+
+    def _seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 1234))
+
+    def _validate(self) -> None:
+        """Raise on every rank, before any collective, for layouts and batch sizes that cannot work."""
+        env_world = self.cluster_environment.world_size() if self.cluster_environment is not None else None
+        if env_world is not None and env_world != self.world_size:
+            raise LayoutError(
+                f"the launcher started {env_world} processes but the Trainer expects devices x num_nodes = "
+                f"{self.world_size}; make Trainer(devices=..., num_nodes=...) match the launch"
+            )
+        self.parallel_config.validate(self.world_size)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        module = self.lightning_module
+        if not isinstance(module, MegatronModule):
+            raise TypeError(
+                f"the megatron strategy trains subclasses of lightning_megatron.MegatronModule, got "
+                f"{type(module).__name__}; see docs/module-contract.md"
+            )
+        config = module.transformer_config(**self.transformer_fields())
+        self.parallel_config.validate_model(config.num_layers, config.num_attention_heads, config.num_query_groups)
+        if trainer is None:
+            return
+        if trainer.accumulate_grad_batches != 1:
+            raise LayoutError(
+                "accumulate_grad_batches is not used with the megatron strategy: gradient accumulation is the "
+                "number of microbatches. Remove it and set the datamodule's global_batch_size (and micro_batch_size)"
+            )
+        if trainer.gradient_clip_val is not None:
+            self._clip_grad = float(trainer.gradient_clip_val)
+        datamodule = trainer.datamodule
+        if self.micro_batch_size is None:
+            self.micro_batch_size = getattr(datamodule, "micro_batch_size", None)
+        global_batch = getattr(datamodule, "global_batch_size", None)
+        if global_batch is not None:
+            per_step = (self.micro_batch_size or 1) * self.data_parallel_size
+            if global_batch % per_step:
+                raise LayoutError(
+                    f"global_batch_size={global_batch} is not divisible by micro_batch_size "
+                    f"({self.micro_batch_size or 1}) x data parallel size ({self.data_parallel_size}) = {per_step}; "
+                    f"choose a global batch that is a multiple of {per_step}"
+                )
+
+    def transformer_fields(self) -> dict[str, Any]:
+        """What the strategy decides in every model's ``TransformerConfig``: layout, precision, loss reduction."""
+        return {
+            **self.parallel_config.transformer_fields(),
+            **self.precision_plugin.transformer_fields(),
+            "calculate_per_token_loss": True,
+        }
+
+    # ------------------------------------------------------------------ model and optimizer
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Move the chunks to the device, wrap them in megatron's DDP, and build the optimizer when fitting."""
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        assert isinstance(module, MegatronModule) and module.chunks is not None
+        self.model_to_device()
+        config = module.megatron_config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=self.overlap_grad_reduce,
+            overlap_param_gather=self.overlap_param_gather,
+            use_distributed_optimizer=self.use_distributed_optimizer,
+        )
+        module.chunks = torch.nn.ModuleList(parallel.wrap_chunks(module.chunks, config, ddp_config))
+        config.finalize_model_grads_func = finalize_model_grads
+        if self.overlap_grad_reduce:
+            no_sync = [chunk.no_sync for chunk in module.chunks]
+            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self.model = module
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+            optimizer = self.optimizers[0]
+            config.grad_scale_func = optimizer.scale_loss
+            if self.overlap_param_gather:
+                config.param_sync_func = [chunk.start_param_sync for chunk in module.chunks]
+                if len(module.chunks) == 1:
+                    config.param_sync_func = config.param_sync_func[0]
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        module = self.lightning_module
+        assert isinstance(module, MegatronModule) and module.chunks is not None
+        optim = call._call_lightning_module_hook(trainer, "configure_optimizers", pl_module=module)
+        if not isinstance(optim, OptimConfig):
+            raise TypeError(
+                f"configure_optimizers must return a lightning_megatron.OptimConfig under the megatron strategy, got "
+                f"{type(optim).__name__}; megatron's optimizer is built from it by the strategy"
+            )
+        extra = {} if self._clip_grad is None else {"clip_grad": self._clip_grad}
+        if extra:
+            optim = OptimConfig(**{**optim.__dict__, **extra})
+        optimizer = build_optimizer(optim, module.chunks, self.use_distributed_optimizer,
+                                    self.precision_plugin.optimizer_fields())
+        scheduler = build_scheduler(optim, optimizer, trainer.max_steps)
+        self.optimizers = [optimizer]
+        self.lr_scheduler_configs = [LRSchedulerConfig(scheduler, interval="step", name="lr")]
+
+    @property
+    def optimizers(self) -> list[Any]:
+        return self._optimizers
+
+    @optimizers.setter
+    def optimizers(self, optimizers: list[Any]) -> None:
+        self._optimizers = optimizers
+        self._lightning_optimizers = [LightningOptimizer._to_lightning_optimizer(opt, self) for opt in optimizers]
+
+    # ------------------------------------------------------------------ steps
+    def run_step(self, module: MegatronModule, batch: Mapping[str, Any], forward_only: bool) -> StepResult:
+        """Run megatron's forward(-backward) schedule over the microbatches of this rank's batch."""
+        assert module.chunks is not None
+        micro_batch_size = self.micro_batch_size or batch_size_of(batch)
+        microbatches = split_microbatches(batch, micro_batch_size)
+        if not forward_only:
+            for chunk in module.chunks:
+                chunk.zero_grad_buffer()
+            self.optimizers[0].zero_grad()
+        return run_schedule(
+            module.forward_step, module.chunks, microbatches, module.sequence_length(batch), forward_only
+        )
+
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        """Reduce a tensor over all ranks (used by ``self.log(..., sync_dist=True)``)."""
+        if isinstance(tensor, torch.Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    def barrier(self, name: str | None = None) -> None:
+        if _distributed_is_initialized():
+            dist.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def teardown(self) -> None:
+        """Free megatron's process groups and leave CPU emulation; the default group stays for Lightning."""
+        super().teardown()
+        parallel.destroy()
+        self._cpu.__exit__(None, None, None)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="megatron-core parallelism")
+
+
+def _to_megatron_precision(plugin: Any) -> MegatronPrecision:
+    """Turn Lightning's plain precision plugins (``precision="bf16-mixed"`` etc.) into :class:`MegatronPrecision`."""
+    if isinstance(plugin, MegatronPrecision):
+        return plugin
+    name = getattr(plugin, "precision", None)
+    if type(plugin).__name__ in ("Precision", "MixedPrecision", "HalfPrecision") or name in ("32-true", "32"):
+        return MegatronPrecision(str(name or "32-true"))
+    raise ValueError(
+        f"the megatron strategy cannot honour the precision plugin {type(plugin).__name__}; pass "
+        f"precision='32-true', 'bf16-mixed', '16-mixed' or 'fp8-mixed', or a lightning_megatron.MegatronPrecision"
+    )
