@@ -1,0 +1,5 @@
+"""Callbacks for training with the megatron strategy."""
+
+from lightning_megatron.callbacks.throughput import Throughput
+
+__all__ = ["Throughput"]
