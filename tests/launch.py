@@ -1,0 +1,60 @@
+"""Run a script under torchrun as a subprocess, so multi-process tests never re-run pytest in every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def test_env(**extra: str) -> dict[str, str]:
+    """The environment for child processes: this checkout first on the path, one thread per process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env.update(extra)
+    return env
+
+
+def torchrun(script: str | Path, nproc: int, *args: Any, timeout: float = 300, env: dict[str, str] | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``tests/scripts/<script>`` (or a path) on ``nproc`` CPU processes; fail the test on a hang or an error."""
+    path = Path(script) if Path(script).is_absolute() else SCRIPTS / script
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(_free_port()), str(path), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or test_env(), cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def run_python(script: str | Path, *args: Any, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a script in one plain Python process (for single-process references and CLIs)."""
+    path = Path(script) if Path(script).is_absolute() else SCRIPTS / script
+    command = [sys.executable, str(path), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=test_env(), cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def read_json(path: str | Path) -> Any:
+    """Load a JSON file a child process wrote."""
+    return json.loads(Path(path).read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,86 @@
+"""Train the tiny GPT under a given layout and write what a user would compare: the loss of every step.
+
+Run under torchrun (or plain python for one process). Writes JSON to --out on global rank 0:
+{"losses": [...], "val_loss": float, "world_size": int}.
+"""
+
+import argparse
+import json
+
+import lightning as L
+import torch
+
+import lightning_megatron as lm
+from lightning_megatron.data import TextDataModule
+
+
+class RecordLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vp", type=int, default=None)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--dist-opt", action="store_true")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--recompute", default=None)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
+    shape = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, seq_length=args.seq)
+    if args.arch == "llama":
+        config = lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape)
+    else:
+        config = lm.GPTConfig(vocab_size=4096, **shape)
+    model = lm.GPT(config, lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.steps))
+    strategy = lm.MegatronStrategy(
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        virtual_pipeline_model_parallel_size=args.vp,
+        context_parallel_size=args.cp,
+        sequence_parallel=args.sp,
+        use_distributed_optimizer=args.dist_opt,
+    )
+    record = RecordLosses()
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=args.devices,
+        precision=args.precision,
+        max_steps=args.steps,
+        limit_val_batches=2,
+        val_check_interval=args.steps,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=[record],
+    )
+    trainer.fit(model, datamodule=data)
+    if trainer.is_global_zero:
+        with open(args.out, "w") as handle:
+            json.dump({"losses": record.losses, "val_loss": float(trainer.callback_metrics["val_loss"]),
+                       "world_size": trainer.world_size}, handle)
+
+
+if __name__ == "__main__":
+    main()
