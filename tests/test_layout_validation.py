@@ -1,0 +1,60 @@
+"""Bad layouts and batch sizes fail with a message naming the fix, before any process group exists."""
+
+import lightning as L
+import pytest
+import torch
+
+import lightning_megatron as lm
+from lightning_megatron.data import TextDataModule
+from lightning_megatron.parallel import LayoutError, ParallelConfig
+
+
+def test_model_parallel_must_divide_world():
+    with pytest.raises(LayoutError, match="does not divide the 3 processes"):
+        ParallelConfig(tensor_model_parallel_size=2).validate(world_size=3)
+
+
+def test_heads_must_divide_by_tp():
+    with pytest.raises(LayoutError, match="num_attention_heads=6 is not divisible by tensor_model_parallel_size=4"):
+        ParallelConfig(tensor_model_parallel_size=4).validate_model(num_layers=4, num_attention_heads=6)
+
+
+def test_layers_must_split_into_virtual_stages():
+    config = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=3)
+    with pytest.raises(LayoutError, match="num_layers=4 does not split"):
+        config.validate_model(num_layers=4, num_attention_heads=4)
+
+
+def test_sequence_parallel_needs_tp():
+    with pytest.raises(LayoutError, match="sequence_parallel needs tensor_model_parallel_size >= 2"):
+        ParallelConfig(sequence_parallel=True).validate(world_size=1)
+
+
+def _fit(strategy, data=None, **trainer_kwargs):
+    model = lm.GPT(lm.GPTConfig.tiny(vocab_size=4096, num_layers=2, hidden_size=32, seq_length=16))
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        **trainer_kwargs)
+    trainer.fit(model, datamodule=data or TextDataModule(seq_length=16, global_batch_size=4, micro_batch_size=2))
+
+
+def test_trainer_rejects_tp_larger_than_world_before_any_collective():
+    with pytest.raises(LayoutError, match="does not divide the 1 processes"):
+        _fit(lm.MegatronStrategy(tensor_model_parallel_size=2))
+    assert not torch.distributed.is_initialized()
+
+
+def test_trainer_rejects_global_batch_not_divisible_by_micro_batch_times_dp():
+    data = TextDataModule(seq_length=16, global_batch_size=6, micro_batch_size=2)
+    with pytest.raises(LayoutError, match="global_batch_size=6 is not divisible by micro_batch_size .4."):
+        _fit(lm.MegatronStrategy(micro_batch_size=4), data)
+
+
+def test_trainer_rejects_lightning_gradient_accumulation():
+    with pytest.raises(LayoutError, match="gradient accumulation is the number of microbatches"):
+        _fit("megatron", accumulate_grad_batches=2)
+
+
+def test_trainer_rejects_precision_megatron_cannot_honour():
+    with pytest.raises(ValueError, match="precision='bf16-true' is not supported by the megatron strategy"):
+        _fit("megatron", precision="bf16-true")

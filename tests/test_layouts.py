@@ -1,0 +1,40 @@
+"""Every parallel layout trains to the same losses as one process: real processes, gloo, on the CPU."""
+
+import pytest
+
+from launch import read_json, run_python, torchrun
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "losses.json"
+    run_python("train_gpt.py", "--out", out, "--steps", STEPS)
+    return read_json(out)
+
+
+def assert_same_losses(result, reference, rel=1e-4):
+    assert len(result["losses"]) == len(reference["losses"]) == STEPS
+    for step, (got, want) in enumerate(zip(result["losses"], reference["losses"])):
+        assert abs(got - want) <= rel * abs(want), f"step {step}: {got} != {want}"
+    assert abs(result["val_loss"] - reference["val_loss"]) <= rel * abs(reference["val_loss"])
+
+
+LAYOUTS = {
+    "tp2": (2, ["--tp", 2]),
+    "pp2": (2, ["--pp", 2]),
+    "dp2": (2, []),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(name, reference, tmp_path):
+    nproc, args = LAYOUTS[name]
+    out = tmp_path / "losses.json"
+    torchrun("train_gpt.py", nproc, "--out", out, "--devices", nproc, "--steps", STEPS, *args)
+    result = read_json(out)
+    assert result["world_size"] == nproc
+    assert result["losses"][-1] < result["losses"][0], "the model did not learn"
+    assert_same_losses(result, reference)
