@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -48,7 +48,9 @@ class MegatronStrategy(ParallelStrategy):
 
     Data parallelism is the world size divided by tensor x pipeline x context parallelism. Each data-parallel rank's
     batch is split into microbatches of ``micro_batch_size`` samples (taken from the datamodule when unset), which
-    megatron's schedule runs as gradient accumulation.
+    megatron's schedule runs as gradient accumulation. ``recompute_granularity="selective"`` recomputes core
+    attention in backward; ``"full"`` recomputes whole layers (``recompute_method`` uniform or block, over
+    ``recompute_num_layers``). See docs/parallelism.md for every knob and what it costs.
     """
 
     strategy_name = "megatron"
@@ -64,6 +66,9 @@ class MegatronStrategy(ParallelStrategy):
         use_distributed_optimizer: bool = False,
         overlap_grad_reduce: bool = False,
         overlap_param_gather: bool = False,
+        recompute_granularity: Literal["selective", "full"] | None = None,
+        recompute_method: Literal["uniform", "block"] | None = None,
+        recompute_num_layers: int | None = None,
         seed: int | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -91,6 +96,15 @@ class MegatronStrategy(ParallelStrategy):
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
         self.overlap_param_gather = overlap_param_gather
+        if recompute_granularity == "full" and (recompute_method is None or recompute_num_layers is None):
+            raise ValueError(
+                "recompute_granularity='full' needs recompute_method ('uniform' or 'block') and recompute_num_layers"
+            )
+        self.recompute = {
+            "recompute_granularity": recompute_granularity,
+            "recompute_method": recompute_method if recompute_granularity == "full" else None,
+            "recompute_num_layers": recompute_num_layers if recompute_granularity == "full" else None,
+        }
         self.seed = seed
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
@@ -222,7 +236,12 @@ class MegatronStrategy(ParallelStrategy):
         return {
             **self.parallel_config.transformer_fields(),
             **self.precision_plugin.transformer_fields(),
+            **self.recompute,
             "calculate_per_token_loss": True,
+            # gloo matches point-to-point messages between two ranks in posting order, so megatron's batched
+            # send/recv (all four directions at once) pairs a gradient with an activation when PP=2 interleaves;
+            # its unbatched path orders sends and receives by rank parity instead.
+            "batch_p2p_comm": self.root_device.type == "cuda",
         }
 
     # ------------------------------------------------------------------ model and optimizer

@@ -25,6 +25,12 @@ LAYOUTS = {
     "tp2": (2, ["--tp", 2]),
     "pp2": (2, ["--pp", 2]),
     "dp2": (2, []),
+    "pp2-vp2": (2, ["--pp", 2, "--vp", 2]),
+    "tp2-sp": (2, ["--tp", 2, "--sp"]),
+    "dp2-distributed-optimizer": (2, ["--dist-opt"]),
+    "tp2-pp2": (4, ["--tp", 2, "--pp", 2]),
+    "recompute-full": (1, ["--recompute", "full"]),
+    "recompute-selective": (1, ["--recompute", "selective"]),
 }
 
 

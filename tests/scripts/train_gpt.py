@@ -59,6 +59,9 @@ def main() -> None:
         context_parallel_size=args.cp,
         sequence_parallel=args.sp,
         use_distributed_optimizer=args.dist_opt,
+        recompute_granularity=args.recompute,
+        recompute_method="uniform" if args.recompute == "full" else None,
+        recompute_num_layers=1 if args.recompute == "full" else None,
     )
     record = RecordLosses()
     trainer = L.Trainer(
