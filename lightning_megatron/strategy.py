@@ -33,6 +33,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from lightning_megatron import parallel
 from lightning_megatron.cpu import CPUEmulation
@@ -309,15 +310,22 @@ class MegatronStrategy(ParallelStrategy):
     def run_step(self, module: MegatronModule, batch: Mapping[str, Any], forward_only: bool) -> StepResult:
         """Run megatron's forward(-backward) schedule over the microbatches of this rank's batch."""
         assert module.chunks is not None
+        seq_length = module.sequence_length(batch)
+        cp_size = self.parallel_config.context_parallel_size
+        if cp_size > 1:
+            if seq_length % (2 * cp_size):
+                raise ValueError(
+                    f"sequence length {seq_length} does not split into 2 x context_parallel_size = {2 * cp_size} "
+                    f"equal chunks; choose a seq_length that is a multiple of {2 * cp_size}"
+                )
+            batch = get_batch_on_this_cp_rank(dict(batch))
         micro_batch_size = self.micro_batch_size or batch_size_of(batch)
         microbatches = split_microbatches(batch, micro_batch_size)
         if not forward_only:
             for chunk in module.chunks:
                 chunk.zero_grad_buffer()
             self.optimizers[0].zero_grad()
-        return run_schedule(
-            module.forward_step, module.chunks, microbatches, module.sequence_length(batch), forward_only
-        )
+        return run_schedule(module.forward_step, module.chunks, microbatches, seq_length, forward_only)
 
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
         """Reduce a tensor over all ranks (used by ``self.log(..., sync_dist=True)``)."""

@@ -42,6 +42,8 @@ class GPTConfig:
     activation: Literal["gelu", "swiglu"] = "gelu"
     add_bias_linear: bool = True
     qk_layernorm: bool = False
+    attention: Literal["sdpa", "local"] = "sdpa"
+    """Core attention: PyTorch SDPA (fused kernels, context parallel) or megatron-core's local one."""
     tie_embeddings: bool = True
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -130,7 +132,7 @@ class GPT(MegatronModule):
         c = self.config
         model = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_block_spec(config, vp_stage, qk_layernorm=c.qk_layernorm),
+            transformer_layer_spec=gpt_block_spec(config, vp_stage, qk_layernorm=c.qk_layernorm, attention=c.attention),
             vocab_size=c.padded_vocab_size(config.tensor_model_parallel_size),
             max_sequence_length=c.seq_length,
             pre_process=pre_process,

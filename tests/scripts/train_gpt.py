@@ -68,7 +68,8 @@ def main() -> None:
         strategy=strategy,
         accelerator="cpu",
         devices=args.devices,
-        precision=args.precision,
+        # Lightning turns precision="16-mixed" into bf16 on the CPU; the plugin keeps fp16 and its loss scaler.
+        plugins=[lm.MegatronPrecision(args.precision, initial_loss_scale=2.0**10)],
         max_steps=args.steps,
         limit_val_batches=2,
         val_check_interval=args.steps,
@@ -81,7 +82,9 @@ def main() -> None:
     trainer.fit(model, datamodule=data)
     if trainer.is_global_zero:
         with open(args.out, "w") as handle:
-            json.dump({"losses": record.losses, "val_loss": float(trainer.callback_metrics["val_loss"]),
+            metrics = trainer.callback_metrics
+            json.dump({"losses": record.losses, "val_loss": float(metrics["val_loss"]),
+                       "skipped_steps": float(metrics.get("skipped_steps", 0.0)),
                        "world_size": trainer.world_size}, handle)
 
 
