@@ -124,7 +124,10 @@ class GPT(MegatronModule):
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
         )
-        return TransformerConfig(**{**base, **fields})
+        merged = {**base, **fields}
+        if not (swiglu or c.add_bias_linear):
+            merged["bias_activation_fusion"] = False  # megatron fuses GeLU only together with a bias
+        return TransformerConfig(**merged)
 
     def build_stage(
         self, config: TransformerConfig, pre_process: bool, post_process: bool, vp_stage: int | None
