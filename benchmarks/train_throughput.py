@@ -166,12 +166,12 @@ def _bare_forward_step(module: lm.GPT):
 
 
 def run_hf(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, GPT2Config
 
     hf_config = GPT2Config(vocab_size=config.padded_vocab_size(), n_positions=config.seq_length, n_embd=config.hidden_size,
                            n_layer=config.num_layers, n_head=config.num_attention_heads, resid_pdrop=0.0,
                            embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(hf_config, attn_implementation="sdpa").to(args.device)
+    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
     dataset = RandomTokens(config.vocab_size, config.seq_length, args.global_batch * args.steps)
     loader = iter(DataLoader(dataset, batch_size=args.micro_batch))
