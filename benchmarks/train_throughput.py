@@ -13,6 +13,7 @@ CPU smoke (tiny model, overhead ratio only): python benchmarks/train_throughput.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -80,8 +81,12 @@ def median_step(times: list[float], warmup: int) -> float:
 
 
 def run_ours(config: lm.GPTConfig, args: argparse.Namespace, **strategy_kwargs) -> dict:
+    baseline = 0
     if args.device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
     data = RandomData(config.vocab_size, config.seq_length, args.global_batch, args.micro_batch, args.steps)
     timer = StepTimer()
     trainer = L.Trainer(
@@ -93,7 +98,7 @@ def run_ours(config: lm.GPTConfig, args: argparse.Namespace, **strategy_kwargs) 
     model = lm.GPT(config, lm.OptimConfig(lr=1e-4, warmup_steps=0, decay_steps=args.steps))
     trainer.fit(model, datamodule=data)
     step = median_step(timer.times, args.warmup)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+    peak = (torch.cuda.max_memory_allocated() - baseline) / 2**30 if args.device == "cuda" else None
     del trainer, model
     return {"step_s": step, "peak_mem_gb": peak}
 
@@ -106,12 +111,14 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
     from megatron.core.transformer.module import Float16Module
 
     from lightning_megatron import parallel
+    from lightning_megatron.backends import use_foreach_multi_tensor_kernels
     from lightning_megatron.cpu import CPUEmulation
 
     emulation = CPUEmulation() if args.device == "cpu" else None
     if emulation:
         emulation.__enter__()
     parallel.initialize(lm.ParallelConfig(), seed=1234)
+    use_foreach_multi_tensor_kernels()
     module = lm.GPT(config)
     bf16 = args.precision.startswith("bf16")
     fused = args.device == "cuda"

@@ -36,6 +36,7 @@ from megatron.core.distributed import DistributedDataParallelConfig, finalize_mo
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from lightning_megatron import parallel
+from lightning_megatron.backends import use_foreach_multi_tensor_kernels
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
@@ -180,6 +181,7 @@ class MegatronStrategy(ParallelStrategy):
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, backend, **kwargs)
         parallel.initialize(self.parallel_config, self._seed())
+        use_foreach_multi_tensor_kernels()
 
     def _set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
