@@ -67,6 +67,7 @@ class IndexedDataModule(MegatronDataModule, abc.ABC):
     """
 
     shuffle_train = False  # megatron-core's datasets shuffle their own sample order by ``seed``
+    needs_sample_counts = False  # megatron-core's masked datasets cannot size themselves to one epoch
 
     def __init__(
         self,
@@ -135,13 +136,15 @@ class IndexedDataModule(MegatronDataModule, abc.ABC):
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
         train = max_steps * self.global_batch_size if max_steps and max_steps > 0 else None
         weighted = self.blend is not None and self.blend[1] is not None and len(self.blend[0]) > 1
+        needs_counts = weighted or self.needs_sample_counts
         evaluation = self.eval_samples
         limit = getattr(self.trainer, "limit_val_batches", None)
-        if weighted and evaluation is None and isinstance(limit, int):
+        if needs_counts and evaluation is None and isinstance(limit, int):
             evaluation = limit * self.global_batch_size
-        if weighted and (train is None or evaluation is None):
+        if needs_counts and (train is None or evaluation is None):
+            reason = "blend weights" if weighted else f"{type(self).__name__}"
             raise ValueError(
-                "blend weights need sample counts: set trainer.max_steps and either trainer.limit_val_batches "
+                f"{reason} need sample counts: set trainer.max_steps and either trainer.limit_val_batches "
                 "(an integer) or data.eval_samples; or set data.num_samples=[train, valid, test]"
             )
         return [train, evaluation, evaluation]
