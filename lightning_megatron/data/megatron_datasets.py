@@ -131,12 +131,17 @@ class IndexedDataModule(MegatronDataModule, abc.ABC):
         return getattr(getattr(module, "config", None), "vocab_size", None)
 
     def _sizes(self) -> list[int | None]:
+        weighted = self.blend is not None and self.blend[1] is not None and len(self.blend[0]) > 1
+        needs_counts = weighted or self.needs_sample_counts
         if self.num_samples is not None:
+            if needs_counts and None in self.num_samples:
+                raise ValueError(
+                    f"num_samples={self.num_samples}: {'blend weights' if weighted else type(self).__name__} need a "
+                    f"count for every split (0 for a split you do not use)"
+                )
             return list(self.num_samples)
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
         train = max_steps * self.global_batch_size if max_steps and max_steps > 0 else None
-        weighted = self.blend is not None and self.blend[1] is not None and len(self.blend[0]) > 1
-        needs_counts = weighted or self.needs_sample_counts
         evaluation = self.eval_samples
         limit = getattr(self.trainer, "limit_val_batches", None)
         if needs_counts and evaluation is None and isinstance(limit, int):
