@@ -75,6 +75,7 @@ class _MaskedDataModule(IndexedDataModule):
     """Shared masking options of the BERT and T5 datamodules (megatron-core's MaskedWordPieceDatasetConfig)."""
 
     needs_sample_counts = True
+    split_by_documents = True
 
     def __init__(
         self,

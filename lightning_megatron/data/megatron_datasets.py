@@ -21,7 +21,7 @@ from megatron.core.datasets.utils import get_blend_from_list
 from torch.utils.data import Dataset
 
 from lightning_megatron.data.datamodule import MegatronDataModule
-from lightning_megatron.data.indexed import check_vocab_size, inspect_indexed
+from lightning_megatron.data.indexed import IndexedFiles, check_vocab_size, inspect_indexed
 from lightning_megatron.data.tokenizer import cache_dir
 
 SPLITS = ("train", "validation", "test")
@@ -68,6 +68,7 @@ class IndexedDataModule(MegatronDataModule, abc.ABC):
 
     shuffle_train = False  # megatron-core's datasets shuffle their own sample order by ``seed``
     needs_sample_counts = False  # megatron-core's masked datasets cannot size themselves to one epoch
+    split_by_documents = False  # megatron-core splits GPT data by sequence, masked data by document
 
     def __init__(
         self,
@@ -156,12 +157,6 @@ class IndexedDataModule(MegatronDataModule, abc.ABC):
 
     def build(self) -> list[Dataset | None]:
         """Check the files, then build (train, valid, test) with megatron-core; a split with no data is ``None``."""
-        if self.blend is not None:
-            for prefix in self.blend[0]:
-                inspect_indexed(prefix)
-            vocab = self._model_vocab_size()
-            if self.check_vocab and vocab is not None:
-                check_vocab_size(self.blend[0], vocab)
         cache = Path(self.index_cache_dir) if self.index_cache_dir else cache_dir() / "indices"
         config = self.dataset_config(
             random_seed=self.seed,
@@ -171,9 +166,26 @@ class IndexedDataModule(MegatronDataModule, abc.ABC):
             path_to_cache=str(cache),
             tokenizer=self.tokenizer,
         )
+        if self.blend is not None:
+            for prefix in self.blend[0]:
+                self._check_splits(inspect_indexed(prefix), config.split_matrix)
+            vocab = self._model_vocab_size()
+            if self.check_vocab and vocab is not None:
+                check_vocab_size(self.blend[0], vocab)
         with process_group_for_build():
             datasets = BlendedMegatronDatasetBuilder(self.dataset_class(), self._sizes(), lambda: True, config).build()
         return [self.wrap(d) if d is not None and len(d) > 0 else None for d in datasets]
+
+    def _check_splits(self, files: IndexedFiles, split_matrix: list) -> None:
+        # megatron-core fails obscurely (or, for masked datasets, with an IndexError) on a split with no elements.
+        total, unit = (files.num_documents, "documents") if self.split_by_documents else (files.num_sequences,
+                                                                                          "sequences")
+        for name, bounds in zip(SPLITS, split_matrix):
+            if bounds is not None and int(round(bounds[1] * total)) == int(round(bounds[0] * total)):
+                raise ValueError(
+                    f"the {name} split of {files.prefix}.idx is empty: split {self.split!r} gives it none of its "
+                    f"{total} {unit}; change data.split (a 0 leaves a split out, e.g. '98,2,0') or add data"
+                )
 
     def setup(self, stage: str) -> None:
         self.train_dataset, self.val_dataset, self.test_dataset = self.build()
