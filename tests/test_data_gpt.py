@@ -74,7 +74,7 @@ def test_blending_follows_the_weights(tmp_path):
 
 
 def test_blend_weights_need_sample_counts(prefix):
-    data = MegatronGPTDataModule([str(prefix), str(prefix)], weights=[1, 1], seq_length=16)
+    data = MegatronGPTDataModule([str(prefix), str(prefix)], weights=[1, 1], split="98,2,0", seq_length=16)
     with pytest.raises(ValueError, match="blend weights need sample counts"):
         data.setup("fit")
 
