@@ -10,6 +10,7 @@ import argparse
 import gzip
 import os
 import platform
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,11 +52,19 @@ def main() -> None:
         print(f"corpus: bundled KJV x{args.repeat} = {documents} documents, {corpus.stat().st_size / 2**20:.1f} MiB gz")
         results = {}
         for workers in sorted({1, args.workers}):
+            before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
             summary = preprocess(PreprocessConfig(inputs=[str(corpus)], output_prefix=f"{tmp}/out{workers}",
                                                   append_eod=True, workers=workers), progress=False)
+            main_cpu, worker_cpu = (
+                (after.ru_utime + after.ru_stime) - (start.ru_utime + start.ru_stime)
+                for start, after in zip(before, (resource.getrusage(w) for w in (resource.RUSAGE_SELF,
+                                                                                 resource.RUSAGE_CHILDREN)))
+            )
             results[workers] = summary
-            print(f"workers={workers}: {summary.seconds:.2f} s, {summary.documents_per_second:,.0f} documents/s "
-                  f"({summary.documents_per_second / workers:,.0f} per worker), {summary.tokens_per_second:,.0f} tokens/s")
+            print(f"workers={workers}: {summary.seconds:.2f} s wall, {summary.documents_per_second:,.0f} documents/s "
+                  f"({summary.documents_per_second / workers:,.0f} per worker), {summary.tokens_per_second:,.0f} "
+                  f"tokens/s; CPU: main process {main_cpu:.2f} s, workers {worker_cpu:.2f} s = "
+                  f"{summary.tokens / max(worker_cpu, 1e-9):,.0f} tokens per worker CPU-second")
         if len(results) == 2:
             speedup = results[args.workers].tokens_per_second / results[1].tokens_per_second
             print(f"speed-up of {args.workers} workers over 1: {speedup:.2f}x "
