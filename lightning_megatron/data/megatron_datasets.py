@@ -29,7 +29,7 @@ SPLITS = ("train", "validation", "test")
 
 def parse_blend(paths: str | Sequence[str], weights: Sequence[float] | None = None) -> tuple[list[str], list[float] | None]:
     """(prefixes, weights) from prefixes plus weights, or from megatron's ``["0.7", "a", "0.3", "b"]`` form."""
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
+    paths = [str(paths)] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
     if not paths:
         raise ValueError("no data paths given: pass data.paths=[<prefix>, ...] (the --output-prefix of preprocess)")
     if weights is None:
