@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -52,7 +52,7 @@ class PreprocessConfig:
     json_key: str = "text"
     append_eod: bool = False
     split_sentences: bool = False
-    text_mode: str = "line"
+    text_mode: Literal["line", "file"] = "line"
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     chunk_size: int = 64
 
@@ -150,7 +150,7 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
         yield from (text for text in batch.column(0).to_pylist() if text)
 
 
-_worker: dict = {}
+_worker: dict = {}  # this worker process's tokenizer and options, set once by _init_worker
 
 
 def _init_worker(tokenizer_path: str, append_eod: bool, sentences: bool) -> None:
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = preprocess(config, progress=not args.quiet)
     except (FileNotFoundError, ValueError, KeyError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error.args[0] if isinstance(error, KeyError) else error}", file=sys.stderr)
         return 2
     print(summary)
     return 0
