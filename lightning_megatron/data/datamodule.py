@@ -45,6 +45,8 @@ class TokenWindows(Dataset):
 class MegatronDataModule(pl.LightningDataModule):
     """Base datamodule: builds loaders whose batches are this data-parallel rank's share of each global batch."""
 
+    shuffle_train = True  # subclasses whose datasets are already shuffled (megatron-core's) turn this off
+
     def __init__(self, global_batch_size: int, micro_batch_size: int, seed: int = 1234, num_workers: int = 0) -> None:
         super().__init__()
         if global_batch_size % micro_batch_size:
@@ -68,16 +70,25 @@ class MegatronDataModule(pl.LightningDataModule):
     def _consumed_samples(self) -> int:
         return self.trainer.global_step * self.global_batch_size if self.trainer is not None else 0
 
+    def data_description(self) -> str:
+        """Names the data in error messages (its files, its split)."""
+        return type(self).__name__
+
     def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None or len(dataset) == 0:
-            raise ValueError(f"the {split} split is empty; add data or change the split")
+            raise ValueError(f"the {split} split of {self.data_description()} is empty; add data or change the split")
+        if len(dataset) < self.global_batch_size:
+            raise ValueError(
+                f"the {split} split of {self.data_description()} holds {len(dataset)} samples, fewer than one global "
+                f"batch of {self.global_batch_size}; add data, change the split or use a smaller global_batch_size"
+            )
         rank, size = self._data_parallel()
         sampler = GlobalBatchSampler(
             len(dataset),
             self.global_batch_size,
             dp_rank=rank,
             dp_size=size,
-            shuffle=train,
+            shuffle=train and self.shuffle_train,
             seed=self.seed,
             consumed_samples=self._consumed_samples if train else (lambda: 0),
         )
@@ -128,6 +139,9 @@ class TextDataModule(MegatronDataModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_spec)
         return self._tokenizer
+
+    def data_description(self) -> str:
+        return f"{self.path} (val_fraction={self.val_fraction})"
 
     def prepare_data(self) -> None:
         self._encoded()

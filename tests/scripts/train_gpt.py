@@ -12,6 +12,7 @@ import torch
 
 import lightning_megatron as lm
 from lightning_megatron.data import TextDataModule
+from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
 
 
 class RecordLosses(L.Callback):
@@ -20,6 +21,21 @@ class RecordLosses(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+
+class RecordSamples(L.Callback):
+    """Writes the samples each rank trained on (their token ids) to <dir>/rank<N>.json."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.steps: list[list[list[int]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(batch["tokens"].tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        with open(f"{self.directory}/rank{trainer.global_rank}.json", "w") as handle:
+            json.dump(self.steps, handle)
 
 
 def main() -> None:
@@ -42,10 +58,17 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
+    parser.add_argument("--data-prefix", default=None, help="an indexed dataset (else the bundled corpus)")
+    parser.add_argument("--record-samples", default=None, help="a directory for each rank's trained samples")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
+    if args.data_prefix:
+        data = MegatronGPTDataModule(args.data_prefix, split="98,2,0", seq_length=args.seq,
+                                     global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
+    else:
+        data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch,
+                              micro_batch_size=args.micro_batch)
     shape = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, seq_length=args.seq)
     if args.arch == "llama":
         config = lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape)
@@ -77,7 +100,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
-        callbacks=[record],
+        callbacks=[record] + ([RecordSamples(args.record_samples)] if args.record_samples else []),
     )
     trainer.fit(model, datamodule=data)
     if trainer.is_global_zero:
