@@ -225,13 +225,16 @@ class MegatronStrategy(ParallelStrategy):
         if self.micro_batch_size is None:
             self.micro_batch_size = getattr(datamodule, "micro_batch_size", None)
         global_batch = getattr(datamodule, "global_batch_size", None)
-        if global_batch is not None:
-            per_step = (self.micro_batch_size or 1) * self.data_parallel_size
-            if global_batch % per_step:
+        schedule = getattr(datamodule, "batch_sizes", None)
+        sizes = schedule.sizes() if schedule is not None else [global_batch] if global_batch is not None else []
+        per_step = (self.micro_batch_size or 1) * self.data_parallel_size
+        for size in sizes:
+            if size % per_step:
+                name = "global_batch_size" if size == global_batch else "a ramp-up global batch size"
                 raise LayoutError(
-                    f"global_batch_size={global_batch} is not divisible by micro_batch_size "
-                    f"({self.micro_batch_size or 1}) x data parallel size ({self.data_parallel_size}) = {per_step}; "
-                    f"choose a global batch that is a multiple of {per_step}"
+                    f"{name}={size} is not divisible by micro_batch_size ({self.micro_batch_size or 1}) x data "
+                    f"parallel size ({self.data_parallel_size}) = {per_step}; choose batch sizes that are "
+                    f"multiples of {per_step}"
                 )
 
     def transformer_fields(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_megatron.data.corpus import BUNDLED_CORPUS, read_texts
-from lightning_megatron.data.sampler import GlobalBatchSampler
+from lightning_megatron.data.sampler import GlobalBatchSampler, GlobalBatchSizes
 from lightning_megatron.data.tokenizer import Tokenizer, cache_dir, load_tokenizer
 
 
@@ -47,7 +47,8 @@ class MegatronDataModule(pl.LightningDataModule):
 
     shuffle_train = True  # subclasses whose datasets are already shuffled (megatron-core's) turn this off
 
-    def __init__(self, global_batch_size: int, micro_batch_size: int, seed: int = 1234, num_workers: int = 0) -> None:
+    def __init__(self, global_batch_size: int, micro_batch_size: int, seed: int = 1234, num_workers: int = 0,
+                 rampup_batch_size: list[int] | None = None) -> None:
         super().__init__()
         if global_batch_size % micro_batch_size:
             raise ValueError(
@@ -55,6 +56,8 @@ class MegatronDataModule(pl.LightningDataModule):
             )
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
+        self.batch_sizes = GlobalBatchSizes(global_batch_size, rampup_batch_size)
+        """The global batch size at each point of training (ramp-up included); the strategy validates every one."""
         self.seed = seed
         self.num_workers = num_workers
         self.train_dataset: Dataset | None = None
@@ -68,7 +71,7 @@ class MegatronDataModule(pl.LightningDataModule):
         return kwargs["rank"], kwargs["num_replicas"]
 
     def _consumed_samples(self) -> int:
-        return self.trainer.global_step * self.global_batch_size if self.trainer is not None else 0
+        return self.batch_sizes.consumed_after(self.trainer.global_step) if self.trainer is not None else 0
 
     def data_description(self) -> str:
         """Names the data in error messages (its files, its split)."""
@@ -85,7 +88,7 @@ class MegatronDataModule(pl.LightningDataModule):
         rank, size = self._data_parallel()
         sampler = GlobalBatchSampler(
             len(dataset),
-            self.global_batch_size,
+            self.batch_sizes if train else self.global_batch_size,
             dp_rank=rank,
             dp_size=size,
             shuffle=train and self.shuffle_train,
@@ -122,8 +125,10 @@ class TextDataModule(MegatronDataModule):
         val_fraction: float = 0.05,
         seed: int = 1234,
         num_workers: int = 0,
+        rampup_batch_size: list[int] | None = None,
     ) -> None:
-        super().__init__(global_batch_size, micro_batch_size, seed=seed, num_workers=num_workers)
+        super().__init__(global_batch_size, micro_batch_size, seed=seed, num_workers=num_workers,
+                         rampup_batch_size=rampup_batch_size)
         self.path = Path(path) if path else BUNDLED_CORPUS
         self.tokenizer_spec = tokenizer
         self.json_key = json_key

@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--rampup", type=int, nargs=3, default=None, help="start increment samples")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
@@ -68,7 +69,7 @@ def main() -> None:
                                      global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
     else:
         data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch,
-                              micro_batch_size=args.micro_batch)
+                              micro_batch_size=args.micro_batch, rampup_batch_size=args.rampup)
     shape = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, seq_length=args.seq)
     if args.arch == "llama":
         config = lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape)
