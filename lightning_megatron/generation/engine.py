@@ -58,6 +58,7 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     max_new: int
+    bad_words: tuple[tuple[int, ...], ...] = ()
     rows: list[RowState] = field(default_factory=list)
     slot: int = -1
     start: int = 0
@@ -145,7 +146,10 @@ class Engine:
         if params.beam_width > self.max_batch_size:
             raise ValueError(f"beam_width {params.beam_width} exceeds the engine's max_batch_size "
                              f"{self.max_batch_size}")
-        request = _Request(next(self._ids), tokens, params, max_new)
+        bad_words = list(params.bad_word_ids)
+        if params.bad_words:
+            bad_words.extend(tuple(self.tokenizer.encode(word)) for word in params.bad_words)
+        request = _Request(next(self._ids), tokens, params, max_new, tuple(w for w in bad_words if w))
         self._post("add", request)
         return request.id
 
@@ -254,11 +258,8 @@ class Engine:
         end_ids = set(p.stop_token_ids)
         if self.eod is not None and not p.ignore_eos:
             end_ids.add(self.eod)
-        bad = list(p.bad_word_ids)
-        if p.bad_words:
-            bad.extend(tuple(self.tokenizer.encode(word)) for word in p.bad_words)
         generator = make_generator(p.seed, self.runner.device) if self.runner.is_source and not p.greedy else None
-        return RowState(p, request.prompt, end_ids=frozenset(end_ids), bad_words=tuple(w for w in bad if w),
+        return RowState(p, request.prompt, end_ids=frozenset(end_ids), bad_words=request.bad_words,
                         generator=generator, top_p=p.top_p)
 
     def _rows(self, requests: Sequence[_Request]) -> list[tuple[_Request, RowState]]:

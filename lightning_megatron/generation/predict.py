@@ -69,12 +69,18 @@ class _Prompts(Dataset):
 
 
 class PromptsDataModule(pl.LightningDataModule):
-    """Prompts for ``trainer.predict``: batches are lists of ``{"id", "prompt", "params"}``."""
+    """Prompts for ``trainer.predict`` from a file (``path``) or a list (``prompts``), ``batch_size`` at a time.
 
-    def __init__(self, path: str, tokenizer: str | None = None, batch_size: int = 8,
-                 params: SamplingParams | None = None) -> None:
+    Batches are lists of ``{"id", "prompt", "params"}``; ``params`` are the defaults a file's lines override.
+    """
+
+    def __init__(self, path: str | None = None, tokenizer: str | None = None, batch_size: int = 8,
+                 params: SamplingParams | None = None, prompts: list[str] | None = None) -> None:
         super().__init__()
+        if (path is None) == (prompts is None):
+            raise ValueError("give PromptsDataModule either a prompts file (path) or a list of prompts")
         self.path = path
+        self.prompts = prompts
         self.tokenizer_spec = tokenizer
         self.batch_size = batch_size
         self.params = params or SamplingParams()
@@ -88,8 +94,11 @@ class PromptsDataModule(pl.LightningDataModule):
         return self._tokenizer
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(_Prompts(read_prompts(self.path, self.params)), batch_size=self.batch_size,
-                          collate_fn=list)
+        if self.path is not None:
+            items = read_prompts(self.path, self.params)
+        else:
+            items = [{"id": i, "prompt": p, "params": self.params} for i, p in enumerate(self.prompts or [])]
+        return DataLoader(_Prompts(items), batch_size=self.batch_size, collate_fn=list)
 
 
 def predict_step(model: Any, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
