@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.attention import Attention
 
 from lightning_megatron.parallel import unwrap
 
@@ -66,8 +67,21 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, max_batch_size: int, max_sequence_length: int) -> StaticInferenceContext:
-        """An empty key/value cache of ``max_batch_size`` rows by ``max_sequence_length`` positions."""
-        return StaticInferenceContext(max_batch_size, max_sequence_length)
+        """A zeroed key/value cache of ``max_batch_size`` rows by ``max_sequence_length`` positions.
+
+        megatron allocates the cache with ``torch.empty`` on first use; masked attention weights are exactly 0, but
+        0 x NaN found in never-written memory is NaN, so the buffers are allocated here, zeroed.
+        """
+        cache = StaticInferenceContext(max_batch_size, max_sequence_length)
+        for model in self.models:
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    shape = (max_sequence_length, max_batch_size, module.num_query_groups_per_partition)
+                    cache.key_value_memory_dict[module.layer_number] = (
+                        torch.zeros(*shape, module.key_hidden_size, dtype=self.dtype, device=self.device),
+                        torch.zeros(*shape, module.val_hidden_size, dtype=self.dtype, device=self.device),
+                    )
+        return cache
 
     @staticmethod
     def move_rows(cache: StaticInferenceContext, dst: Sequence[int], src: Sequence[int]) -> None:

@@ -34,6 +34,8 @@ class Metrics:
         self.requests_total = 0
         self.requests_failed = 0
         self.tokens_total = 0
+        self.batch_size = 0
+        self.peak_batch_size = 0
         self.window_s = window_s
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
 
@@ -44,6 +46,11 @@ class Metrics:
         self._recent.append((now, count))
         while self._recent and self._recent[0][0] < now - self.window_s:
             self._recent.popleft()
+
+    def record_batch(self, size: int) -> None:
+        """Note how many sequences the engine is decoding together."""
+        self.batch_size = size
+        self.peak_batch_size = max(self.peak_batch_size, size)
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last ``window_s`` seconds."""
@@ -86,6 +93,7 @@ class Server:
                         self.engine.wait(timeout=1.0)
                     events = self.engine.step()
                     if self.leader:
+                        self.metrics.record_batch(sum(r.width for r in self.engine.active))
                         self._dispatch(events)
         finally:
             if self.leader:
@@ -174,6 +182,10 @@ class Server:
             f"lightning_megatron_tokens_per_second {m.tokens_per_second():.3f}",
             "# TYPE lightning_megatron_running_requests gauge",
             f"lightning_megatron_running_requests {len(self._listeners)}",
+            "# TYPE lightning_megatron_batch_size gauge",
+            f"lightning_megatron_batch_size {m.batch_size}",
+            "# TYPE lightning_megatron_peak_batch_size gauge",
+            f"lightning_megatron_peak_batch_size {m.peak_batch_size}",
             "# TYPE lightning_megatron_queue_depth gauge",
             f"lightning_megatron_queue_depth {self.engine.queue_depth}",
         ]
