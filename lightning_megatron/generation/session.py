@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 import torch
 import yaml
 
@@ -29,7 +30,8 @@ InferenceFn = Callable[[GPT, Tokenizer], Any]
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every inference tool takes: where the model comes from and how it is split."""
     group = parser.add_argument_group("model")
-    group.add_argument("--ckpt", help="checkpoint to load (a Lightning .ckpt, or what the strategy's load accepts)")
+    group.add_argument("--ckpt", help="checkpoint to load (a Lightning .ckpt, or what the strategy's load accepts); "
+                                      "without it the model keeps its initial weights (smoke tests, benchmarks)")
     group.add_argument("--config", help="training recipe (YAML) naming the model config and the tokenizer; "
                                         "needed when the checkpoint does not carry the config")
     group.add_argument("--tokenizer", help="tokenizer.json or HF tokenizer dir (default: the recipe's, else bundled)")
@@ -97,6 +99,11 @@ def run_inference(args: argparse.Namespace, fn: InferenceFn) -> Any:
     config, recipe_tokenizer = model_config(args.ckpt, args.config)
     if args.ckpt and not Path(args.ckpt).exists():
         raise FileNotFoundError(f"checkpoint {args.ckpt} does not exist")
+    if args.ckpt and Path(args.ckpt).is_file() and args.tp * args.pp > 1:
+        raise ValueError(f"{args.ckpt} is a Lightning .ckpt, which holds the weights of one process only; load it "
+                         f"with --tp 1 --pp 1, or save a sharded checkpoint to generate under TP/PP")
+    if not args.ckpt:
+        rank_zero_warn("no --ckpt given: the model has its initial (untrained) weights")
     model = GPT(config)
     data = PromptsDataModule(prompts=["Hello"], tokenizer=args.tokenizer or recipe_tokenizer,
                              params=SamplingParams(max_new_tokens=1))
