@@ -97,24 +97,34 @@ class _RunAfterWarmup(pl.Callback):
 def run_inference(args: argparse.Namespace, fn: InferenceFn) -> Any:
     """Load the model described by :func:`add_model_arguments`'s ``args`` and run ``fn`` on every rank."""
     config, recipe_tokenizer = model_config(args.ckpt, args.config)
-    if args.ckpt and not Path(args.ckpt).exists():
-        raise FileNotFoundError(f"checkpoint {args.ckpt} does not exist")
-    if args.ckpt and Path(args.ckpt).is_file() and args.tp * args.pp > 1:
-        raise ValueError(f"{args.ckpt} is a Lightning .ckpt, which holds the weights of one process only; load it "
+    return run_with_model(config, fn, ckpt=args.ckpt, tokenizer=args.tokenizer or recipe_tokenizer,
+                          devices=args.devices, tp=args.tp, pp=args.pp, accelerator=args.accelerator,
+                          precision=args.precision)
+
+
+def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, tokenizer: str | None = None,
+                   devices: int = 1, tp: int = 1, pp: int = 1, accelerator: str = "auto",
+                   precision: str = "32-true") -> Any:
+    """Build a GPT of ``config`` under TP x PP (weights from ``ckpt`` if given) and run ``fn`` on every rank.
+
+    Returns ``fn``'s value on global rank 0 (``None`` elsewhere).
+    """
+    if ckpt and not Path(ckpt).exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    if ckpt and Path(ckpt).is_file() and tp * pp > 1:
+        raise ValueError(f"{ckpt} is a Lightning .ckpt, which holds the weights of one process only; load it "
                          f"with --tp 1 --pp 1, or save a sharded checkpoint to generate under TP/PP")
-    if not args.ckpt:
+    if not ckpt:
         rank_zero_warn("no --ckpt given: the model has its initial (untrained) weights")
     model = GPT(config)
-    data = PromptsDataModule(prompts=["Hello"], tokenizer=args.tokenizer or recipe_tokenizer,
-                             params=SamplingParams(max_new_tokens=1))
+    data = PromptsDataModule(prompts=["Hello"], tokenizer=tokenizer, params=SamplingParams(max_new_tokens=1))
     # A Lightning .ckpt file is loaded here; anything else (a sharded checkpoint directory) by the strategy.
-    lightning_file = bool(args.ckpt) and Path(args.ckpt).is_file()
-    run = _RunAfterWarmup(fn, args.ckpt if lightning_file else None)
+    lightning_file = bool(ckpt) and Path(ckpt).is_file()
+    run = _RunAfterWarmup(fn, ckpt if lightning_file else None)
     trainer = pl.Trainer(
-        strategy=MegatronStrategy(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
-        accelerator=args.accelerator, devices=args.devices, precision=args.precision, logger=False,
+        strategy=MegatronStrategy(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        accelerator=accelerator, devices=devices, precision=precision, logger=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[run],
     )
-    trainer.predict(model, datamodule=data, ckpt_path=None if lightning_file else args.ckpt,
-                    return_predictions=False)
+    trainer.predict(model, datamodule=data, ckpt_path=None if lightning_file else ckpt, return_predictions=False)
     return run.result if trainer.is_global_zero else None

@@ -1,8 +1,8 @@
 """Train the tiny GPT briefly under a layout, then generate with it: what a user of generation would compare.
 
 Run under torchrun (or plain python for one process). Writes JSON to --out on global rank 0 with the greedy tokens
-of a mixed-length batch decoded with the KV cache and by recomputation, seeded samples, stop-string and beam
-results, and the SampleText callback's text.
+of a mixed-length batch decoded with the KV cache and by recomputation, seeded samples (alone and batched), beam
+results, and the SampleText callback's text; --save-ckpt also saves the model for the CLI tools.
 """
 
 import argparse
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--init-std", type=float, default=0.2)
     parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
+    parser.add_argument("--save-ckpt", help="also save the trained model as a Lightning checkpoint here")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -80,6 +81,8 @@ def main() -> None:
                         limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, logger=False, callbacks=[probe, sample])
     trainer.fit(model, datamodule=data)
+    if args.save_ckpt:
+        trainer.save_checkpoint(args.save_ckpt)
     if trainer.is_global_zero:
         with open(args.out, "w") as handle:
             json.dump({**probe.results, "sample": sample.samples[-1][1]}, handle)
