@@ -43,9 +43,10 @@ def ensure_parallel_state() -> None:
         parallel.initialize(lm.ParallelConfig(), seed=1234)
 
 
-def tiny_gpt(arch: str = "gpt2", seq_length: int = 64) -> lm.GPT:
+def tiny_gpt(arch: str = "gpt2", seq_length: int = 64, attention: str = "sdpa") -> lm.GPT:
     """A 2-layer GPT with wide initial weights (varied greedy tokens), built for the current parallel state."""
-    shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=seq_length, init_method_std=0.2)
+    shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=seq_length, init_method_std=0.2,
+                 attention=attention)
     if arch == "llama":
         config = lm.GPTConfig.llama(vocab_size=4096, num_query_groups=2, **shape)
     else:

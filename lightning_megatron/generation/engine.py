@@ -266,10 +266,12 @@ class Engine:
         return [(request, row) for request in requests for row in request.rows]
 
     def _layout(self, rows: list[tuple[_Request, RowState]], first: int, last: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Tokens and positions at cache positions ``[first, last)`` of ``rows``, and their mask over keys ``[0, last)``.
 
-        A query sees the keys at or before it and not before its own sequence's start (older rows' leftovers).
+        A query sees the keys at or before it and not before its own sequence's start (older rows' leftovers); a
+        padding query sees itself, so that no row of the attention is empty (SDPA turns those into NaN). When
+        every sequence starts at 0 plain causal attention is the same, and no mask lets fused kernels run.
         """
         tokens = torch.zeros(len(rows), last - first, dtype=torch.long)
         for i, (request, row) in enumerate(rows):
@@ -278,9 +280,11 @@ class Engine:
                 tokens[i, position - first] = sequence[position - request.start]
         starts = torch.tensor([request.start for request, _ in rows])
         queries = torch.arange(first, last)
-        keys = torch.arange(0, last)
         positions = (queries[None, :] - starts[:, None]).clamp(min=0)
-        blocked = (keys[None, None, :] > queries[None, :, None]) | (keys[None, None, :] < starts[:, None, None])
+        if not starts.any():
+            return tokens, positions, None
+        keys = torch.arange(0, last)[None, None, :]
+        blocked = (keys > queries[None, :, None]) | ((keys < starts[:, None, None]) & (keys != queries[None, :, None]))
         return tokens, positions, blocked[:, None]
 
     def _prefill(self, admitted: list[_Request]) -> torch.Tensor | None:

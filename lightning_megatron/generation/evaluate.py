@@ -25,10 +25,9 @@ def _runner(model: Any) -> ModelRunner:
     return ModelRunner(model.chunks, model.config.vocab_size)
 
 
-def _causal(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    positions = torch.arange(length).expand(batch, length)
-    mask = torch.ones(length, length, dtype=torch.bool).triu(1).expand(batch, 1, length, length)
-    return positions, mask
+def _causal(batch: int, length: int) -> tuple[torch.Tensor, None]:
+    """Positions of right-padded rows, and no mask: plain causal attention (padding only follows real tokens)."""
+    return torch.arange(length).expand(batch, length), None
 
 
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8) -> dict[str, float]:

@@ -125,17 +125,18 @@ class ModelRunner:
         self,
         tokens: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         cache: StaticInferenceContext | None = None,
     ) -> torch.Tensor | None:
         """Logits ``[batch, positions, vocab]`` (float32, sliced to the real vocabulary) on the last stage.
 
-        ``attention_mask`` is ``[batch, 1, queries, keys]``, True where attention is blocked. With a ``cache`` only
-        the last position's logits come back. Other stages return ``None``.
+        ``attention_mask`` is ``[batch, 1, queries, keys]``, True where attention is blocked (``None``: causal).
+        With a ``cache`` only the last position's logits come back. Other stages return ``None``.
         """
         tokens = tokens.to(self.device)
         position_ids = position_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
         shape = (tokens.shape[1], tokens.shape[0], self.hidden_size)
         output: torch.Tensor | None = None
         for chunk, model in zip(self.chunks, self.models):
