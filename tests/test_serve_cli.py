@@ -14,12 +14,12 @@ import yaml
 
 import lightning_megatron as lm
 from generation_helpers import cpu_process
-from launch import REPO, test_env
+import launch
 from lightning_megatron.data import load_tokenizer
 from lightning_megatron.generation import SamplingParams, generate
 from test_serve import request
 
-RECIPE = REPO / "recipes" / "gpt-tiny.yaml"
+RECIPE = launch.REPO / "recipes" / "gpt-tiny.yaml"
 PROMPTS = ["In the beginning", "And God said", "The LORD is my shepherd"]
 
 
@@ -38,9 +38,9 @@ def expected_texts(max_tokens):
 def test_serve_tp2_answers_concurrent_streams_and_shuts_down(tmp_path):
     log = open(tmp_path / "serve.log", "w+")
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "lightning_megatron" / "cli.py"), "serve", "--config", str(RECIPE),
+        [sys.executable, str(launch.REPO / "lightning_megatron" / "cli.py"), "serve", "--config", str(RECIPE),
          "--devices", "2", "--tp", "2", "--accelerator", "cpu", "--port", "0", "--max-batch-size", "4"],
-        stdout=log, stderr=subprocess.STDOUT, env=test_env(), cwd=REPO, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, env=launch.test_env(), cwd=launch.REPO, start_new_session=True)
     try:
         port = None
         deadline = time.monotonic() + 300

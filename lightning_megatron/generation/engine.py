@@ -106,6 +106,7 @@ class Engine:
         self._arrived = threading.Event()
         self.finished: dict[int, GenerationOutput] = {}
         self.closed = False
+        self._prefilled = False
 
     # ------------------------------------------------------------------ requests
     @property
@@ -206,7 +207,10 @@ class Engine:
         """Admit waiting requests (prefill) or advance every running sequence by one token (decode)."""
         events = self._intake()
         self._retire()
-        admitted = self._admit()
+        # After a prefill the running sequences decode once before more requests are let in, so a steady stream of
+        # arrivals cannot stall them.
+        admitted = [] if self._prefilled and self.active else self._admit()
+        self._prefilled = bool(admitted)
         if admitted:
             logits = self._prefill(admitted)
             requests = admitted

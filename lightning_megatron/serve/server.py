@@ -66,6 +66,9 @@ class Server:
         if host not in LOOPBACK:
             raise ValueError(f"the server listens on loopback only ({', '.join(LOOPBACK)}), not {host!r}; "
                              f"put a reverse proxy in front of it to expose it")
+        if dist.is_initialized() and dist.get_world_size() > 1 and not engine.leader_submits:
+            raise ValueError("with several ranks the server's engine must be built with leader_submits=True "
+                             "(rank 0 receives the requests and broadcasts them)")
         self.engine = engine
         self.tokenizer = tokenizer
         self.host = host
@@ -282,3 +285,8 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         message = {404: "no such endpoint", 405: "method not allowed", 413: "request body too large"}.get(
             error.status, error.reason)
         return web.json_response(RequestError(message, status=error.status).body(), status=error.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as error:  # a bug must cost one request a 500, never the server
+        body = {"error": {"message": f"internal error: {error}", "type": "server_error", "param": None, "code": None}}
+        return web.json_response(body, status=500)
