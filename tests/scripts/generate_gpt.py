@@ -7,6 +7,7 @@ results, and the SampleText callback's text; --save-ckpt also saves the model fo
 
 import argparse
 import json
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -15,6 +16,7 @@ import lightning_megatron as lm
 from lightning_megatron.callbacks import SampleText
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.generation import SamplingParams, generate
+from lightning_megatron.generation.predict import CompletionsWriter, PromptsDataModule
 
 PROMPTS = ["In the beginning God", "And the LORD said unto Moses,", "Blessed"]
 
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--init-std", type=float, default=0.2)
     parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
     parser.add_argument("--save-ckpt", help="also save the trained model as a Lightning checkpoint here")
+    parser.add_argument("--predict-out", help="then run trainer.predict over PROMPTS, writing completions here")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -83,6 +86,18 @@ def main() -> None:
     trainer.fit(model, datamodule=data)
     if args.save_ckpt:
         trainer.save_checkpoint(args.save_ckpt)
+    if args.predict_out:
+        prompts = Path(args.out).with_suffix(".prompts.jsonl")
+        if trainer.is_global_zero:
+            prompts.write_text("".join(json.dumps({"prompt": p, "max_new_tokens": 12}) + "\n" for p in PROMPTS))
+        trainer.strategy.barrier()
+        predictor = L.Trainer(strategy=lm.MegatronStrategy(tensor_model_parallel_size=args.tp,
+                                                           pipeline_model_parallel_size=args.pp,
+                                                           virtual_pipeline_model_parallel_size=args.vp),
+                              accelerator="cpu", devices=args.devices, logger=False, enable_progress_bar=False,
+                              enable_model_summary=False, callbacks=[CompletionsWriter(args.predict_out)])
+        predictor.predict(lm.GPT(config), datamodule=PromptsDataModule(str(prompts), batch_size=2),
+                          return_predictions=False)
     if trainer.is_global_zero:
         with open(args.out, "w") as handle:
             json.dump({**probe.results, "sample": sample.samples[-1][1]}, handle)
