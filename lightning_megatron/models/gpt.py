@@ -164,3 +164,20 @@ class GPT(MegatronModule):
 
     def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
         return self.optim
+
+    def generate(self, prompts: Any, params: Any = None, tokenizer: Any = None, **kwargs: Any) -> list[Any]:
+        """Generate from text prompts or token ids on every rank of the replica (see lightning_megatron.generation).
+
+        The tokenizer defaults to the attached datamodule's. Returns one GenerationOutput per prompt.
+        """
+        from lightning_megatron.generation import generate
+
+        if tokenizer is None and self._trainer is not None:
+            tokenizer = getattr(self._trainer.datamodule, "tokenizer", None)
+        return generate(self, prompts, params, tokenizer=tokenizer, **kwargs)
+
+    def predict_step(self, batch: Any, batch_idx: int = 0) -> list[dict[str, Any]]:
+        """Complete a batch of a PromptsDataModule: one jsonl-ready record per prompt."""
+        from lightning_megatron.generation.predict import predict_step
+
+        return predict_step(self, batch)
