@@ -40,7 +40,7 @@ def test_serve_tp2_answers_concurrent_streams_and_shuts_down(tmp_path):
     process = subprocess.Popen(
         [sys.executable, str(launch.REPO / "lightning_megatron" / "cli.py"), "serve", "--config", str(RECIPE),
          "--devices", "2", "--tp", "2", "--accelerator", "cpu", "--port", "0", "--max-batch-size", "4"],
-        stdout=log, stderr=subprocess.STDOUT, env=launch.test_env(), cwd=launch.REPO, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, env=launch.child_env(), cwd=launch.REPO, start_new_session=True)
     try:
         port = None
         deadline = time.monotonic() + 300
