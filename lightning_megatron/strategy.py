@@ -203,6 +203,10 @@ class MegatronStrategy(ParallelStrategy):
                 f"{self.world_size}; make Trainer(devices=..., num_nodes=...) match the launch"
             )
         self.parallel_config.validate(self.world_size)
+        if self.root_device.type == "cpu" and (self.overlap_grad_reduce or self.overlap_param_gather):
+            raise LayoutError(
+                "overlap_grad_reduce / overlap_param_gather need CUDA streams; turn them off for CPU runs"
+            )
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         module = self.lightning_module
         if not isinstance(module, MegatronModule):

@@ -58,3 +58,8 @@ def test_trainer_rejects_lightning_gradient_accumulation():
 def test_trainer_rejects_precision_megatron_cannot_honour():
     with pytest.raises(ValueError, match="precision='bf16-true' is not supported by the megatron strategy"):
         _fit("megatron", precision="bf16-true")
+
+
+def test_overlapping_communication_needs_a_gpu():
+    with pytest.raises(LayoutError, match="overlap_grad_reduce / overlap_param_gather need CUDA streams"):
+        _fit(lm.MegatronStrategy(overlap_grad_reduce=True))
