@@ -30,6 +30,7 @@ from lightning_megatron.convert.command import main as convert_main
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.models.gpt import GPT
 from lightning_megatron.parallel import ParallelConfig
+from lightning_megatron.schedule import run_schedule
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
 from convert_parity import logits_of, run  # noqa: E402
@@ -74,17 +75,23 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def one_rank():
-    """Megatron's parallel state for a single process (TP=PP=1), as a user's notebook would have."""
+def gloo_world():
+    """A one-process gloo group with CPU emulation, as a user's notebook would have."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     with CPUEmulation():
-        parallel.initialize(ParallelConfig(), seed=1)
-        yield ParallelConfig()
-        parallel.destroy()
+        yield
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def one_rank(gloo_world):
+    """Megatron's parallel state for TP=PP=1 (conftest tears it down after each test)."""
+    parallel.initialize(ParallelConfig(), seed=1)
+    yield ParallelConfig()
+    parallel.destroy()
 
 
 def assert_same_tensors(a: Path, b: Path) -> None:
@@ -153,10 +160,10 @@ def test_loss_hook_weights_tokens(hf_dirs, one_rank):
     reference = torch.load(path / "reference.pt")
     inputs = {**reference["inputs"], "weights": torch.rand(2, SEQ)}
     module.collected_logits = []
-    from lightning_megatron.schedule import run_schedule
-
     result = run_schedule(module.forward_step, module.chunks, [inputs], SEQ, forward_only=True)
-    token_losses = torch.nn.functional.cross_entropy(reference["logits"].reshape(-1, VOCAB),
+    # Megatron's softmax also spans the padding rows of the vocabulary (zero logits after import).
+    padded = torch.nn.functional.pad(reference["logits"], (0, module.config.padded_vocab_size() - VOCAB))
+    token_losses = torch.nn.functional.cross_entropy(padded.reshape(-1, padded.shape[-1]),
                                                      inputs["labels"].reshape(-1), reduction="none")
     expected = (token_losses * inputs["weights"].reshape(-1)).sum() / inputs["weights"].sum()
     assert abs(float(result.loss) - float(expected)) < 1e-4
