@@ -17,6 +17,7 @@ from typing import Any
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from lightning_megatron.convert.bert import Bert
 from lightning_megatron.convert.core import (
     Architecture,
     ConversionError,
@@ -32,7 +33,7 @@ from lightning_megatron.convert.llama import Llama
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
 
-ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama())
+ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bert())
 """Every supported mapping."""
 
 METADATA = "lightning_megatron.json"

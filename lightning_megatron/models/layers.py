@@ -13,7 +13,10 @@ import re
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -117,3 +120,32 @@ def init_weights(model: torch.nn.Module, config: TransformerConfig, seed: int, t
                 full = full.chunk(tp_size, dim=dim)[tp_rank]
         param.copy_(full.to(param.dtype))
 
+
+
+class PostNormAdd(torch.nn.Module):
+    """A layer spec's bias-dropout-add followed by a :class:`Norm`: the post-LayerNorm residual of BERT/original
+    Transformer layers (``norm(x + sublayer(x))``), which megatron-core's pre-LN layers do not offer."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.norm = Norm(config, config.hidden_size, eps=config.layernorm_epsilon)
+
+    def forward(self, training: bool, fused: bool):
+        add = get_bias_dropout_add(training, fused)
+
+        def add_then_norm(x_with_bias, residual, prob):
+            return self.norm(add(x_with_bias, residual, prob))
+
+        return add_then_norm
+
+
+def post_ln_layer_spec(config: TransformerConfig, attn_mask_type: AttnMaskType = AttnMaskType.padding) -> ModuleSpec:
+    """megatron-core's local layer with no pre-norms and a :class:`PostNormAdd` after attention and after the MLP."""
+    spec = get_gpt_layer_local_spec()
+    attention = dataclasses.replace(spec.submodules.self_attention, params={"attn_mask_type": attn_mask_type})
+    bda = ModuleSpec(module=PostNormAdd, params={"config": config})
+    submodules = dataclasses.replace(
+        spec.submodules, input_layernorm=IdentityOp, pre_mlp_layernorm=IdentityOp, self_attention=attention,
+        self_attn_bda=bda, mlp_bda=bda,
+    )
+    return dataclasses.replace(spec, submodules=submodules)
