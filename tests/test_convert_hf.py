@@ -1,4 +1,4 @@
-"""GPT-2 and Llama (GQA, MQA, tied) conversion: logits equal HF's in one process and under TP=2 / PP=2, exports
+"""GPT-2, Llama (GQA, MQA, tied) and BERT (MLM, pretraining heads) conversion: logits equal HF's in one process and under TP=2 / PP=2, exports
 load in ``transformers`` and round-trip to identical tensors, and bad input fails with a clear error."""
 
 from __future__ import annotations
@@ -42,10 +42,20 @@ SEQ = 16
 def make_hf(kind: str, path: Path) -> Path:
     """A random tiny HF model saved with its reference logits on fixed inputs."""
     torch.manual_seed(0)
+    inputs: dict[str, torch.Tensor] = {}
     if kind == "gpt2":
         config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = transformers.GPT2LMHeadModel(config)
+    elif kind.startswith("bert"):
+        config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = (transformers.BertForPreTraining if kind == "bert-pretraining" else transformers.BertForMaskedLM)(config)
+        padding_mask = torch.ones(2, SEQ, dtype=torch.long)
+        padding_mask[1, SEQ - 4:] = 0
+        tokentype_ids = (torch.arange(SEQ) >= SEQ // 2).long().expand(2, SEQ)
+        inputs = {"padding_mask": padding_mask, "tokentype_ids": tokentype_ids, "sentence_order": torch.tensor([0, 1])}
     else:
         groups = {"llama": 2, "llama-mqa": 1, "llama-tied": 4}[kind]
         config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -58,14 +68,24 @@ def make_hf(kind: str, path: Path) -> Path:
             param.add_(torch.randn_like(param) * 0.05)
     model.save_pretrained(path)
     tokens = torch.randint(0, VOCAB, (2, SEQ))
-    with torch.no_grad():
-        logits = model(tokens).logits
-    inputs = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(2, SEQ)}
-    torch.save({"inputs": inputs, "logits": logits}, path / "reference.pt")
+    inputs = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(2, SEQ), **inputs}
+    torch.save({"inputs": inputs, "logits": hf_logits(path, inputs)}, path / "reference.pt")
     return path
 
 
-KINDS = ("gpt2", "llama", "llama-mqa", "llama-tied")
+def hf_logits(path: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the HF model saved at ``path`` (its own class, from config.json, with no custom code)."""
+    architecture = json.loads((path / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, architecture).from_pretrained(path).eval()
+    kwargs = {}
+    if "padding_mask" in inputs:
+        kwargs = {"attention_mask": inputs["padding_mask"], "token_type_ids": inputs["tokentype_ids"]}
+    with torch.no_grad():
+        output = model(inputs["tokens"], **kwargs)
+    return output.logits if hasattr(output, "logits") else output.prediction_logits
+
+
+KINDS = ("gpt2", "llama", "llama-mqa", "llama-tied", "bert", "bert-pretraining")
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +122,6 @@ def assert_same_tensors(a: Path, b: Path) -> None:
         assert torch.equal(left[name], right[name]), name
 
 
-def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    with torch.no_grad():
-        return model(tokens).logits
-
-
 def test_single_process_logits_and_export(hf_dirs, one_rank):
     diffs = run([str(p) for p in hf_dirs.values()], one_rank, "tp1pp1")
     for kind, path in hf_dirs.items():
@@ -115,7 +129,7 @@ def test_single_process_logits_and_export(hf_dirs, one_rank):
         exported = Path(f"{path}-export-tp1pp1")
         assert_same_tensors(path, exported)
         reference = torch.load(path / "reference.pt")
-        torch.testing.assert_close(hf_logits(exported, reference["inputs"]["tokens"]), reference["logits"])
+        torch.testing.assert_close(hf_logits(exported, reference["inputs"]), reference["logits"])
 
 
 @pytest.mark.slow
@@ -142,7 +156,7 @@ def test_cli_round_trip_sharded_and_checkpoint_loads(hf_dirs, one_rank, tmp_path
     assert len(list(back.glob("model-*-of-*.safetensors"))) > 1 and (back / "model.safetensors.index.json").exists()
     assert_same_tensors(source, back)
     reference = torch.load(source / "reference.pt")
-    torch.testing.assert_close(hf_logits(back, reference["inputs"]["tokens"]), reference["logits"])
+    torch.testing.assert_close(hf_logits(back, reference["inputs"]), reference["logits"])
     module = build_module(module_from_checkpoint(ckpt), one_rank)
     load_checkpoint(module, ckpt)
     torch.testing.assert_close(logits_of(module, reference["inputs"]), reference["logits"], atol=1e-4, rtol=0)
