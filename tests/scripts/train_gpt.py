@@ -12,6 +12,7 @@ import torch
 
 import lightning_megatron as lm
 from lightning_megatron.data import TextDataModule
+from lightning_megatron.models.bert import Bert, BertConfig, MaskedLMDataModule
 
 
 class RecordLosses(L.Callback):
@@ -41,17 +42,23 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
+    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "bert"])
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
     shape = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, seq_length=args.seq)
-    if args.arch == "llama":
-        config = lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape)
+    optim = lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.steps)
+    if args.arch == "bert":
+        data = MaskedLMDataModule(seq_length=args.seq, global_batch_size=args.global_batch,
+                                  micro_batch_size=args.micro_batch, sentence_order=True)
+        # 4352 = 17 x 256: the same padded vocabulary (whose rows join the softmax) under TP=1 and TP=2.
+        model = Bert(BertConfig(vocab_size=4352, binary_head=True, hidden_dropout=0.0, attention_dropout=0.0,
+                                **shape), optim)
+    elif args.arch == "llama":
+        model = lm.GPT(lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape), optim)
     else:
-        config = lm.GPTConfig(vocab_size=4096, **shape)
-    model = lm.GPT(config, lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.steps))
+        model = lm.GPT(lm.GPTConfig(vocab_size=4096, **shape), optim)
     strategy = lm.MegatronStrategy(
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
