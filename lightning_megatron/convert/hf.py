@@ -30,10 +30,11 @@ from lightning_megatron.convert.core import (
 )
 from lightning_megatron.convert.gpt2 import GPT2
 from lightning_megatron.convert.llama import Llama
+from lightning_megatron.convert.t5 import T5
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
 
-ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bert())
+ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bert(), T5())
 """Every supported mapping."""
 
 METADATA = "lightning_megatron.json"
