@@ -1,4 +1,4 @@
-"""GPT-2, Llama (GQA, MQA, tied) and BERT (MLM, pretraining heads) conversion: logits equal HF's in one process and under TP=2 / PP=2, exports
+"""GPT-2, Llama (GQA, MQA, tied), BERT (MLM, pretraining heads) and T5 (v1.0, v1.1) conversion: logits equal HF's in one process and under TP=2 / PP=2, exports
 load in ``transformers`` and round-trip to identical tensors, and bad input fails with a clear error."""
 
 from __future__ import annotations
@@ -47,6 +47,18 @@ def make_hf(kind: str, path: Path) -> Path:
         config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = transformers.GPT2LMHeadModel(config)
+    elif kind.startswith("t5"):
+        config = transformers.T5Config(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, vocab_size=VOCAB,
+                                       dropout_rate=0.0, feed_forward_proj="gated-gelu" if kind == "t5-gated" else "relu")
+        if kind == "t5-gated":  # T5 v1.1 / Flan-T5: untied LM head, unscaled decoder output
+            config.tie_word_embeddings = config.scale_decoder_outputs = False
+        model = transformers.T5ForConditionalGeneration(config)
+        model.encoder.embed_tokens = model.decoder.embed_tokens = model.shared  # as in real checkpoints
+        enc_mask = torch.ones(2, SEQ, dtype=torch.long)
+        enc_mask[1, SEQ - 4:] = 0
+        dec_tokens = torch.randint(0, VOCAB, (2, SEQ // 2))
+        inputs = {"enc_mask": enc_mask, "dec_tokens": dec_tokens, "labels": torch.roll(dec_tokens, -1, 1),
+                  "loss_mask": torch.ones(2, SEQ // 2)}
     elif kind.startswith("bert"):
         config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                          intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
@@ -68,7 +80,10 @@ def make_hf(kind: str, path: Path) -> Path:
             param.add_(torch.randn_like(param) * 0.05)
     model.save_pretrained(path)
     tokens = torch.randint(0, VOCAB, (2, SEQ))
-    inputs = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(2, SEQ), **inputs}
+    if kind.startswith("t5"):
+        inputs = {"enc_tokens": tokens, **inputs}
+    else:
+        inputs = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(2, SEQ), **inputs}
     torch.save({"inputs": inputs, "logits": hf_logits(path, inputs)}, path / "reference.pt")
     return path
 
@@ -80,12 +95,14 @@ def hf_logits(path: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     kwargs = {}
     if "padding_mask" in inputs:
         kwargs = {"attention_mask": inputs["padding_mask"], "token_type_ids": inputs["tokentype_ids"]}
+    if "enc_tokens" in inputs:
+        kwargs = {"attention_mask": inputs["enc_mask"], "decoder_input_ids": inputs["dec_tokens"]}
     with torch.no_grad():
-        output = model(inputs["tokens"], **kwargs)
+        output = model(inputs.get("tokens", inputs.get("enc_tokens")), **kwargs)
     return output.logits if hasattr(output, "logits") else output.prediction_logits
 
 
-KINDS = ("gpt2", "llama", "llama-mqa", "llama-tied", "bert", "bert-pretraining")
+KINDS = ("gpt2", "llama", "llama-mqa", "llama-tied", "bert", "bert-pretraining", "t5", "t5-gated")
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +152,8 @@ def test_single_process_logits_and_export(hf_dirs, one_rank):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [("--tp", 2), ("--pp", 2)], ids=["tp2", "pp2"])
 def test_parallel_logits_and_export(hf_dirs, layout, tmp_path):
+    # T5 has no pipeline-parallel support yet (test_bad_input_errors checks the error).
+    hf_dirs = {k: p for k, p in hf_dirs.items() if layout[0] == "--tp" or not k.startswith("t5")}
     paths = [str(p) for p in hf_dirs.values()]
     torchrun("convert_parity.py", 2, *paths, *layout, "--out", tmp_path / "diffs.json", timeout=400)
     diffs = read_json(tmp_path / "diffs.json")
@@ -214,6 +233,8 @@ def test_bad_input_errors(hf_dirs, tmp_path, one_rank, capsys):
     ckpt = hf_to_checkpoint(gpt2, tmp_path / "o6")
     with pytest.raises(ConversionError, match="linear_fc1.weight' has shape \\[256, 64\\].*expects \\[128, 64\\]"):
         load_checkpoint(wide, ckpt)
+    with pytest.raises(ConversionError, match="T5 does not support pipeline parallelism"):
+        hf_to_checkpoint(hf_dirs["t5"], tmp_path / "o7", pipeline_model_parallel_size=2)
     with pytest.raises(ConversionError, match="exists and is not empty"):
         checkpoint_to_hf(ckpt, gpt2)
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())

@@ -13,6 +13,7 @@ import torch
 import lightning_megatron as lm
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.models.bert import Bert, BertConfig, MaskedLMDataModule
+from lightning_megatron.models.t5 import T5, SpanCorruptionDataModule, T5Config
 
 
 class RecordLosses(L.Callback):
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "bert"])
+    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "bert", "t5"])
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -55,6 +56,12 @@ def main() -> None:
         # 4352 = 17 x 256: the same padded vocabulary (whose rows join the softmax) under TP=1 and TP=2.
         model = Bert(BertConfig(vocab_size=4352, binary_head=True, hidden_dropout=0.0, attention_dropout=0.0,
                                 **shape), optim)
+    elif args.arch == "t5":
+        data = SpanCorruptionDataModule(seq_length=args.seq, decoder_seq_length=args.seq // 2,
+                                        global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
+        model = T5(T5Config(vocab_size=4352, num_layers=args.layers, hidden_size=args.hidden,
+                            num_attention_heads=args.heads, ffn_hidden_size=2 * args.hidden, encoder_seq_length=args.seq,
+                            decoder_seq_length=args.seq // 2, hidden_dropout=0.0, attention_dropout=0.0), optim)
     elif args.arch == "llama":
         model = lm.GPT(lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape), optim)
     else:
