@@ -1,4 +1,5 @@
-"""GPT-2, Llama (GQA, MQA, tied), BERT (MLM, pretraining heads) and T5 (v1.0, v1.1) conversion: logits equal HF's in one process and under TP=2 / PP=2, exports
+"""GPT-2, Llama (GQA, MQA, tied), BERT (MLM, pretraining heads) and T5 (v1.0, v1.1) conversion: logits equal HF's
+in one process and under TP=2 / PP=2, exports
 load in ``transformers`` and round-trip to identical tensors, and bad input fails with a clear error."""
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def make_hf(kind: str, path: Path) -> Path:
         model = transformers.GPT2LMHeadModel(config)
     elif kind.startswith("t5"):
         config = transformers.T5Config(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, vocab_size=VOCAB,
-                                       dropout_rate=0.0, feed_forward_proj="gated-gelu" if kind == "t5-gated" else "relu")
+                                       dropout_rate=0.0,
+                                       feed_forward_proj="gated-gelu" if kind == "t5-gated" else "relu")
         if kind == "t5-gated":  # T5 v1.1 / Flan-T5: untied LM head, unscaled decoder output
             config.tie_word_embeddings = config.scale_decoder_outputs = False
         model = transformers.T5ForConditionalGeneration(config)
@@ -63,7 +65,8 @@ def make_hf(kind: str, path: Path) -> Path:
         config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                          intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        model = (transformers.BertForPreTraining if kind == "bert-pretraining" else transformers.BertForMaskedLM)(config)
+        head = transformers.BertForPreTraining if kind == "bert-pretraining" else transformers.BertForMaskedLM
+        model = head(config)
         padding_mask = torch.ones(2, SEQ, dtype=torch.long)
         padding_mask[1, SEQ - 4:] = 0
         tokentype_ids = (torch.arange(SEQ) >= SEQ // 2).long().expand(2, SEQ)
@@ -174,6 +177,7 @@ def test_cli_round_trip_sharded_and_checkpoint_loads(hf_dirs, one_rank, tmp_path
     assert convert_main(["megatron-to-hf", "--ckpt", str(ckpt), "--out", str(back), "--max-shard-size", "0.00005"]) == 0
     assert len(list(back.glob("model-*-of-*.safetensors"))) > 1 and (back / "model.safetensors.index.json").exists()
     assert_same_tensors(source, back)
+    assert_same_tensors(ckpt, hf_to_checkpoint(back, tmp_path / "again"))  # reads a sharded HF directory too
     reference = torch.load(source / "reference.pt")
     torch.testing.assert_close(hf_logits(back, reference["inputs"]), reference["logits"])
     module = build_module(module_from_checkpoint(ckpt), one_rank)

@@ -260,7 +260,8 @@ class Converted:
         if extra:
             raise ConversionError(
                 f"{source.path} holds {len(extra)} tensor(s) no rule uses: {', '.join(extra[:8])}; its config.json "
-                f"does not describe the weights (e.g. fewer layers than stored) or the model has parts we do not convert"
+                f"does not describe the weights (e.g. fewer layers than stored) or the model has parts we do not "
+                f"convert"
             )
 
     def keys(self) -> list[str]:

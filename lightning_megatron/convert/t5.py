@@ -57,7 +57,8 @@ class T5(Architecture):
     def config_to_hf(self, config: T5Config) -> dict[str, Any]:
         return {
             "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": config.vocab_size,
-            "d_model": config.hidden_size, "d_kv": config.kv_channels or config.hidden_size // config.num_attention_heads,
+            "d_model": config.hidden_size,
+            "d_kv": config.kv_channels or config.hidden_size // config.num_attention_heads,
             "d_ff": config.ffn_hidden_size, "num_layers": config.num_layers,
             "num_decoder_layers": config.num_decoder_layers or config.num_layers,
             "num_heads": config.num_attention_heads, "feed_forward_proj": config.activation,
@@ -82,7 +83,8 @@ class T5(Architecture):
     def rules(self, config: T5Config) -> list[Rule]:
         heads = config.num_attention_heads
         rules = [same("embedding.word_embeddings.weight", "shared.weight")]
-        for stack, layers in (("encoder", config.num_layers), ("decoder", config.num_decoder_layers or config.num_layers)):
+        decoder_layers = config.num_decoder_layers or config.num_layers
+        for stack, layers in (("encoder", config.num_layers), ("decoder", decoder_layers)):
             rules.append(same(f"{stack}_relative_pos_emb.relative_attention_bias.weight",
                               f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"))
             for i in range(layers):

@@ -196,10 +196,10 @@ def t5_block_specs(config: TransformerConfig, encoder_layers: int, decoder_layer
         encoder.submodules, input_layernorm=Norm, pre_mlp_layernorm=Norm, self_attention=attention))
     decoder = decoder_model_with_local_spec()
     sub = decoder.submodules
-    self_attention = dataclasses.replace(
-        sub.self_attention, submodules=dataclasses.replace(sub.self_attention.submodules, core_attention=BiasedAttention))
-    cross_attention = dataclasses.replace(
-        sub.cross_attention, submodules=dataclasses.replace(sub.cross_attention.submodules, core_attention=BiasedAttention))
+    self_attention, cross_attention = (
+        dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, core_attention=BiasedAttention))
+        for spec in (sub.self_attention, sub.cross_attention)
+    )
     decoder = dataclasses.replace(decoder, submodules=dataclasses.replace(
         sub, input_layernorm=Norm, pre_cross_attn_layernorm=Norm, pre_mlp_layernorm=Norm,
         self_attention=self_attention, cross_attention=cross_attention))

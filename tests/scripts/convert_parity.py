@@ -7,7 +7,6 @@ rank, JSON {dir: max |logits - reference|} to --out; global rank 0 exports each 
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch

@@ -60,7 +60,8 @@ def main() -> None:
         data = SpanCorruptionDataModule(seq_length=args.seq, decoder_seq_length=args.seq // 2,
                                         global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
         model = T5(T5Config(vocab_size=4352, num_layers=args.layers, hidden_size=args.hidden,
-                            num_attention_heads=args.heads, ffn_hidden_size=2 * args.hidden, encoder_seq_length=args.seq,
+                            num_attention_heads=args.heads, ffn_hidden_size=2 * args.hidden,
+                            encoder_seq_length=args.seq,
                             decoder_seq_length=args.seq // 2, hidden_dropout=0.0, attention_dropout=0.0), optim)
     elif args.arch == "llama":
         model = lm.GPT(lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape), optim)
