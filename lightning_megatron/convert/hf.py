@@ -38,6 +38,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bert(), T5())
 """Every supported mapping."""
 
 METADATA = "lightning_megatron.json"
+_TRAINING_FIELDS = frozenset({"seed", "hidden_dropout", "attention_dropout", "init_method_std"})
+"""Config fields that do not shape the weights: a module may differ from the checkpoint in these."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "vocab.txt", "spiece.model", "tokenizer.model", "generation_config.json")
 
@@ -149,9 +151,9 @@ def load_hf(module: MegatronModule, hf_dir: str | Path) -> None:
     hf_config = read_hf_config(hf_dir)
     arch = architecture_for_hf(hf_config)
     expected = arch.config_from_hf(hf_config)
-    if expected != module.config:
-        diff = {k: (v, getattr(module.config, k)) for k, v in asdict(expected).items()
-                if getattr(module.config, k) != v}
+    diff = {k: (v, getattr(module.config, k)) for k, v in asdict(expected).items()
+            if k not in _TRAINING_FIELDS and getattr(module.config, k) != v}
+    if diff:
         raise ConversionError(f"the module's config differs from {hf_dir}'s (field: (checkpoint, module)): {diff}")
     load_consolidated(module, arch, module.config, Converted(arch.rules(expected), SafetensorsDir(hf_dir),
                                                              arch.ignored_hf))
