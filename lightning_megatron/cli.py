@@ -16,6 +16,10 @@ from lightning.pytorch.cli import LightningCLI
 import lightning_megatron  # noqa: F401  (registers the "megatron" strategy)
 
 TOOLS: dict[str, str] = {
+    "preprocess": "lightning_megatron.data.preprocess:main",
+    "generate": "lightning_megatron.generation.cli:main",
+    "serve": "lightning_megatron.serve.cli:main",
+    "evaluate": "lightning_megatron.generation.evaluate:main",
     "convert": "lightning_megatron.convert.command:main",
 }
 """Tool subcommands: name -> ``"module:function"``; the function takes the remaining arguments."""

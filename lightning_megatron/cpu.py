@@ -7,10 +7,14 @@ in ``setup_environment`` and leaves it in ``teardown``; GPU runs never touch it.
 1. The model-parallel RNG tracker is replaced by :class:`CPURNGStatesTracker` (states of the CPU generator), and
    ``tensor_parallel.random._get_cuda_rng_state``/``_set_cuda_rng_state`` read and write the CPU generator, which
    is the one dropout and activation recomputation use on the CPU.
-2. ``torch.cuda.current_device`` returns 0 and ``torch.cuda.synchronize`` does nothing.
+2. ``torch.cuda.current_device`` returns the CPU device and ``torch.cuda.synchronize`` does nothing.
 3. A ``TorchFunctionMode`` (:class:`_CudaToCpu`) rewrites ``device="cuda"`` / ``device=<int>`` arguments,
    ``Tensor.cuda()`` and ``Tensor.to("cuda")`` to the CPU, and answers ``Tensor.type()`` with the CUDA type name
    (megatron's optimizers accept only ``torch.cuda.*Tensor`` parameters).
+4. Function modes do not reach code that autograd runs during backward (the mode is suspended while it dispatches
+   ``backward``), so the one hard-coded ``device="cuda"`` on that path - the causal mask that activation
+   recomputation rebuilds, ``fused_softmax.get_default_causal_mask`` - is replaced by a CPU one. Backward-time
+   buffers sized with ``torch.cuda.current_device()`` are covered by item 2.
 
 Sequence parallelism on the local layer spec and checkpoint sharding need no emulation: the layer specs in
 :mod:`lightning_megatron.models.layers` and :mod:`lightning_megatron.checkpoint` handle them for CPU and GPU alike.
@@ -19,6 +23,7 @@ Sequence parallelism on the local layer spec and checkpoint sharding need no emu
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator
 
 import torch
@@ -95,6 +100,11 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@functools.lru_cache(maxsize=32)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
 class CPUEmulation:
     """Enter to let megatron-core run on the CPU; leave to restore everything it changed."""
 
@@ -119,8 +129,13 @@ class CPUEmulation:
         self._set(mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
         self._set(mcore_random, "_get_cuda_rng_state", lambda *_, **__: torch.get_rng_state())
         self._set(mcore_random, "_set_cuda_rng_state", lambda state, *_, **__: torch.set_rng_state(state))
-        self._set(torch.cuda, "current_device", lambda: 0)
+        # A device object rather than an index: autograd runs backward outside the function mode, where an
+        # index would still mean a CUDA device.
+        self._set(torch.cuda, "current_device", lambda: torch.device("cpu"))
         self._set(torch.cuda, "synchronize", lambda *_, **__: None)
+        from megatron.core.fusions import fused_softmax
+
+        self._set(fused_softmax, "get_default_causal_mask", _cpu_causal_mask)
         self._mode = _CudaToCpu()
         self._mode.__enter__()
         return self

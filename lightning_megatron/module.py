@@ -96,6 +96,18 @@ class MegatronModule(pl.LightningModule, ABC):
             self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True, batch_size=size)
         return result.loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log the global gradient norm megatron's optimizer computed, and fp16's loss scale and skipped steps."""
+        precision = getattr(self.trainer.strategy, "precision_plugin", None)
+        if precision is None or not hasattr(precision, "last_grad_norm"):
+            return
+        if precision.last_grad_norm is not None:
+            self.log("grad_norm", precision.last_grad_norm, batch_size=1)
+        if precision.precision == "16-mixed":
+            optimizer = self.trainer.strategy.optimizers[0]
+            self.log("loss_scale", float(optimizer.get_loss_scale()), batch_size=1)
+            self.log("skipped_steps", float(precision.skipped_steps), prog_bar=True, batch_size=1)
+
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Loss without backward; logs ``val_loss`` (per-token mean over the batch) and ``val_ppl``."""
         return self._log_eval(batch, "val")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -33,8 +33,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from lightning_megatron import parallel
+from lightning_megatron.backends import use_foreach_multi_tensor_kernels
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
@@ -48,7 +50,9 @@ class MegatronStrategy(ParallelStrategy):
 
     Data parallelism is the world size divided by tensor x pipeline x context parallelism. Each data-parallel rank's
     batch is split into microbatches of ``micro_batch_size`` samples (taken from the datamodule when unset), which
-    megatron's schedule runs as gradient accumulation.
+    megatron's schedule runs as gradient accumulation. ``recompute_granularity="selective"`` recomputes core
+    attention in backward; ``"full"`` recomputes whole layers (``recompute_method`` uniform or block, over
+    ``recompute_num_layers``). See docs/parallelism.md for every knob and what it costs.
     """
 
     strategy_name = "megatron"
@@ -64,6 +68,9 @@ class MegatronStrategy(ParallelStrategy):
         use_distributed_optimizer: bool = False,
         overlap_grad_reduce: bool = False,
         overlap_param_gather: bool = False,
+        recompute_granularity: Literal["selective", "full"] | None = None,
+        recompute_method: Literal["uniform", "block"] | None = None,
+        recompute_num_layers: int | None = None,
         seed: int | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -91,6 +98,15 @@ class MegatronStrategy(ParallelStrategy):
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
         self.overlap_param_gather = overlap_param_gather
+        if recompute_granularity == "full" and (recompute_method is None or recompute_num_layers is None):
+            raise ValueError(
+                "recompute_granularity='full' needs recompute_method ('uniform' or 'block') and recompute_num_layers"
+            )
+        self.recompute = {
+            "recompute_granularity": recompute_granularity,
+            "recompute_method": recompute_method if recompute_granularity == "full" else None,
+            "recompute_num_layers": recompute_num_layers if recompute_granularity == "full" else None,
+        }
         self.seed = seed
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
@@ -165,6 +181,7 @@ class MegatronStrategy(ParallelStrategy):
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, backend, **kwargs)
         parallel.initialize(self.parallel_config, self._seed())
+        use_foreach_multi_tensor_kernels()
 
     def _set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -208,13 +225,16 @@ class MegatronStrategy(ParallelStrategy):
         if self.micro_batch_size is None:
             self.micro_batch_size = getattr(datamodule, "micro_batch_size", None)
         global_batch = getattr(datamodule, "global_batch_size", None)
-        if global_batch is not None:
-            per_step = (self.micro_batch_size or 1) * self.data_parallel_size
-            if global_batch % per_step:
+        schedule = getattr(datamodule, "batch_sizes", None)
+        sizes = schedule.sizes() if schedule is not None else [global_batch] if global_batch is not None else []
+        per_step = (self.micro_batch_size or 1) * self.data_parallel_size
+        for size in sizes:
+            if size % per_step:
+                name = "global_batch_size" if size == global_batch else "a ramp-up global batch size"
                 raise LayoutError(
-                    f"global_batch_size={global_batch} is not divisible by micro_batch_size "
-                    f"({self.micro_batch_size or 1}) x data parallel size ({self.data_parallel_size}) = {per_step}; "
-                    f"choose a global batch that is a multiple of {per_step}"
+                    f"{name}={size} is not divisible by micro_batch_size ({self.micro_batch_size or 1}) x data "
+                    f"parallel size ({self.data_parallel_size}) = {per_step}; choose batch sizes that are "
+                    f"multiples of {per_step}"
                 )
 
     def transformer_fields(self) -> dict[str, Any]:
@@ -222,7 +242,16 @@ class MegatronStrategy(ParallelStrategy):
         return {
             **self.parallel_config.transformer_fields(),
             **self.precision_plugin.transformer_fields(),
+            **self.recompute,
             "calculate_per_token_loss": True,
+            # gloo matches point-to-point messages between two ranks in posting order, so megatron's batched
+            # send/recv (all four directions at once) pairs a gradient with an activation when PP=2 interleaves;
+            # its unbatched path orders sends and receives by rank parity instead.
+            "batch_p2p_comm": self.root_device.type == "cuda",
+            # megatron-core's fused kernels (bias+GeLU/SwiGLU, bias+dropout+add, vocab-parallel cross entropy) are
+            # torch.compile/JIT fusions that pay off on GPUs only.
+            **dict.fromkeys(("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion"),
+                            self.root_device.type == "cuda"),
         }
 
     # ------------------------------------------------------------------ model and optimizer
@@ -290,15 +319,22 @@ class MegatronStrategy(ParallelStrategy):
     def run_step(self, module: MegatronModule, batch: Mapping[str, Any], forward_only: bool) -> StepResult:
         """Run megatron's forward(-backward) schedule over the microbatches of this rank's batch."""
         assert module.chunks is not None
+        seq_length = module.sequence_length(batch)
+        cp_size = self.parallel_config.context_parallel_size
+        if cp_size > 1:
+            if seq_length % (2 * cp_size):
+                raise ValueError(
+                    f"sequence length {seq_length} does not split into 2 x context_parallel_size = {2 * cp_size} "
+                    f"equal chunks; choose a seq_length that is a multiple of {2 * cp_size}"
+                )
+            batch = get_batch_on_this_cp_rank(dict(batch))
         micro_batch_size = self.micro_batch_size or batch_size_of(batch)
         microbatches = split_microbatches(batch, micro_batch_size)
         if not forward_only:
             for chunk in module.chunks:
                 chunk.zero_grad_buffer()
             self.optimizers[0].zero_grad()
-        return run_schedule(
-            module.forward_step, module.chunks, microbatches, module.sequence_length(batch), forward_only
-        )
+        return run_schedule(module.forward_step, module.chunks, microbatches, seq_length, forward_only)
 
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
         """Reduce a tensor over all ranks (used by ``self.log(..., sync_dist=True)``)."""

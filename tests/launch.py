@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     """The environment for child processes: this checkout first on the path, one thread per process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -29,7 +29,7 @@ def torchrun(script: str | Path, nproc: int, *args: Any, timeout: float = 300, e
     path = Path(script) if Path(script).is_absolute() else SCRIPTS / script
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(_free_port()), str(path), *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or test_env(), cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or child_env(), cwd=REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-6000:]}")
@@ -40,7 +40,7 @@ def run_python(script: str | Path, *args: Any, timeout: float = 300, check: bool
     """Run a script in one plain Python process (for single-process references and CLIs)."""
     path = Path(script) if Path(script).is_absolute() else SCRIPTS / script
     command = [sys.executable, str(path), *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=test_env(), cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=REPO)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-6000:]}")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_megatron.data.corpus import BUNDLED_CORPUS, read_texts
-from lightning_megatron.data.sampler import GlobalBatchSampler
+from lightning_megatron.data.sampler import GlobalBatchSampler, GlobalBatchSizes
 from lightning_megatron.data.tokenizer import Tokenizer, cache_dir, load_tokenizer
 
 
@@ -45,7 +45,10 @@ class TokenWindows(Dataset):
 class MegatronDataModule(pl.LightningDataModule):
     """Base datamodule: builds loaders whose batches are this data-parallel rank's share of each global batch."""
 
-    def __init__(self, global_batch_size: int, micro_batch_size: int, seed: int = 1234, num_workers: int = 0) -> None:
+    shuffle_train = True  # subclasses whose datasets are already shuffled (megatron-core's) turn this off
+
+    def __init__(self, global_batch_size: int, micro_batch_size: int, seed: int = 1234, num_workers: int = 0,
+                 rampup_batch_size: list[int] | None = None) -> None:
         super().__init__()
         if global_batch_size % micro_batch_size:
             raise ValueError(
@@ -53,6 +56,8 @@ class MegatronDataModule(pl.LightningDataModule):
             )
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
+        self.batch_sizes = GlobalBatchSizes(global_batch_size, rampup_batch_size)
+        """The global batch size at each point of training (ramp-up included); the strategy validates every one."""
         self.seed = seed
         self.num_workers = num_workers
         self.train_dataset: Dataset | None = None
@@ -66,18 +71,27 @@ class MegatronDataModule(pl.LightningDataModule):
         return kwargs["rank"], kwargs["num_replicas"]
 
     def _consumed_samples(self) -> int:
-        return self.trainer.global_step * self.global_batch_size if self.trainer is not None else 0
+        return self.batch_sizes.consumed_after(self.trainer.global_step) if self.trainer is not None else 0
+
+    def data_description(self) -> str:
+        """Names the data in error messages (its files, its split)."""
+        return type(self).__name__
 
     def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None or len(dataset) == 0:
-            raise ValueError(f"the {split} split is empty; add data or change the split")
+            raise ValueError(f"the {split} split of {self.data_description()} is empty; add data or change the split")
+        if len(dataset) < self.global_batch_size:
+            raise ValueError(
+                f"the {split} split of {self.data_description()} holds {len(dataset)} samples, fewer than one global "
+                f"batch of {self.global_batch_size}; add data, change the split or use a smaller global_batch_size"
+            )
         rank, size = self._data_parallel()
         sampler = GlobalBatchSampler(
             len(dataset),
-            self.global_batch_size,
+            self.batch_sizes if train else self.global_batch_size,
             dp_rank=rank,
             dp_size=size,
-            shuffle=train,
+            shuffle=train and self.shuffle_train,
             seed=self.seed,
             consumed_samples=self._consumed_samples if train else (lambda: 0),
         )
@@ -111,8 +125,10 @@ class TextDataModule(MegatronDataModule):
         val_fraction: float = 0.05,
         seed: int = 1234,
         num_workers: int = 0,
+        rampup_batch_size: list[int] | None = None,
     ) -> None:
-        super().__init__(global_batch_size, micro_batch_size, seed=seed, num_workers=num_workers)
+        super().__init__(global_batch_size, micro_batch_size, seed=seed, num_workers=num_workers,
+                         rampup_batch_size=rampup_batch_size)
         self.path = Path(path) if path else BUNDLED_CORPUS
         self.tokenizer_spec = tokenizer
         self.json_key = json_key
@@ -128,6 +144,9 @@ class TextDataModule(MegatronDataModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_spec)
         return self._tokenizer
+
+    def data_description(self) -> str:
+        return f"{self.path} (val_fraction={self.val_fraction})"
 
     def prepare_data(self) -> None:
         self._encoded()

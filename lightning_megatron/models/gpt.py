@@ -44,6 +44,8 @@ class GPTConfig:
     """``gelu_tanh`` is GPT-2's tanh approximation (HF ``gelu_new``), needed for exact parity with GPT-2 weights."""
     add_bias_linear: bool = True
     qk_layernorm: bool = False
+    attention: Literal["sdpa", "local"] = "sdpa"
+    """Core attention: PyTorch SDPA (fused kernels, context parallel) or megatron-core's local one."""
     tie_embeddings: bool = True
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -173,7 +175,10 @@ class GPT(MegatronModule):
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
         )
-        return TransformerConfig(**{**base, **fields})
+        merged = {**base, **fields}
+        if not (swiglu or c.add_bias_linear):
+            merged["bias_activation_fusion"] = False  # megatron fuses GeLU only together with a bias
+        return TransformerConfig(**merged)
 
     def build_stage(
         self, config: TransformerConfig, pre_process: bool, post_process: bool, vp_stage: int | None
@@ -181,7 +186,7 @@ class GPT(MegatronModule):
         c = self.config
         model = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_block_spec(config, vp_stage, qk_layernorm=c.qk_layernorm),
+            transformer_layer_spec=gpt_block_spec(config, vp_stage, qk_layernorm=c.qk_layernorm, attention=c.attention),
             vocab_size=c.padded_vocab_size(config.tensor_model_parallel_size),
             max_sequence_length=c.seq_length,
             pre_process=pre_process,
@@ -231,3 +236,20 @@ class GPT(MegatronModule):
 
     def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
         return self.optim
+
+    def generate(self, prompts: Any, params: Any = None, tokenizer: Any = None, **kwargs: Any) -> list[Any]:
+        """Generate from text prompts or token ids on every rank of the replica (see lightning_megatron.generation).
+
+        The tokenizer defaults to the attached datamodule's. Returns one GenerationOutput per prompt.
+        """
+        from lightning_megatron.generation import generate
+
+        if tokenizer is None and self._trainer is not None:
+            tokenizer = getattr(self._trainer.datamodule, "tokenizer", None)
+        return generate(self, prompts, params, tokenizer=tokenizer, **kwargs)
+
+    def predict_step(self, batch: Any, batch_idx: int = 0) -> list[dict[str, Any]]:
+        """Complete a batch of a PromptsDataModule: one jsonl-ready record per prompt."""
+        from lightning_megatron.generation.predict import predict_step
+
+        return predict_step(self, batch)

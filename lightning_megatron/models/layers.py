@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import math
 import re
+from typing import Literal
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -22,6 +23,8 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from lightning_megatron.models.attention import SDPAttention
 
 
 class Norm:
@@ -44,24 +47,38 @@ class Norm:
         return norm
 
 
-def gpt_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
-    """megatron-core's local GPT layer spec with :class:`Norm` in place of its norms."""
+AttentionBackend = Literal["sdpa", "local"]
+"""``sdpa``: :class:`~lightning_megatron.models.attention.SDPAttention` (fused kernels, context parallel);
+``local``: megatron-core's ``DotProductAttention`` (explicit softmax, no context parallelism)."""
+
+
+def gpt_layer_spec(qk_layernorm: bool = False, attention: AttentionBackend = "sdpa") -> ModuleSpec:
+    """megatron-core's local GPT layer spec with :class:`Norm` in place of its norms and a choice of core attention."""
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm)
-    attention = spec.submodules.self_attention
+    self_attention = spec.submodules.self_attention
+    replaced: dict = {}
     if qk_layernorm:
-        attention = dataclasses.replace(
-            attention,
-            submodules=dataclasses.replace(attention.submodules, q_layernorm=Norm, k_layernorm=Norm),
-        )
+        replaced.update(q_layernorm=Norm, k_layernorm=Norm)
+    if attention == "sdpa":
+        replaced["core_attention"] = SDPAttention
+    elif attention != "local":
+        raise ValueError(f"attention={attention!r} is not one of 'sdpa', 'local'")
+    self_attention = dataclasses.replace(
+        self_attention, submodules=dataclasses.replace(self_attention.submodules, **replaced)
+    )
     submodules = dataclasses.replace(
-        spec.submodules, input_layernorm=Norm, pre_mlp_layernorm=Norm, self_attention=attention
+        spec.submodules, input_layernorm=Norm, pre_mlp_layernorm=Norm, self_attention=self_attention
     )
     return dataclasses.replace(spec, submodules=submodules)
 
 
-def gpt_block_spec(config: TransformerConfig, vp_stage: int | None, qk_layernorm: bool = False) -> TransformerBlockSubmodules:
+def gpt_block_spec(
+    config: TransformerConfig, vp_stage: int | None, qk_layernorm: bool = False, attention: AttentionBackend = "sdpa"
+) -> TransformerBlockSubmodules:
     """The decoder block of one pipeline stage (or virtual stage): its layers and a final :class:`Norm`."""
-    layer = gpt_layer_spec(qk_layernorm)
+    if attention == "local" and config.context_parallel_size > 1:
+        raise ValueError("context parallelism needs attention='sdpa' (megatron-core's local attention refuses it)")
+    layer = gpt_layer_spec(qk_layernorm, attention)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=Norm
     )

@@ -12,6 +12,7 @@ import torch
 
 import lightning_megatron as lm
 from lightning_megatron.data import TextDataModule
+from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
 from lightning_megatron.models.bert import Bert, BertConfig, MaskedLMDataModule
 from lightning_megatron.models.t5 import T5, SpanCorruptionDataModule, T5Config
 
@@ -22,6 +23,21 @@ class RecordLosses(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+
+class RecordSamples(L.Callback):
+    """Writes the samples each rank trained on (their token ids) to <dir>/rank<N>.json."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.steps: list[list[list[int]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(batch["tokens"].tolist())
+
+    def on_train_end(self, trainer, pl_module):
+        with open(f"{self.directory}/rank{trainer.global_rank}.json", "w") as handle:
+            json.dump(self.steps, handle)
 
 
 def main() -> None:
@@ -39,15 +55,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--rampup", type=int, nargs=3, default=None, help="start increment samples")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "bert", "t5"])
+    parser.add_argument("--data-prefix", default=None, help="an indexed dataset (else the bundled corpus)")
+    parser.add_argument("--record-samples", default=None, help="a directory for each rank's trained samples")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
+    if args.data_prefix:
+        data = MegatronGPTDataModule(args.data_prefix, split="98,2,0", seq_length=args.seq,
+                                     global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
+    else:
+        data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch,
+                              micro_batch_size=args.micro_batch, rampup_batch_size=args.rampup)
     shape = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, seq_length=args.seq)
     optim = lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.steps)
     if args.arch == "bert":
@@ -74,13 +98,17 @@ def main() -> None:
         context_parallel_size=args.cp,
         sequence_parallel=args.sp,
         use_distributed_optimizer=args.dist_opt,
+        recompute_granularity=args.recompute,
+        recompute_method="uniform" if args.recompute == "full" else None,
+        recompute_num_layers=1 if args.recompute == "full" else None,
     )
     record = RecordLosses()
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
         devices=args.devices,
-        precision=args.precision,
+        # Lightning turns precision="16-mixed" into bf16 on the CPU; the plugin keeps fp16 and its loss scaler.
+        plugins=[lm.MegatronPrecision(args.precision, initial_loss_scale=2.0**10)],
         max_steps=args.steps,
         limit_val_batches=2,
         val_check_interval=args.steps,
@@ -88,12 +116,14 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
-        callbacks=[record],
+        callbacks=[record] + ([RecordSamples(args.record_samples)] if args.record_samples else []),
     )
     trainer.fit(model, datamodule=data)
     if trainer.is_global_zero:
         with open(args.out, "w") as handle:
-            json.dump({"losses": record.losses, "val_loss": float(trainer.callback_metrics["val_loss"]),
+            metrics = trainer.callback_metrics
+            json.dump({"losses": record.losses, "val_loss": float(metrics["val_loss"]),
+                       "skipped_steps": float(metrics.get("skipped_steps", 0.0)),
                        "world_size": trainer.world_size}, handle)
 
 

@@ -1,0 +1,70 @@
+"""Profile training steps of Trainer(strategy="megatron") with torch.profiler; prints where the time goes.
+
+python benchmarks/profile_step.py --preset gpt2_124m   (GPU)
+Prints the top operators by device time and by host time, and the step's wall time against busy GPU time
+(the gap is host overhead: Python, syncs, launches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+import lightning_megatron as lm
+from train_throughput import RandomData
+
+
+class Profile(L.Callback):
+    def __init__(self, skip: int, active: int) -> None:
+        self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                schedule=schedule(wait=skip, warmup=1, active=active, repeat=1))
+        self.walls: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.profiler.__enter__()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.synchronize()
+        self.walls.append(time.perf_counter() - self._start)
+        self.profiler.step()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.profiler.__exit__(None, None, None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="gpt2_124m")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    config = getattr(lm.GPTConfig, args.preset)(seq_length=args.seq)
+    skip, active = 6, 3
+    steps = skip + 1 + active + 1
+    prof = Profile(skip, active)
+    trainer = L.Trainer(strategy=lm.MegatronStrategy(), accelerator="gpu", devices=1, precision="bf16-mixed",
+                        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[prof], limit_val_batches=0)
+    trainer.fit(lm.GPT(config), datamodule=RandomData(config.vocab_size, args.seq, args.global_batch,
+                                                      args.micro_batch, steps))
+    events = prof.profiler.key_averages()
+    device_total = sum(e.self_device_time_total for e in events) / active / 1e3
+    wall = sorted(prof.walls[skip:])[len(prof.walls[skip:]) // 2] * 1e3
+    print(f"# {torch.cuda.get_device_name()}: median step {wall:.1f} ms wall, {device_total:.1f} ms of GPU kernels "
+          f"per step ({device_total / wall:.0%} busy)")
+    print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

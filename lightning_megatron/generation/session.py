@@ -1,0 +1,130 @@
+"""Load a trained GPT under a parallel layout and run inference code on every rank: the tools' common entry.
+
+The Trainer does what it does for training - launches the processes, creates the process groups, builds this rank's
+chunks, restores ``--ckpt`` through the strategy - by running ``trainer.predict`` on one warm-up prompt; then the
+inference function runs on every rank with the loaded model (it must call collectives on all ranks alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+import torch
+import yaml
+
+from lightning_megatron.data.tokenizer import Tokenizer
+from lightning_megatron.generation.params import SamplingParams
+from lightning_megatron.generation.predict import PromptsDataModule
+from lightning_megatron.models.gpt import GPT, GPTConfig
+from lightning_megatron.parallel import unwrap
+from lightning_megatron.strategy import MegatronStrategy
+
+InferenceFn = Callable[[GPT, Tokenizer], Any]
+"""Runs on every rank with the loaded model and the tokenizer; its value on global rank 0 is returned."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every inference tool takes: where the model comes from and how it is split."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--ckpt", help="checkpoint to load (a Lightning .ckpt, or what the strategy's load accepts); "
+                                      "without it the model keeps its initial weights (smoke tests, benchmarks)")
+    group.add_argument("--config", help="training recipe (YAML) naming the model config and the tokenizer; "
+                                        "needed when the checkpoint does not carry the config")
+    group.add_argument("--tokenizer", help="tokenizer.json or HF tokenizer dir (default: the recipe's, else bundled)")
+    group.add_argument("--devices", type=int, default=1, help="processes (tensor x pipeline parallel)")
+    group.add_argument("--tp", type=int, default=1, help="tensor_model_parallel_size")
+    group.add_argument("--pp", type=int, default=1, help="pipeline_model_parallel_size")
+    group.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
+    group.add_argument("--precision", default="32-true", help="the precision the checkpoint was trained with")
+
+
+def model_config(ckpt: str | None, config: str | None) -> tuple[GPTConfig, str | None]:
+    """The GPT architecture (from the recipe, else the checkpoint's hyper-parameters) and the recipe's tokenizer."""
+    if config:
+        recipe = yaml.safe_load(Path(config).read_text()) or {}
+        model = (recipe.get("model") or {}).get("init_args", {})
+        data = (recipe.get("data") or {}).get("init_args", {})
+        if "config" not in model:
+            raise ValueError(f"{config} has no model.init_args.config; pass a training recipe such as "
+                             f"recipes/gpt-tiny.yaml")
+        return GPTConfig(**model["config"]), data.get("tokenizer")
+    if ckpt and Path(ckpt).is_file():
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        hparams = checkpoint.get("hyper_parameters", {})
+        if "config" in hparams:
+            return GPTConfig(**hparams["config"]), None
+    raise ValueError("cannot tell the model's architecture: pass --config <training recipe.yaml> "
+                     "(the checkpoint carries no GPT hyper-parameters)")
+
+
+def load_weights(model: GPT, path: str) -> None:
+    """Load a Lightning ``.ckpt``'s model weights into this rank's chunks.
+
+    megatron's DDP saves its module's keys without its own prefix, which ``LightningModule.load_state_dict`` does
+    not undo, so each chunk loads its share itself. The checkpoint must come from the same TP/PP layout.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    for index, chunk in enumerate(model.chunks):
+        prefix = f"chunks.{index}."
+        weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        try:
+            unwrap(chunk).load_state_dict(weights, strict=True)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"{path} does not fit this rank's model chunk {index}: load it with the parallel layout it was "
+                f"trained with (--tp/--pp), or convert it to a sharded checkpoint\n{error}"
+            ) from None
+
+
+class _RunAfterWarmup(pl.Callback):
+    def __init__(self, fn: InferenceFn, weights: str | None) -> None:
+        self.fn = fn
+        self.weights = weights
+        self.result: Any = None
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.weights is not None:
+            load_weights(pl_module, self.weights)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.result = self.fn(pl_module, trainer.datamodule.tokenizer)
+
+
+def run_inference(args: argparse.Namespace, fn: InferenceFn) -> Any:
+    """Load the model described by :func:`add_model_arguments`'s ``args`` and run ``fn`` on every rank."""
+    config, recipe_tokenizer = model_config(args.ckpt, args.config)
+    return run_with_model(config, fn, ckpt=args.ckpt, tokenizer=args.tokenizer or recipe_tokenizer,
+                          devices=args.devices, tp=args.tp, pp=args.pp, accelerator=args.accelerator,
+                          precision=args.precision)
+
+
+def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, tokenizer: str | None = None,
+                   devices: int = 1, tp: int = 1, pp: int = 1, accelerator: str = "auto",
+                   precision: str = "32-true") -> Any:
+    """Build a GPT of ``config`` under TP x PP (weights from ``ckpt`` if given) and run ``fn`` on every rank.
+
+    Returns ``fn``'s value on global rank 0 (``None`` elsewhere).
+    """
+    if ckpt and not Path(ckpt).exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    if ckpt and Path(ckpt).is_file() and tp * pp > 1:
+        raise ValueError(f"{ckpt} is a Lightning .ckpt, which holds the weights of one process only; load it "
+                         f"with --tp 1 --pp 1, or save a sharded checkpoint to generate under TP/PP")
+    if not ckpt:
+        rank_zero_warn("no --ckpt given: the model has its initial (untrained) weights")
+    model = GPT(config)
+    data = PromptsDataModule(prompts=["Hello"], tokenizer=tokenizer, params=SamplingParams(max_new_tokens=1))
+    # A Lightning .ckpt file is loaded here; anything else (a sharded checkpoint directory) by the strategy.
+    lightning_file = bool(ckpt) and Path(ckpt).is_file()
+    run = _RunAfterWarmup(fn, ckpt if lightning_file else None)
+    trainer = pl.Trainer(
+        strategy=MegatronStrategy(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
+        accelerator=accelerator, devices=devices, precision=precision, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[run],
+    )
+    trainer.predict(model, datamodule=data, ckpt_path=None if lightning_file else ckpt, return_predictions=False)
+    return run.result if trainer.is_global_zero else None

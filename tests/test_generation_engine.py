@@ -1,0 +1,200 @@
+"""Generation in one process: cache vs recompute, batching, continuous batching, sampling controls, beams, streams."""
+
+import pytest
+import torch
+
+from generation_helpers import cpu_process, ensure_parallel_state, tiny_gpt
+from lightning_megatron.data import load_tokenizer
+from lightning_megatron.generation import SamplingParams, TextStreamer, build_engine, generate
+
+PROMPTS = ["In the beginning God created", "And", "Blessed are the meek: for they shall"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def models():
+    with cpu_process():
+        yield {"gpt2": tiny_gpt("gpt2"), "llama": tiny_gpt("llama"), "gpt2-local": tiny_gpt("gpt2", attention="local")}
+
+
+@pytest.fixture
+def gpt(models):
+    ensure_parallel_state()
+    return models["gpt2"]
+
+
+def tokens_of(outputs):
+    return [o.tokens for o in outputs]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt2-local"])
+def test_kv_cache_decoding_equals_recompute(models, tokenizer, arch):
+    ensure_parallel_state()
+    params = SamplingParams(max_new_tokens=16, logprobs=True, ignore_eos=True)
+    cached = generate(models[arch], PROMPTS, params, tokenizer=tokenizer)
+    recomputed = generate(models[arch], PROMPTS, params, tokenizer=tokenizer, use_cache=False)
+    assert tokens_of(cached) == tokens_of(recomputed)
+    assert len({t for o in cached for t in o.tokens}) > 8, "degenerate model: the comparison would prove little"
+    for a, b in zip(cached, recomputed):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert a.cumulative_logprob == pytest.approx(sum(a.logprobs), abs=1e-4)
+
+
+def test_mixed_lengths_in_one_batch_equal_each_alone(gpt, tokenizer):
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    together = generate(gpt, PROMPTS, params, tokenizer=tokenizer)
+    alone = [generate(gpt, p, params, tokenizer=tokenizer)[0] for p in PROMPTS]
+    assert tokens_of(together) == tokens_of(alone)
+    assert [o.text for o in together] == [tokenizer.decode(o.tokens) for o in together]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt2-local"])
+def test_continuous_batching_requests_join_and_leave(models, tokenizer, arch):
+    ensure_parallel_state()
+    gpt = models[arch]
+    short = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    long = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    engine = build_engine(gpt, tokenizer, max_batch_size=2)
+    with engine.runner.inference_mode():
+        first = engine.submit(PROMPTS[0], long)
+        second = engine.submit(PROMPTS[2], short)
+        third = engine.submit(PROMPTS[1], long)  # waits for a free slot, joins while `first` still runs
+        joined_while_running = False
+        while engine.busy:
+            engine.step()
+            running = {r.id for r in engine.active}
+            joined_while_running |= {first, third} <= running
+    assert joined_while_running
+    results = {i: engine.finished.pop(i).tokens for i in (first, second, third)}
+    for request_id, prompt, params in ((first, PROMPTS[0], long), (second, PROMPTS[2], short),
+                                       (third, PROMPTS[1], long)):
+        assert results[request_id] == generate(gpt, prompt, params, tokenizer=tokenizer)[0].tokens
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(gpt, tokenizer):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=100, top_p=0.95, seed=11, ignore_eos=True)
+    once = generate(gpt, PROMPTS[0], params, tokenizer=tokenizer)[0].tokens
+    again = generate(gpt, PROMPTS[0], params, tokenizer=tokenizer)[0].tokens
+    in_batch = generate(gpt, PROMPTS, [params.replace(seed=5), params, params.replace(seed=6)],
+                        tokenizer=tokenizer)[1].tokens
+    other_seed = generate(gpt, PROMPTS[0], params.replace(seed=12), tokenizer=tokenizer)[0].tokens
+    assert once == again
+    assert generate(gpt, PROMPTS[1], params, tokenizer=tokenizer)[0].tokens == in_batch
+    assert once != other_seed
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(gpt, tokenizer):
+    greedy = generate(gpt, PROMPTS[0], SamplingParams(max_new_tokens=8, ignore_eos=True), tokenizer=tokenizer)
+    for params in (SamplingParams(max_new_tokens=8, temperature=1.0, top_k=1, ignore_eos=True, seed=1),
+                   SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-6, ignore_eos=True, seed=1),
+                   SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, top_p_decay=0.01, top_p_min=1e-6,
+                                  ignore_eos=True, seed=1)):
+        sampled = generate(gpt, PROMPTS[0], params, tokenizer=tokenizer)
+        if params.top_p_decay < 1.0:  # only the first token is sampled from a wide nucleus
+            assert sampled[0].tokens[1:] == generate(
+                gpt, tokenizer.encode(PROMPTS[0]) + sampled[0].tokens[:1],
+                SamplingParams(max_new_tokens=7, ignore_eos=True))[0].tokens
+        else:
+            assert sampled[0].tokens == greedy[0].tokens
+
+
+def test_stop_strings_and_stop_tokens(gpt, tokenizer):
+    free = generate(gpt, PROMPTS[0], SamplingParams(max_new_tokens=16, ignore_eos=True), tokenizer=tokenizer)[0]
+    stop = free.text[len(free.text) // 2: len(free.text) // 2 + 3]
+    stopped = generate(gpt, PROMPTS[0], SamplingParams(max_new_tokens=16, stop=[stop], ignore_eos=True),
+                       tokenizer=tokenizer)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[: free.text.find(stop)]
+    assert stopped.tokens == free.tokens[: len(stopped.tokens)] and len(stopped.tokens) < len(free.tokens)
+
+    token = free.tokens[4]
+    by_token = generate(gpt, PROMPTS[0], SamplingParams(max_new_tokens=16, stop_token_ids=[token], ignore_eos=True),
+                        tokenizer=tokenizer)[0]
+    assert by_token.tokens == free.tokens[: free.tokens.index(token) + 1]
+    assert by_token.finish_reason == "stop"
+    assert free.finish_reason == "length" and free.length == 16
+
+
+def test_min_tokens_bad_words_and_repetition_penalty(gpt, tokenizer):
+    free = generate(gpt, PROMPTS[0], SamplingParams(max_new_tokens=8, ignore_eos=True), tokenizer=tokenizer)[0]
+    banned = generate(gpt, PROMPTS[0], SamplingParams(max_new_tokens=8, bad_word_ids=[[free.tokens[0]]],
+                                                      ignore_eos=True), tokenizer=tokenizer)[0]
+    assert free.tokens[0] not in banned.tokens
+    ended = generate(gpt, PROMPTS[0], SamplingParams(max_new_tokens=8, stop_token_ids=[free.tokens[0]],
+                                                     min_new_tokens=3, ignore_eos=True), tokenizer=tokenizer)[0]
+    assert free.tokens[0] not in ended.tokens[:3]
+    penalised = generate(gpt, PROMPTS[0], SamplingParams(max_new_tokens=16, repetition_penalty=50.0,
+                                                         ignore_eos=True), tokenizer=tokenizer)[0]
+    prompt = set(tokenizer.encode(PROMPTS[0]))
+    assert len(set(penalised.tokens)) == len(penalised.tokens) and not prompt & set(penalised.tokens)
+
+
+def test_beam_search(gpt, tokenizer):
+    greedy = generate(gpt, PROMPTS, SamplingParams(max_new_tokens=10, ignore_eos=True), tokenizer=tokenizer)
+    beam1 = generate(gpt, PROMPTS, SamplingParams(max_new_tokens=10, beam_width=1, ignore_eos=True),
+                     tokenizer=tokenizer)
+    assert tokens_of(beam1) == tokens_of(greedy)
+    beam4 = SamplingParams(max_new_tokens=6, beam_width=4, length_penalty=0.0, ignore_eos=True)
+    cached = generate(gpt, PROMPTS, beam4, tokenizer=tokenizer)
+    recomputed = generate(gpt, PROMPTS, beam4, tokenizer=tokenizer, use_cache=False)
+    assert tokens_of(cached) == tokens_of(recomputed)
+    # Two steps of width 3 must find the best pair among the 3 likeliest first tokens: check it by brute force.
+    prompt = tokenizer.encode(PROMPTS[0])
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=True)
+    firsts, banned = [], []
+    for _ in range(3):
+        out = generate(gpt, prompt, one.replace(bad_word_ids=[[t] for t in banned]))[0]
+        banned.append(out.tokens[0])
+        # Banning changes nothing but the banned logits, so the chosen token's log probability is the model's.
+        firsts.append((out.tokens[0], out.logprobs[0]))
+    pairs = []
+    for token, logprob in firsts:
+        nxt = generate(gpt, prompt + [token], one)[0]
+        pairs.append((logprob + nxt.logprobs[0], [token, nxt.tokens[0]]))
+    best_score, best_pair = max(pairs)
+    beam = generate(gpt, prompt, SamplingParams(max_new_tokens=2, beam_width=3, length_penalty=0.0,
+                                                ignore_eos=True))[0]
+    assert beam.tokens == best_pair
+    assert beam.cumulative_logprob == pytest.approx(best_score, abs=1e-4)
+    assert cached[0].text == tokenizer.decode(cached[0].tokens)
+
+
+def test_streaming_pieces_add_up_to_the_text(gpt, tokenizer):
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    engine = build_engine(gpt, tokenizer)
+    events = list(engine.stream(PROMPTS[0], params))
+    assert len(events) == 12 and events[-1].finished and not any(e.finished for e in events[:-1])
+    final = generate(gpt, PROMPTS[0], params, tokenizer=tokenizer)[0]
+    assert "".join(e.text for e in events) == final.text
+    printed = []
+    generate(gpt, PROMPTS[0], params, tokenizer=tokenizer, streamer=TextStreamer(on_text=printed.append))
+    assert "".join(printed) == final.text + "\n"
+
+
+def test_invalid_requests_raise_clear_errors(gpt, tokenizer):
+    engine = build_engine(gpt, tokenizer)
+    with pytest.raises(ValueError, match="lower max_new_tokens to 14"):
+        engine.submit(list(range(50)), SamplingParams(max_new_tokens=30))
+    with pytest.raises(ValueError, match="reads at most 63"):
+        engine.submit(list(range(64)), SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(ValueError, match="token ids must lie"):
+        engine.submit([5000], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit("a", SamplingParams(top_p=0.0))
+    with pytest.raises(ValueError, match="beam search"):
+        engine.submit("a", SamplingParams(beam_width=2, stop=["x"]))
+    assert not engine.busy
+
+
+def test_model_generate_method(gpt, tokenizer):
+    out = gpt.generate("In the beginning", SamplingParams(max_new_tokens=5, ignore_eos=True), tokenizer=tokenizer)
+    assert len(out) == 1 and out[0].length == 5 and out[0].prompt_tokens == tokenizer.encode("In the beginning")
+    ids = gpt.generate([tokenizer.encode("And")], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert ids[0].text is None and ids[0].length == 4
+    assert torch.is_grad_enabled() and all(chunk.training for chunk in gpt.chunks)
