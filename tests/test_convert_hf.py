@@ -210,6 +210,19 @@ def test_loss_hook_weights_tokens(hf_dirs, one_rank):
     torch.testing.assert_close(module.collected_logits[0], reference["logits"], atol=1e-4, rtol=0)
 
 
+def test_megatron_dataset_key_names(hf_dirs, one_rank):
+    """Batches keyed as megatron-core's BERT/T5 datasets name them give the same logits."""
+    renames = {"bert-pretraining": {"tokens": "text", "tokentype_ids": "types", "sentence_order": "is_random"},
+               "t5": {"enc_tokens": "text_enc", "dec_tokens": "text_dec"}}
+    for kind, names in renames.items():
+        module = build_module(module_from_hf(hf_dirs[kind]), one_rank)
+        module.chunks.eval()
+        load_hf(module, hf_dirs[kind])
+        inputs = torch.load(hf_dirs[kind] / "reference.pt")["inputs"]
+        renamed = {names.get(key, key): value for key, value in inputs.items()}
+        torch.testing.assert_close(logits_of(module, renamed), logits_of(module, inputs), atol=0, rtol=0)
+
+
 def _rewrite_config(src: Path, dst: Path, **changes) -> Path:
     dst.mkdir()
     for file in src.iterdir():

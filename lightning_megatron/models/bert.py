@@ -6,7 +6,9 @@ embeddings are followed by a LayerNorm, so HF checkpoints convert exactly; megat
 The batch contract: a dict of ``[batch, seq]`` tensors - ``tokens``, ``labels`` (the original token at each
 position), ``loss_mask`` (1.0 at the masked positions that count), ``padding_mask`` (1 for real tokens, 0 for
 padding), optionally ``tokentype_ids``; with ``binary_head`` also ``sentence_order`` (``[batch]``, 1 = swapped).
-:class:`MaskedLMDataModule` builds such batches from a text corpus (the bundled one by default).
+:class:`MaskedLMDataModule` builds such batches from a text corpus (the bundled one by default). megatron-core's
+own key names (``text``, ``types``, ``is_random``, as from ``lightning_megatron.data.MegatronBERTDataModule``) are
+accepted too.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class Bert(MegatronModule):
     def forward_step(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[Any, LossFn]:
         collect = self.collected_logits is not None
         labels = batch["labels"]
-        output = model(batch["tokens"], batch["padding_mask"], tokentype_ids=batch.get("tokentype_ids"),
+        tokentype_ids = batch.get("tokentype_ids", batch.get("types"))
+        output = model(_tokens(batch), batch["padding_mask"], tokentype_ids=tokentype_ids,
                        lm_labels=None if collect else labels)
 
         def loss_fn(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,12 +145,20 @@ class Bert(MegatronModule):
         mask = batch["loss_mask"].float()
         total, count = (token_losses.float() * mask).sum(), mask.sum()
         if binary_logits is not None:
-            order = F.cross_entropy(binary_logits.float(), batch["sentence_order"].long(), reduction="sum")
+            order = batch["sentence_order"] if "sentence_order" in batch else batch["is_random"]
+            order = F.cross_entropy(binary_logits.float(), order.long(), reduction="sum")
             total = total + order * count / binary_logits.shape[0]
         return total, count
 
+    def sequence_length(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return _tokens(batch).shape[1]
+
     def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
         return self.optim
+
+
+def _tokens(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return batch["tokens"] if "tokens" in batch else batch["text"]
 
 
 class MaskedWindows(Dataset):

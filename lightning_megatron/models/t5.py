@@ -7,7 +7,8 @@ pass yet (see docs/models.md); use TP and DP.
 
 The batch contract: ``enc_tokens`` ``[batch, enc_seq]``, ``dec_tokens`` and ``labels`` ``[batch, dec_seq]``,
 ``loss_mask`` ``[batch, dec_seq]``, and optionally ``enc_mask`` ``[batch, enc_seq]`` (1 = real token).
-:class:`SpanCorruptionDataModule` builds such batches from a text corpus.
+:class:`SpanCorruptionDataModule` builds such batches from a text corpus. megatron-core's key names (``text_enc``,
+``text_dec``, as from ``lightning_megatron.data.MegatronT5DataModule``) are accepted too.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class T5(MegatronModule):
         return model
 
     def forward_step(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, LossFn]:
-        enc_tokens, dec_tokens = batch["enc_tokens"], batch["dec_tokens"]
+        enc_tokens = batch["enc_tokens"] if "enc_tokens" in batch else batch["text_enc"]
+        dec_tokens = batch["dec_tokens"] if "dec_tokens" in batch else batch["text_dec"]
         enc_mask = batch.get("enc_mask")
         if enc_mask is None:
             enc_mask = torch.ones_like(enc_tokens)
@@ -148,7 +150,7 @@ class T5(MegatronModule):
         return (token_losses.float() * mask).sum(), mask.sum()
 
     def sequence_length(self, batch: Mapping[str, torch.Tensor]) -> int:
-        return batch["enc_tokens"].shape[1]
+        return (batch["enc_tokens"] if "enc_tokens" in batch else batch["text_enc"]).shape[1]
 
     def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
         return self.optim
