@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -39,7 +40,8 @@ class GPTConfig:
     position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
     rotary_base: int = 10000
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
-    activation: Literal["gelu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """``gelu_tanh`` is GPT-2's tanh approximation (HF ``gelu_new``), needed for exact parity with GPT-2 weights."""
     add_bias_linear: bool = True
     qk_layernorm: bool = False
     attention: Literal["sdpa", "local"] = "sdpa"
@@ -82,11 +84,57 @@ class GPTConfig:
                       **overrides})
 
     @classmethod
+    def gpt2(cls, vocab_size: int = 50257, **overrides: Any) -> "GPTConfig":
+        """Exactly OpenAI GPT-2's architecture (tanh GELU, learned positions, tied embeddings); sizes of GPT-2 small."""
+        return cls(**{**dict(vocab_size=vocab_size, activation="gelu_tanh", seq_length=1024), **overrides})
+
+    @classmethod
     def llama(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":
         """A Llama-style decoder: RoPE, RMSNorm, SwiGLU, no biases, untied embeddings (sizes from ``overrides``)."""
         defaults = dict(vocab_size=vocab_size, position_embedding_type="rope", normalization="RMSNorm",
                         activation="swiglu", add_bias_linear=False, tie_embeddings=False, layernorm_epsilon=1e-6)
         return cls(**{**defaults, **overrides})
+
+    @classmethod
+    def llama_tiny(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":
+        """A 4-layer Llama (hidden 128, 4 heads, 2 key/value groups) for laptops and tests."""
+        return cls.llama(vocab_size, **{**dict(num_layers=4, hidden_size=128, num_attention_heads=4,
+                                               num_query_groups=2, ffn_hidden_size=352, seq_length=128), **overrides})
+
+    @classmethod
+    def llama_3_2_1b(cls, vocab_size: int = 128256, **overrides: Any) -> "GPTConfig":
+        """Llama-3.2-1B's shape: 16 layers, hidden 2048, 32 heads in 8 GQA groups, FFN 8192, tied embeddings.
+
+        Llama 3.2's long-context RoPE frequency scaling is not modelled; positions up to 8192 match it exactly.
+        """
+        return cls.llama(vocab_size, **{**dict(num_layers=16, hidden_size=2048, num_attention_heads=32,
+                                               num_query_groups=8, ffn_hidden_size=8192, seq_length=8192,
+                                               rotary_base=500000, layernorm_epsilon=1e-5, tie_embeddings=True),
+                                        **overrides})
+
+    @classmethod
+    def llama_3_8b(cls, vocab_size: int = 128256, **overrides: Any) -> "GPTConfig":
+        """Llama-3-8B's shape: 32 layers, hidden 4096, 32 heads in 8 GQA groups, FFN 14336, untied embeddings."""
+        return cls.llama(vocab_size, **{**dict(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                                               num_query_groups=8, ffn_hidden_size=14336, seq_length=8192,
+                                               rotary_base=500000, layernorm_epsilon=1e-5), **overrides})
+
+    @classmethod
+    def llama_2_7b(cls, vocab_size: int = 32000, **overrides: Any) -> "GPTConfig":
+        """Llama-2-7B's shape: 32 layers, hidden 4096, 32 heads (multi-head attention), FFN 11008."""
+        return cls.llama(vocab_size, **{**dict(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                                               ffn_hidden_size=11008, seq_length=4096, layernorm_epsilon=1e-5),
+                                        **overrides})
+
+    @classmethod
+    def mqa_tiny(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":
+        """The tiny Llama with multi-query attention: one key/value head shared by all query heads."""
+        return cls.llama_tiny(vocab_size, **{**dict(num_query_groups=1), **overrides})
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, as GPT-2 was trained."""
+    return F.gelu(x, approximate="tanh")
 
 
 class GPT(MegatronModule):
@@ -97,10 +145,13 @@ class GPT(MegatronModule):
         self.config = config
         self.optim = optim or OptimConfig()
         self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
+        self.collected_logits: list[torch.Tensor] | None = None
+        """Set to a list to have :meth:`forward_step` append each microbatch's logits to it (last stage only)."""
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config
         swiglu = c.activation == "swiglu"
+        activation = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "swiglu": F.silu}[c.activation]
         base: dict[str, Any] = dict(
             num_layers=c.num_layers,
             hidden_size=c.hidden_size,
@@ -111,7 +162,7 @@ class GPT(MegatronModule):
             layernorm_epsilon=c.layernorm_epsilon,
             add_bias_linear=c.add_bias_linear,
             gated_linear_unit=swiglu,
-            activation_func=F.silu if swiglu else F.gelu,
+            activation_func=activation,
             hidden_dropout=c.hidden_dropout,
             attention_dropout=c.attention_dropout,
             init_method_std=c.init_method_std,
@@ -149,18 +200,39 @@ class GPT(MegatronModule):
         return model
 
     def forward_step(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, LossFn]:
+        """Run one chunk on a microbatch; the last stage's loss goes through :meth:`loss`.
+
+        While :attr:`collected_logits` is a list, the model returns logits instead of token losses; the loss is
+        then computed from them here (the same cross entropy) and each microbatch's ``[batch, seq, vocab_size]``
+        logits, gathered over tensor parallelism, are appended to the list on the last pipeline stage.
+        """
         tokens = batch["tokens"]
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        token_losses = model(tokens, position_ids, batch.get("attention_mask"), labels=batch["labels"])
-        loss_mask = batch["loss_mask"]
+        collect = self.collected_logits is not None
+        labels = batch["labels"]
+        output = model(tokens, position_ids, batch.get("attention_mask"), labels=None if collect else labels)
 
         def loss_fn(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            mask = loss_mask.reshape(-1).float()
-            return (output.reshape(-1).float() * mask).sum(), mask.sum()
+            token_losses = output
+            if collect:
+                # Gather first: megatron's vocab-parallel cross entropy works in place on the logits it is given.
+                logits = tensor_parallel.gather_from_tensor_model_parallel_region(output.detach())
+                self.collected_logits.append(logits[..., : self.config.vocab_size].clone())
+                token_losses = tensor_parallel.vocab_parallel_cross_entropy(output.float(), labels)
+            return self.loss(token_losses, batch)
 
-        return token_losses, loss_fn
+        return output, loss_fn
+
+    def loss(self, token_losses: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reduce ``[batch, seq]`` per-token losses to ``(loss sum, token count)``; override to weight tokens.
+
+        The strategy divides the sum over the global batch by the count, so returning ``(sum(w * l), sum(w))``
+        trains on the ``w``-weighted mean whatever the parallel layout (see docs/models.md).
+        """
+        mask = batch["loss_mask"].float()
+        return (token_losses.float() * mask).sum(), mask.sum()
 
     def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
         return self.optim

@@ -13,8 +13,13 @@ import re
 from typing import Literal
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.T5.t5_spec import decoder_model_with_local_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -134,3 +139,86 @@ def init_weights(model: torch.nn.Module, config: TransformerConfig, seed: int, t
                 full = full.chunk(tp_size, dim=dim)[tp_rank]
         param.copy_(full.to(param.dtype))
 
+
+
+class PostNormAdd(torch.nn.Module):
+    """A layer spec's bias-dropout-add followed by a :class:`Norm`: the post-LayerNorm residual of BERT/original
+    Transformer layers (``norm(x + sublayer(x))``), which megatron-core's pre-LN layers do not offer."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.norm = Norm(config, config.hidden_size, eps=config.layernorm_epsilon)
+
+    def forward(self, training: bool, fused: bool):
+        add = get_bias_dropout_add(training, fused)
+
+        def add_then_norm(x_with_bias, residual, prob):
+            return self.norm(add(x_with_bias, residual, prob))
+
+        return add_then_norm
+
+
+def post_ln_layer_spec(config: TransformerConfig, attn_mask_type: AttnMaskType = AttnMaskType.padding) -> ModuleSpec:
+    """megatron-core's local layer with no pre-norms and a :class:`PostNormAdd` after attention and after the MLP."""
+    spec = get_gpt_layer_local_spec()
+    attention = dataclasses.replace(spec.submodules.self_attention, params={"attn_mask_type": attn_mask_type})
+    bda = ModuleSpec(module=PostNormAdd, params={"config": config})
+    submodules = dataclasses.replace(
+        spec.submodules, input_layernorm=IdentityOp, pre_mlp_layernorm=IdentityOp, self_attention=attention,
+        self_attn_bda=bda, mlp_bda=bda,
+    )
+    return dataclasses.replace(spec, submodules=submodules)
+
+
+class BiasedAttention(DotProductAttention):
+    """megatron-core's local core attention plus an additive ``attention_bias`` (T5's relative positions).
+
+    megatron-core's local ``DotProductAttention`` rejects attention biases (only Transformer Engine's takes them);
+    this one computes ``softmax(scale * q k^T + bias, masked)`` directly. Masks are True where attention is blocked
+    and broadcast over ``[batch, heads, query, key]``; a causal mask type adds the causal triangle.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise ValueError("packed sequences need Transformer Engine's attention; unset packed_seq_params")
+        scores = torch.einsum("qbnh,kbnh->bnqk", query.float(), key.float()) * self.softmax_scale
+        if attention_bias is not None:
+            scores = scores + attention_bias.float()
+        blocked = attention_mask
+        if (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal:
+            sq, sk = scores.shape[-2:]
+            causal = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).triu(sk - sq + 1)
+            blocked = causal if blocked is None else (blocked | causal)
+        if blocked is not None:
+            scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        if self.training and self.config.attention_dropout > 0:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                probs = self.attention_dropout(probs)
+        context = torch.einsum("bnqk,kbnh->qbnh", probs, value)
+        return context.reshape(context.shape[0], context.shape[1], -1)
+
+
+def t5_block_specs(config: TransformerConfig, encoder_layers: int, decoder_layers: int
+                   ) -> tuple[TransformerBlockSubmodules, TransformerBlockSubmodules]:
+    """Encoder and decoder blocks of a T5: pre-norm :class:`Norm` layers with :class:`BiasedAttention`."""
+    encoder = get_gpt_layer_local_spec()
+    attention = encoder.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, params={"attn_mask_type": AttnMaskType.arbitrary},
+        submodules=dataclasses.replace(attention.submodules, core_attention=BiasedAttention),
+    )
+    encoder = dataclasses.replace(encoder, submodules=dataclasses.replace(
+        encoder.submodules, input_layernorm=Norm, pre_mlp_layernorm=Norm, self_attention=attention))
+    decoder = decoder_model_with_local_spec()
+    sub = decoder.submodules
+    self_attention, cross_attention = (
+        dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, core_attention=BiasedAttention))
+        for spec in (sub.self_attention, sub.cross_attention)
+    )
+    decoder = dataclasses.replace(decoder, submodules=dataclasses.replace(
+        sub, input_layernorm=Norm, pre_cross_attn_layernorm=Norm, pre_mlp_layernorm=Norm,
+        self_attention=self_attention, cross_attention=cross_attention))
+    return (TransformerBlockSubmodules(layer_specs=[encoder] * encoder_layers, layer_norm=Norm),
+            TransformerBlockSubmodules(layer_specs=[decoder] * decoder_layers, layer_norm=Norm))

@@ -13,6 +13,8 @@ import torch
 import lightning_megatron as lm
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
+from lightning_megatron.models.bert import Bert, BertConfig, MaskedLMDataModule
+from lightning_megatron.models.t5 import T5, SpanCorruptionDataModule, T5Config
 
 
 class RecordLosses(L.Callback):
@@ -58,7 +60,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
+    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "bert", "t5"])
     parser.add_argument("--data-prefix", default=None, help="an indexed dataset (else the bundled corpus)")
     parser.add_argument("--record-samples", default=None, help="a directory for each rank's trained samples")
     args = parser.parse_args()
@@ -71,11 +73,24 @@ def main() -> None:
         data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch,
                               micro_batch_size=args.micro_batch, rampup_batch_size=args.rampup)
     shape = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, seq_length=args.seq)
-    if args.arch == "llama":
-        config = lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape)
+    optim = lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.steps)
+    if args.arch == "bert":
+        data = MaskedLMDataModule(seq_length=args.seq, global_batch_size=args.global_batch,
+                                  micro_batch_size=args.micro_batch, sentence_order=True)
+        # 4352 = 17 x 256: the same padded vocabulary (whose rows join the softmax) under TP=1 and TP=2.
+        model = Bert(BertConfig(vocab_size=4352, binary_head=True, hidden_dropout=0.0, attention_dropout=0.0,
+                                **shape), optim)
+    elif args.arch == "t5":
+        data = SpanCorruptionDataModule(seq_length=args.seq, decoder_seq_length=args.seq // 2,
+                                        global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
+        model = T5(T5Config(vocab_size=4352, num_layers=args.layers, hidden_size=args.hidden,
+                            num_attention_heads=args.heads, ffn_hidden_size=2 * args.hidden,
+                            encoder_seq_length=args.seq,
+                            decoder_seq_length=args.seq // 2, hidden_dropout=0.0, attention_dropout=0.0), optim)
+    elif args.arch == "llama":
+        model = lm.GPT(lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape), optim)
     else:
-        config = lm.GPTConfig(vocab_size=4096, **shape)
-    model = lm.GPT(config, lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.steps))
+        model = lm.GPT(lm.GPTConfig(vocab_size=4096, **shape), optim)
     strategy = lm.MegatronStrategy(
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,

@@ -1,0 +1,28 @@
+"""Conversion between Hugging Face checkpoints and our megatron-core models (see docs/models.md)."""
+
+from lightning_megatron.convert.core import ConversionError, build_module, gather_consolidated, load_consolidated
+from lightning_megatron.convert.hf import (
+    ARCHITECTURES,
+    checkpoint_to_hf,
+    export_hf,
+    hf_to_checkpoint,
+    load_checkpoint,
+    load_hf,
+    module_from_checkpoint,
+    module_from_hf,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "ConversionError",
+    "build_module",
+    "checkpoint_to_hf",
+    "export_hf",
+    "gather_consolidated",
+    "hf_to_checkpoint",
+    "load_checkpoint",
+    "load_consolidated",
+    "load_hf",
+    "module_from_checkpoint",
+    "module_from_hf",
+]

@@ -1,0 +1,92 @@
+"""BERT (``BertForMaskedLM``, ``BertForPreTraining``) <-> our :class:`~lightning_megatron.models.bert.Bert`.
+
+Our BERT layers are post-LN like HF's, so every HF norm has a counterpart: the attention output LayerNorm is the
+norm of the attention's ``self_attn_bda``, the layer output LayerNorm that of ``mlp_bda``. Separate q/k/v become
+megatron's fused QKV (per head ``[q_h, k_h, v_h]``). The MLM decoder is tied to the word embeddings and keeps its
+bias; ``BertForPreTraining``'s pooler and next-sentence head become the pooler and binary head.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from lightning_megatron.convert.core import Architecture, ConversionError, Rule, fused_qkv, same
+from lightning_megatron.models.bert import Bert as BertModule
+from lightning_megatron.models.bert import BertConfig
+from lightning_megatron.module import MegatronModule
+
+
+class Bert(Architecture):
+    """Google BERT and every HF ``BertForMaskedLM`` / ``BertForPreTraining`` checkpoint with absolute positions."""
+
+    name = "bert"
+    hf_architectures = ("BertForMaskedLM", "BertForPreTraining")
+    vocab_tensors = ("embedding.word_embeddings.weight", "output_layer.bias")
+    ignored_hf = ("position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+    def config_from_hf(self, hf: Mapping[str, Any]) -> BertConfig:
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise ConversionError(f"BERT hidden_act={hf['hidden_act']!r} is not supported; only 'gelu'")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ConversionError("BERT with relative position embeddings is not supported")
+        return BertConfig(
+            vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+            num_attention_heads=hf["num_attention_heads"], ffn_hidden_size=hf["intermediate_size"],
+            seq_length=hf["max_position_embeddings"], num_tokentypes=hf.get("type_vocab_size", 2),
+            binary_head="BertForPreTraining" in (hf.get("architectures") or []),
+            layernorm_epsilon=hf.get("layer_norm_eps", 1e-12), hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+            init_method_std=hf.get("initializer_range", 0.02),
+        )
+
+    def config_to_hf(self, config: BertConfig) -> dict[str, Any]:
+        return {
+            "architectures": ["BertForPreTraining" if config.binary_head else "BertForMaskedLM"],
+            "model_type": "bert", "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_attention_heads,
+            "intermediate_size": config.ffn_hidden_size or 4 * config.hidden_size,
+            "max_position_embeddings": config.seq_length, "type_vocab_size": config.num_tokentypes,
+            "layer_norm_eps": config.layernorm_epsilon, "hidden_act": "gelu",
+            "hidden_dropout_prob": config.hidden_dropout, "attention_probs_dropout_prob": config.attention_dropout,
+            "initializer_range": config.init_method_std, "tie_word_embeddings": True,
+        }
+
+    def tied(self, config: BertConfig) -> dict[str, str]:
+        return {"output_layer.weight": "embedding.word_embeddings.weight"}
+
+    def rules(self, config: BertConfig) -> list[Rule]:
+        heads = config.num_attention_heads
+        e = "bert.embeddings."
+        rules = [same("embedding.word_embeddings.weight", e + "word_embeddings.weight"),
+                 same("embedding.position_embeddings.weight", e + "position_embeddings.weight"),
+                 same("embedding.tokentype_embeddings.weight", e + "token_type_embeddings.weight"),
+                 same("embedding.layernorm.weight", e + "LayerNorm.weight"),
+                 same("embedding.layernorm.bias", e + "LayerNorm.bias")]
+        for i in range(config.num_layers):
+            m, h = f"encoder.layers.{i}.", f"bert.encoder.layer.{i}."
+            attn = h + "attention.self."
+            for kind in ("weight", "bias"):
+                rules += [
+                    fused_qkv(m + f"self_attention.linear_qkv.{kind}", attn + f"query.{kind}", attn + f"key.{kind}",
+                              attn + f"value.{kind}", heads, heads),
+                    same(m + f"self_attention.linear_proj.{kind}", h + f"attention.output.dense.{kind}"),
+                    same(m + f"self_attn_bda.norm.{kind}", h + f"attention.output.LayerNorm.{kind}"),
+                    same(m + f"mlp.linear_fc1.{kind}", h + f"intermediate.dense.{kind}"),
+                    same(m + f"mlp.linear_fc2.{kind}", h + f"output.dense.{kind}"),
+                    same(m + f"mlp_bda.norm.{kind}", h + f"output.LayerNorm.{kind}"),
+                ]
+        for kind in ("weight", "bias"):
+            rules += [same(f"lm_head.dense.{kind}", f"cls.predictions.transform.dense.{kind}"),
+                      same(f"lm_head.layer_norm.{kind}", f"cls.predictions.transform.LayerNorm.{kind}")]
+        rules.append(same("output_layer.bias", "cls.predictions.bias"))
+        if config.binary_head:
+            for kind in ("weight", "bias"):
+                rules += [same(f"pooler.dense.{kind}", f"bert.pooler.dense.{kind}"),
+                          same(f"binary_head.{kind}", f"cls.seq_relationship.{kind}")]
+        return rules
+
+    def module(self, config: BertConfig) -> MegatronModule:
+        return BertModule(config)
+
+    def matches(self, module: MegatronModule) -> bool:
+        return isinstance(module, BertModule)

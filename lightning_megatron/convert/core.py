@@ -1,0 +1,391 @@
+"""The shared machinery of HF conversion: tensor sources, rules, sharded writing, and loading into any layout.
+
+Three forms of the same weights meet here:
+
+* **HF**: a ``save_pretrained`` directory (``config.json``, ``*.safetensors`` with an optional index, tokenizer).
+* **consolidated**: full, unsharded tensors under the megatron-core names of a TP=1/PP=1 model
+  (``embedding.word_embeddings.weight``, ``decoder.layers.{i}.self_attention.linear_qkv.weight``, ...), with the
+  vocabulary *unpadded*. Each architecture module (``gpt2.py``, ``llama.py``, ...) maps HF tensors to these and back
+  with a list of :class:`Rule`; a rule needs only its own few tensors, so conversions stream tensor by tensor.
+* **a live module** of any TP/PP layout: :func:`load_consolidated` cuts every parameter's shard out of the full
+  tensor (padding the vocabulary, splitting gated MLP halves, mapping local layer indices through each layer's
+  ``layer_number``), :func:`gather_consolidated` joins the shards back on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from lightning_megatron import parallel
+from lightning_megatron.models.layers import _global_name
+from lightning_megatron.module import MegatronModule
+from lightning_megatron.parallel import ParallelConfig
+from lightning_megatron.precision import MegatronPrecision
+
+
+class ConversionError(ValueError):
+    """A checkpoint or config that cannot be converted; the message names the tensor or field at fault."""
+
+
+def _one(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _tuple(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (tensor,)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One consolidated megatron tensor, the HF tensors it is made of, and the two functions between them."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    to_megatron: Callable[..., torch.Tensor] = _one
+    """Takes the HF tensors (in the order of :attr:`hf`) and returns the megatron tensor."""
+    to_hf: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = _tuple
+    """Takes the megatron tensor and returns the HF tensors (in the order of :attr:`hf`)."""
+
+
+def same(megatron: str, hf: str) -> Rule:
+    """A tensor stored identically under two names."""
+    return Rule(megatron, (hf,))
+
+
+def transposed(megatron: str, hf: str) -> Rule:
+    """A weight that HF stores transposed (GPT-2's ``Conv1D``)."""
+    return Rule(megatron, (hf,), lambda w: w.t().contiguous(), lambda w: (w.t().contiguous(),))
+
+
+def fused_qkv(megatron: str, q: str, k: str, v: str, heads: int, groups: int, transpose: bool = False) -> Rule:
+    """Megatron's fused QKV (per query group: its query heads, then one key and one value head) from q, k and v.
+
+    Weights are ``[out, in]`` (biases ``[out]``); ``transpose`` reads and writes HF's ``[in, out]`` Conv1D form.
+    """
+
+    def join(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+        if transpose:
+            wq, wk, wv = wq.t(), wk.t(), wv.t()
+        rest = wq.shape[1:]
+        q_ = wq.reshape(groups, heads // groups, -1, *rest)
+        k_ = wk.reshape(groups, 1, -1, *rest)
+        v_ = wv.reshape(groups, 1, -1, *rest)
+        if q_.shape[2] != k_.shape[2] or k_.shape[2] != v_.shape[2]:
+            raise ConversionError(f"{megatron}: query, key and value head sizes differ ({q}, {k}, {v})")
+        return torch.cat([q_, k_, v_], dim=1).reshape(-1, *rest).contiguous()
+
+    def split(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rest = w.shape[1:]
+        per_group = w.reshape(groups, heads // groups + 2, -1, *rest)
+        q_ = per_group[:, : heads // groups].reshape(-1, *rest)
+        k_ = per_group[:, -2].reshape(-1, *rest)
+        v_ = per_group[:, -1].reshape(-1, *rest)
+        parts = (q_, k_, v_)
+        return tuple((p.t() if transpose else p).contiguous() for p in parts)
+
+    return Rule(megatron, (q, k, v), join, split)
+
+
+def concatenated(megatron: str, hf: tuple[str, ...], dim: int = 0) -> Rule:
+    """HF tensors concatenated along ``dim`` (a gated MLP's ``[gate; up]``), in the order given."""
+
+    def split(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(p.contiguous() for p in w.chunk(len(hf), dim=dim))
+
+    return Rule(megatron, hf, lambda *ts: torch.cat(ts, dim=dim), split)
+
+
+class Architecture(ABC):
+    """How one family of HF models maps onto one of our modules; subclasses live in one module each."""
+
+    name: str
+    """Our short name (``gpt2``, ``llama``, ...), stored in converted checkpoints."""
+    hf_architectures: tuple[str, ...]
+    """HF ``config.architectures`` entries this mapping reads."""
+    vocab_tensors: tuple[str, ...] = ("embedding.word_embeddings.weight", "output_layer.weight")
+    """Consolidated tensors with one row per vocabulary entry (padded to megatron's multiple when loaded)."""
+    ignored_hf: tuple[str, ...] = ()
+    """Suffixes of HF tensors that carry no weights (buffers some versions save)."""
+
+    @abstractmethod
+    def config_from_hf(self, hf: Mapping[str, Any]) -> Any:
+        """Our model config from an HF ``config.json`` dict; raises :class:`ConversionError` for what we lack."""
+
+    @abstractmethod
+    def config_to_hf(self, config: Any) -> dict[str, Any]:
+        """The HF ``config.json`` dict of our model config."""
+
+    @abstractmethod
+    def rules(self, config: Any) -> list[Rule]:
+        """Every consolidated tensor of the model, with its HF counterparts."""
+
+    @abstractmethod
+    def module(self, config: Any) -> MegatronModule:
+        """An (unbuilt) module of this architecture."""
+
+    def matches(self, module: MegatronModule) -> bool:
+        """Whether a live module is of this architecture (used to export it)."""
+        return False
+
+    def tied(self, config: Any) -> dict[str, str]:
+        """Parameters that share another tensor: global parameter name -> consolidated name."""
+        if getattr(config, "tie_embeddings", False):
+            return {"output_layer.weight": "embedding.word_embeddings.weight"}
+        return {}
+
+    def check_layout(self, config: Any, layout: ParallelConfig) -> None:
+        """Raise :class:`ConversionError` if ``config`` cannot be split over ``layout``."""
+        try:
+            layout.validate_model(config.num_layers, config.num_attention_heads,
+                                  getattr(config, "num_query_groups", None))
+        except parallel.LayoutError as error:
+            raise ConversionError(str(error)) from None
+
+
+class SafetensorsDir:
+    """Reads tensors one at a time from a directory of safetensors files (single file or with an index)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = {name: self.path / file for name, file in weight_map.items()}
+        elif single.exists():
+            with safe_open(single, "pt") as handle:
+                self._files = {name: single for name in handle.keys()}
+        else:
+            raise ConversionError(
+                f"{self.path} has no model.safetensors or model.safetensors.index.json; save the model with "
+                f"save_pretrained(..., safe_serialization=True) (PyTorch .bin checkpoints are not read)"
+            )
+
+    def keys(self) -> list[str]:
+        """Names of all stored tensors."""
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (and nothing else) from disk."""
+        if name not in self._files:
+            raise ConversionError(f"tensor {name!r} is missing from {self.path}")
+        with safe_open(self._files[name], "pt") as handle:
+            return handle.get_tensor(name)
+
+
+class ShardedWriter:
+    """Writes tensors into size-limited safetensors shards with an HF index, atomically (temp dir, then rename)."""
+
+    def __init__(self, out: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+        self.out = Path(out)
+        if self.out.exists() and any(self.out.iterdir()):
+            raise ConversionError(f"{self.out} exists and is not empty; choose a new output directory")
+        self.tmp = self.out.parent / f".{self.out.name}.partial"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; a shard is written whenever the queue reaches the size limit."""
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().contiguous().cpu()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        save_file(self._pending, self.tmp / f"shard-{len(self._shards)}.safetensors", metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def files_dir(self) -> Path:
+        """The directory to put other files (config, tokenizer) in before :meth:`finish`."""
+        return self.tmp
+
+    def finish(self) -> Path:
+        """Write the last shard and the index, then move the directory into place."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for index, names in enumerate(self._shards):
+            final = "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.tmp / f"shard-{index}.safetensors", self.tmp / final)
+            weight_map.update(dict.fromkeys(names, final))
+        if count > 1:
+            index_json = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+        if self.out.exists():
+            self.out.rmdir()
+        os.replace(self.tmp, self.out)
+        return self.out
+
+
+class Converted:
+    """Consolidated tensors computed on demand from an HF source: each ``get`` reads only that tensor's inputs."""
+
+    def __init__(self, rules: Iterable[Rule], source: SafetensorsDir, ignored: tuple[str, ...] = ()) -> None:
+        self.rules = {rule.megatron: rule for rule in rules}
+        self.source = source
+        missing = [name for rule in self.rules.values() for name in rule.hf if name not in source]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ConversionError(
+                f"{source.path} lacks {len(missing)} tensor(s) the config calls for: {shown}; the checkpoint is "
+                f"incomplete or its config.json does not describe it (layer count, tied embeddings, biases)"
+            )
+        used = {name for rule in self.rules.values() for name in rule.hf}
+        extra = [n for n in source.keys() if n not in used and not n.endswith(ignored)]
+        if extra:
+            raise ConversionError(
+                f"{source.path} holds {len(extra)} tensor(s) no rule uses: {', '.join(extra[:8])}; its config.json "
+                f"does not describe the weights (e.g. fewer layers than stored) or the model has parts we do not "
+                f"convert"
+            )
+
+    def keys(self) -> list[str]:
+        """Consolidated names, in rule order."""
+        return list(self.rules)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.rules
+
+    def get(self, name: str) -> torch.Tensor:
+        """Build one consolidated tensor from its HF inputs."""
+        rule = self.rules[name]
+        return rule.to_megatron(*(self.source.get(n) for n in rule.hf))
+
+
+def hf_tensors(rules: Iterable[Rule], source: Any, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors from a consolidated source (anything with ``get(name)``), one rule at a time."""
+    rules = list(rules)
+    for rule in tqdm(rules, desc="to HF", unit="tensor", disable=not progress):
+        yield from zip(rule.hf, rule.to_hf(source.get(rule.megatron)))
+
+
+def build_module(module: MegatronModule, layout: ParallelConfig, precision: str = "32-true") -> MegatronModule:
+    """Build this rank's chunks of ``module`` for ``layout`` outside a Trainer (megatron's state must be set up)."""
+    fields = {**layout.transformer_fields(), **MegatronPrecision(precision).transformer_fields(),
+              "calculate_per_token_loss": True}
+    config = module.transformer_config(**fields)
+    module.chunks = torch.nn.ModuleList(
+        parallel.build_chunks(lambda pre, post, vp: module.build_stage(config, pre, post, vp))
+    )
+    return module
+
+
+def _shard(full: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return full
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    dim = param.partition_dim
+    if gated:
+        return torch.cat([half.chunk(tp_size, dim=dim)[rank] for half in full.chunk(2, dim=dim)], dim=dim)
+    return full.chunk(tp_size, dim=dim)[rank]
+
+
+def _full_shape(param: torch.Tensor) -> list[int]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return shape
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] >= rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+def _named_parameters(module: MegatronModule) -> Iterator[tuple[str, torch.Tensor, torch.nn.Module]]:
+    assert module.chunks is not None, "build the module (configure_model / build_module) first"
+    for chunk in module.chunks:
+        inner = parallel.unwrap(chunk)
+        for name, param in inner.named_parameters():
+            yield name, param, inner
+
+
+@torch.no_grad()
+def load_consolidated(module: MegatronModule, arch: Architecture, config: Any, source: Any) -> None:
+    """Copy consolidated tensors (``source.get(name)``) into this rank's shards of a built module, any layout."""
+    tied = arch.tied(config)
+    gated = bool(module.megatron_config.gated_linear_unit)
+    for name, param, inner in _named_parameters(module):
+        global_name = _global_name(name, inner)
+        key = tied.get(global_name, global_name)
+        if key not in source:
+            raise ConversionError(f"the checkpoint has no tensor for parameter {key!r}")
+        full = source.get(key)
+        expected = _full_shape(param)
+        if key in arch.vocab_tensors:
+            full = _pad_rows(full, expected[0])
+        if list(full.shape) != expected:
+            raise ConversionError(
+                f"tensor {key!r} has shape {list(full.shape)} in the checkpoint but the model expects {expected}; "
+                f"the model config does not match the checkpoint's"
+            )
+        param.copy_(_shard(full, param, gated and "linear_fc1" in name).to(param.dtype))
+
+
+def _gather_tp(shard: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return shard
+    parts = [torch.empty_like(shard) for _ in range(tp_size)]
+    dist.all_gather(parts, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    dim = param.partition_dim
+    if gated:
+        halves = [p.chunk(2, dim=dim) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
+@torch.no_grad()
+def gather_consolidated(module: MegatronModule, arch: Architecture, config: Any) -> dict[str, torch.Tensor] | None:
+    """The full consolidated state dict of a module of any layout, on global rank 0 (``None`` elsewhere).
+
+    Tensor-parallel shards are all-gathered per parameter; pipeline stages send their tensors to the first stage.
+    The whole model passes through rank 0's memory; convert larger models from a saved checkpoint instead.
+    """
+    tied = arch.tied(config)
+    gated = bool(module.megatron_config.gated_linear_unit)
+    local: dict[str, torch.Tensor] = {}
+    for name, param, inner in _named_parameters(module):
+        global_name = _global_name(name, inner)
+        full = _gather_tp(param.detach(), param, gated and "linear_fc1" in name)
+        if global_name in tied:
+            continue
+        if global_name in arch.vocab_tensors:
+            full = full[: config.vocab_size]
+        local[global_name] = full.float().cpu() if full.is_floating_point() else full.cpu()
+    if not dist.is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return local if (not dist.is_initialized() or dist.get_rank() == 0) else None
+    first = parallel_state.get_pipeline_model_parallel_first_rank()
+    gathered: list[Any] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.gather_object(local, gathered if dist.get_rank() == first else None, dst=first,
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    if dist.get_rank() != 0:
+        return None
+    return {name: tensor for part in gathered for name, tensor in part.items()}

@@ -1,0 +1,203 @@
+"""Import from and export to Hugging Face: whole-checkpoint conversions and loading into live modules.
+
+A converted checkpoint is a directory of consolidated tensors (``model*.safetensors`` under megatron names, see
+:mod:`lightning_megatron.convert.core`), the tokenizer files, and ``lightning_megatron.json`` naming the
+architecture, our model config, the HF config it came from, and the parallel layout it was checked against.
+It loads into a module of any TP/PP layout with :func:`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from lightning_megatron.convert.bert import Bert
+from lightning_megatron.convert.core import (
+    Architecture,
+    ConversionError,
+    Converted,
+    SafetensorsDir,
+    ShardedWriter,
+    gather_consolidated,
+    hf_tensors,
+    load_consolidated,
+)
+from lightning_megatron.convert.gpt2 import GPT2
+from lightning_megatron.convert.llama import Llama
+from lightning_megatron.convert.t5 import T5
+from lightning_megatron.module import MegatronModule
+from lightning_megatron.parallel import ParallelConfig
+
+ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bert(), T5())
+"""Every supported mapping."""
+
+METADATA = "lightning_megatron.json"
+_TRAINING_FIELDS = frozenset({"seed", "hidden_dropout", "attention_dropout", "init_method_std"})
+"""Config fields that do not shape the weights: a module may differ from the checkpoint in these."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "spiece.model", "tokenizer.model", "generation_config.json")
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """An HF directory's ``config.json``."""
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise ConversionError(f"{path} has no config.json; pass a directory written by save_pretrained")
+    return json.loads(file.read_text())
+
+
+def architecture_for_hf(hf_config: dict[str, Any]) -> Architecture:
+    """The mapping for an HF config's ``architectures`` entry."""
+    names = hf_config.get("architectures") or []
+    for arch in ARCHITECTURES:
+        if any(name in arch.hf_architectures for name in names):
+            return arch
+    supported = sorted(n for arch in ARCHITECTURES for n in arch.hf_architectures)
+    raise ConversionError(f"architecture {names or hf_config.get('model_type')!r} is not supported; "
+                          f"supported HF architectures: {', '.join(supported)}")
+
+
+def architecture_named(name: str) -> Architecture:
+    """The mapping stored under ``name`` in a converted checkpoint."""
+    for arch in ARCHITECTURES:
+        if arch.name == name:
+            return arch
+    raise ConversionError(f"unknown architecture {name!r}; known: {[a.name for a in ARCHITECTURES]}")
+
+
+def architecture_for_module(module: MegatronModule) -> Architecture:
+    """The mapping that can export a live module."""
+    for arch in ARCHITECTURES:
+        if arch.matches(module):
+            return arch
+    raise ConversionError(f"no HF architecture matches this {type(module).__name__} and its config; supported: "
+                          f"{[a.name for a in ARCHITECTURES]}")
+
+
+def _copy_tokenizer(source: Path | None, target: Path) -> None:
+    if source is None:
+        return
+    if source.is_file():
+        shutil.copy2(source, target / "tokenizer.json")
+        (target / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, target / name)
+
+
+def hf_to_checkpoint(hf_dir: str | Path, out: str | Path, tensor_model_parallel_size: int = 1,
+                     pipeline_model_parallel_size: int = 1, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Convert an HF directory into a consolidated checkpoint, streaming one tensor at a time.
+
+    The layout is validated against the model (heads and query groups divisible by TP, layers by PP) and recorded;
+    the checkpoint itself loads into any layout.
+    """
+    hf_dir = Path(hf_dir)
+    hf_config = read_hf_config(hf_dir)
+    arch = architecture_for_hf(hf_config)
+    config = arch.config_from_hf(hf_config)
+    layout = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
+                            pipeline_model_parallel_size=pipeline_model_parallel_size)
+    arch.check_layout(config, layout)
+    source = Converted(arch.rules(config), SafetensorsDir(hf_dir), arch.ignored_hf)
+    writer = ShardedWriter(out, max_shard_bytes)
+    for name in tqdm(source.keys(), desc=f"{arch.name} HF -> megatron", unit="tensor"):
+        writer.add(name, source.get(name))
+    metadata = {"format_version": 1, "architecture": arch.name, "config": asdict(config), "hf_config": hf_config,
+                "layout": {"tensor_model_parallel_size": tensor_model_parallel_size,
+                           "pipeline_model_parallel_size": pipeline_model_parallel_size}}
+    (writer.files_dir() / METADATA).write_text(json.dumps(metadata, indent=2))
+    _copy_tokenizer(hf_dir, writer.files_dir())
+    return writer.finish()
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A converted checkpoint's ``lightning_megatron.json``."""
+    file = Path(path) / METADATA
+    if not file.exists():
+        raise ConversionError(f"{path} has no {METADATA}; it is not a checkpoint written by hf-to-megatron")
+    return json.loads(file.read_text())
+
+
+def module_from_checkpoint(path: str | Path) -> MegatronModule:
+    """An unbuilt module with the architecture and config of a converted checkpoint."""
+    metadata = read_checkpoint_metadata(path)
+    arch = architecture_named(metadata["architecture"])
+    return arch.module(arch.config_from_hf(metadata["hf_config"]))
+
+
+def load_checkpoint(module: MegatronModule, path: str | Path) -> None:
+    """Load a converted checkpoint into a built module of any TP/PP layout."""
+    arch = architecture_named(read_checkpoint_metadata(path)["architecture"])
+    load_consolidated(module, arch, module.config, SafetensorsDir(path))
+
+
+def module_from_hf(hf_dir: str | Path) -> MegatronModule:
+    """An unbuilt module with the architecture and config of an HF directory."""
+    hf_config = read_hf_config(hf_dir)
+    arch = architecture_for_hf(hf_config)
+    return arch.module(arch.config_from_hf(hf_config))
+
+
+def load_hf(module: MegatronModule, hf_dir: str | Path) -> None:
+    """Load an HF directory straight into a built module of any layout (each rank reads only what it needs)."""
+    hf_config = read_hf_config(hf_dir)
+    arch = architecture_for_hf(hf_config)
+    expected = arch.config_from_hf(hf_config)
+    diff = {k: (v, getattr(module.config, k)) for k, v in asdict(expected).items()
+            if k not in _TRAINING_FIELDS and getattr(module.config, k) != v}
+    if diff:
+        raise ConversionError(f"the module's config differs from {hf_dir}'s (field: (checkpoint, module)): {diff}")
+    load_consolidated(module, arch, module.config, Converted(arch.rules(expected), SafetensorsDir(hf_dir),
+                                                             arch.ignored_hf))
+
+
+def _write_hf(arch: Architecture, config: Any, source: Any, out: str | Path, tokenizer: str | Path | None,
+              max_shard_bytes: int) -> Path:
+    writer = ShardedWriter(out, max_shard_bytes)
+    for name, tensor in hf_tensors(arch.rules(config), source):
+        writer.add(name, tensor)
+    hf_config = {**arch.config_to_hf(config), "dtype": "float32"}
+    (writer.files_dir() / "config.json").write_text(json.dumps(hf_config, indent=2))
+    _copy_tokenizer(Path(tokenizer) if tokenizer else None, writer.files_dir())
+    return writer.finish()
+
+
+def checkpoint_to_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Convert a consolidated checkpoint into an HF ``save_pretrained`` directory, one tensor at a time."""
+    metadata = read_checkpoint_metadata(path)
+    arch = architecture_named(metadata["architecture"])
+    config = arch.config_from_hf(metadata["hf_config"])
+    return _write_hf(arch, config, SafetensorsDir(path), out, path, max_shard_bytes)
+
+
+def export_hf(module: MegatronModule, out: str | Path, tokenizer: str | Path | None = None,
+              max_shard_bytes: int = 2 * 1024**3) -> Path | None:
+    """Write a live module of any TP/PP layout as an HF directory (collective: call on every rank).
+
+    Rank 0 writes; ``tokenizer`` is an HF directory or a ``tokenizer.json`` to include. Returns the path on rank 0.
+    """
+    arch = architecture_for_module(module)
+    tensors = gather_consolidated(module, arch, module.config)
+    path = None
+    if tensors is not None:
+        path = _write_hf(arch, module.config, _Dict(tensors), out, tokenizer, max_shard_bytes)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+class _Dict(dict):
+    """A dict with the ``get``-raises interface of the tensor sources."""
+
+    def get(self, name: str) -> Any:  # type: ignore[override]
+        if name not in self:
+            raise ConversionError(f"tensor {name!r} is missing from the gathered model")
+        return self[name]

@@ -1,0 +1,220 @@
+"""T5: an encoder-decoder on megatron-core's ``T5Model`` with relative position biases, trained on span corruption.
+
+Layers are pre-RMSNorm with T5's unscaled attention (``softmax_scale=1``) and relative position buckets, so HF
+``T5ForConditionalGeneration`` checkpoints convert exactly. Pipeline parallelism is not supported: megatron-core
+0.16's encoder/decoder pipeline split needs a decoder sequence length in the schedule that the strategy does not
+pass yet (see docs/models.md); use TP and DP.
+
+The batch contract: ``enc_tokens`` ``[batch, enc_seq]``, ``dec_tokens`` and ``labels`` ``[batch, dec_seq]``,
+``loss_mask`` ``[batch, dec_seq]``, and optionally ``enc_mask`` ``[batch, enc_seq]`` (1 = real token).
+:class:`SpanCorruptionDataModule` builds such batches from a text corpus. megatron-core's key names (``text_enc``,
+``text_dec``, as from ``lightning_megatron.data.MegatronT5DataModule``) are accepted too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.T5.t5_model import T5Model
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.utils.data import Dataset
+
+from lightning_megatron.data.datamodule import TextDataModule, TokenWindows
+from lightning_megatron.models.gpt import gelu_tanh
+from lightning_megatron.models.layers import init_weights, t5_block_specs
+from lightning_megatron.module import MegatronModule
+from lightning_megatron.optim import OptimConfig
+from lightning_megatron.schedule import LossFn
+
+
+@dataclass
+class T5Config:
+    """The architecture of a T5; parallel layout and precision come from the strategy."""
+
+    vocab_size: int
+    num_layers: int = 6
+    """Encoder layers."""
+    num_decoder_layers: int | None = None
+    """Defaults to ``num_layers``."""
+    hidden_size: int = 512
+    num_attention_heads: int = 8
+    kv_channels: int | None = None
+    """Per-head size; defaults to hidden_size / num_attention_heads."""
+    ffn_hidden_size: int = 2048
+    activation: Literal["relu", "gated-gelu"] = "relu"
+    """``relu``: T5 v1.0; ``gated-gelu``: T5 v1.1 / Flan-T5 (tanh GELU gate)."""
+    encoder_seq_length: int = 512
+    decoder_seq_length: int = 128
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    tie_embeddings: bool = False
+    layernorm_epsilon: float = 1e-6
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    seed: int = 1234
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
+        """Vocabulary rounded up to a multiple of 128 x TP rows (megatron's padding)."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+    @classmethod
+    def tiny(cls, vocab_size: int, **overrides: Any) -> "T5Config":
+        """2+2 layers, hidden 128, 4 heads: trains on a CPU in minutes."""
+        return cls(**{**dict(vocab_size=vocab_size, num_layers=2, hidden_size=128, num_attention_heads=4,
+                             ffn_hidden_size=256, encoder_seq_length=128, decoder_seq_length=64), **overrides})
+
+    @classmethod
+    def small(cls, vocab_size: int = 32128, **overrides: Any) -> "T5Config":
+        """t5-small: 6+6 layers, hidden 512, 8 heads, FFN 2048, ReLU, tied embeddings."""
+        return cls(**{**dict(vocab_size=vocab_size, tie_embeddings=True), **overrides})
+
+
+class T5(MegatronModule):
+    """A T5 trained with decoder cross entropy over ``loss_mask``."""
+
+    def __init__(self, config: T5Config, optim: OptimConfig | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.optim = optim or OptimConfig()
+        self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
+        self.collected_logits: list[torch.Tensor] | None = None
+        """Set to a list to collect each microbatch's ``[batch, dec_seq, vocab_size]`` logits."""
+
+    def transformer_config(self, **fields: Any) -> TransformerConfig:
+        c = self.config
+        gated = c.activation == "gated-gelu"
+        base: dict[str, Any] = dict(
+            num_layers=c.num_decoder_layers or c.num_layers, hidden_size=c.hidden_size,
+            num_attention_heads=c.num_attention_heads, kv_channels=c.kv_channels, ffn_hidden_size=c.ffn_hidden_size,
+            normalization="RMSNorm", layernorm_epsilon=c.layernorm_epsilon, add_bias_linear=False,
+            gated_linear_unit=gated, activation_func=gelu_tanh if gated else F.relu, softmax_scale=1.0,
+            hidden_dropout=c.hidden_dropout, attention_dropout=c.attention_dropout, init_method_std=c.init_method_std,
+            perform_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
+            masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+        )
+        config = TransformerConfig(**{**base, **fields})
+        if config.pipeline_model_parallel_size > 1:
+            raise ValueError("T5 does not support pipeline_model_parallel_size > 1 yet; use tensor or data "
+                             "parallelism (see docs/models.md)")
+        return config
+
+    def build_stage(self, config: TransformerConfig, pre_process: bool, post_process: bool,
+                    vp_stage: int | None) -> T5Model:
+        c = self.config
+        encoder_config = TransformerConfig(**{**config.__dict__, "num_layers": c.num_layers})
+        encoder, decoder = t5_block_specs(config, c.num_layers, c.num_decoder_layers or c.num_layers)
+        model = T5Model(
+            config=config, encoder_config=encoder_config, transformer_encoder_layer_spec=encoder,
+            transformer_decoder_layer_spec=decoder, vocab_size=c.padded_vocab_size(config.tensor_model_parallel_size),
+            max_sequence_length=max(c.encoder_seq_length, c.decoder_seq_length), pre_process=pre_process,
+            post_process=post_process, share_embeddings_and_output_weights=c.tie_embeddings,
+            position_embedding_type="relative", relative_attention_num_buckets=c.relative_attention_num_buckets,
+            relative_attention_max_distance=c.relative_attention_max_distance,
+        )
+        init_weights(model, config, c.seed)
+        return model
+
+    def forward_step(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, LossFn]:
+        enc_tokens = batch["enc_tokens"] if "enc_tokens" in batch else batch["text_enc"]
+        dec_tokens = batch["dec_tokens"] if "dec_tokens" in batch else batch["text_dec"]
+        enc_mask = batch.get("enc_mask")
+        if enc_mask is None:
+            enc_mask = torch.ones_like(enc_tokens)
+        # True = blocked: padded encoder keys, for encoder self-attention and for cross attention.
+        key_padding = (enc_mask == 0)[:, None, None, :]
+        collect = self.collected_logits is not None
+        labels = batch["labels"]
+        output = model(enc_tokens, dec_tokens, key_padding, None, key_padding, lm_labels=None if collect else labels)
+
+        def loss_fn(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            token_losses = output
+            if collect:
+                logits = tensor_parallel.gather_from_tensor_model_parallel_region(output.detach())
+                self.collected_logits.append(logits[..., : self.config.vocab_size].clone())
+                token_losses = tensor_parallel.vocab_parallel_cross_entropy(output.float(), labels)
+            return self.loss(token_losses, batch)
+
+        return output, loss_fn
+
+    def loss(self, token_losses: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss sum, token count)`` over ``loss_mask``; override to weight tokens."""
+        mask = batch["loss_mask"].float()
+        return (token_losses.float() * mask).sum(), mask.sum()
+
+    def sequence_length(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return (batch["enc_tokens"] if "enc_tokens" in batch else batch["text_enc"]).shape[1]
+
+    def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
+        return self.optim
+
+
+class SpanCorruption(Dataset):
+    """T5 span corruption over token windows: ~15% of tokens in spans of mean length 3 become sentinels in the
+    encoder input; the decoder predicts ``sentinel_0 span_0 sentinel_1 span_1 ...`` (deterministic per index)."""
+
+    def __init__(self, windows: TokenWindows, first_sentinel: int, decoder_seq_length: int, seed: int) -> None:
+        self.windows = windows
+        self.first_sentinel = first_sentinel
+        self.decoder_seq_length = decoder_seq_length
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        tokens = self.windows[index]["tokens"]
+        seq = tokens.shape[0]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        starts = (torch.rand(seq, generator=generator) < 0.05).nonzero().flatten().tolist()
+        enc, target, position, sentinel = [], [], 0, self.first_sentinel
+        for start in starts:
+            if start < position or len(target) + 4 > self.decoder_seq_length:
+                continue
+            end = min(seq, start + 3)
+            enc += tokens[position:start].tolist() + [sentinel]
+            target += [sentinel] + tokens[start:end].tolist()
+            position, sentinel = end, sentinel + 1
+        enc += tokens[position:].tolist()
+        target.append(sentinel)
+        enc_tokens = torch.zeros(seq, dtype=torch.int64)
+        enc_tokens[: len(enc)] = torch.tensor(enc)
+        enc_mask = torch.zeros(seq, dtype=torch.int64)
+        enc_mask[: len(enc)] = 1
+        labels = torch.zeros(self.decoder_seq_length, dtype=torch.int64)
+        labels[: len(target)] = torch.tensor(target)
+        loss_mask = torch.zeros(self.decoder_seq_length)
+        loss_mask[: len(target)] = 1.0
+        dec_tokens = torch.cat([torch.zeros(1, dtype=torch.int64), labels[:-1]])
+        return {"enc_tokens": enc_tokens, "enc_mask": enc_mask, "dec_tokens": dec_tokens, "labels": labels,
+                "loss_mask": loss_mask}
+
+
+class SpanCorruptionDataModule(TextDataModule):
+    """Span-corruption batches over a text corpus (the bundled KJV by default) for :class:`T5`.
+
+    Sentinels are ids from the tokenizer's vocabulary size upwards (at most ``decoder_seq_length // 4 + 1``), so
+    give the model that many extra vocabulary entries; the decoder starts from id 0.
+    """
+
+    def __init__(self, *args: Any, decoder_seq_length: int = 64, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decoder_seq_length = decoder_seq_length
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        sentinel = self.tokenizer.vocab_size
+
+        def corrupted(windows: TokenWindows) -> SpanCorruption:
+            return SpanCorruption(windows, sentinel, self.decoder_seq_length, self.seed)
+
+        self.train_dataset = corrupted(self.train_dataset)
+        self.val_dataset = corrupted(self.val_dataset)
+        self.test_dataset = self.val_dataset

@@ -1,0 +1,32 @@
+"""GPT presets describe the published shapes and produce valid megatron configs."""
+
+import pytest
+import torch.nn.functional as F
+
+from lightning_megatron.models.gpt import GPT, GPTConfig, gelu_tanh
+
+
+def parameters(c: GPTConfig) -> int:
+    """Weights of a GPT of this config (no padding), counted from the architecture."""
+    h, ffn, kv = c.hidden_size, c.ffn_hidden_size or 4 * c.hidden_size, c.num_query_groups or c.num_attention_heads
+    head = h // c.num_attention_heads
+    attention = h * (h + 2 * kv * head) + h * h
+    mlp = (3 if c.activation == "swiglu" else 2) * h * ffn
+    norms = 2 * h
+    embeddings = c.vocab_size * h * (1 if c.tie_embeddings else 2)
+    return embeddings + c.num_layers * (attention + mlp + norms) + h
+
+
+@pytest.mark.parametrize("preset, billions", [("llama_3_8b", 8.03), ("llama_3_2_1b", 1.24), ("llama_2_7b", 6.74)])
+def test_llama_presets_have_the_published_sizes(preset, billions):
+    assert parameters(getattr(GPTConfig, preset)()) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_presets_map_to_megatron_fields():
+    llama = GPT(GPTConfig.llama_3_8b()).transformer_config()
+    assert (llama.num_query_groups, llama.gated_linear_unit, llama.activation_func) == (8, True, F.silu)
+    assert llama.normalization == "RMSNorm" and not llama.add_bias_linear
+    mqa = GPT(GPTConfig.mqa_tiny(vocab_size=256)).transformer_config()
+    assert mqa.num_query_groups == 1
+    gpt2 = GPT(GPTConfig.gpt2()).transformer_config()
+    assert gpt2.activation_func is gelu_tanh and gpt2.num_query_groups == gpt2.num_attention_heads
