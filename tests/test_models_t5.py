@@ -37,10 +37,12 @@ def test_pipeline_parallel_is_refused():
 
 
 @pytest.mark.slow
-def test_t5_trains_identically_under_dp2(tmp_path):
+def test_t5_trains_identically_under_dp2_and_tp2(tmp_path):
     args = ("--arch", "t5", "--steps", 4, "--layers", 2)
     run_python("train_gpt.py", "--out", tmp_path / "ref.json", *args)
     torchrun("train_gpt.py", 2, "--devices", 2, "--out", tmp_path / "dp.json", *args)
+    torchrun("train_gpt.py", 2, "--devices", 2, "--tp", 2, "--out", tmp_path / "tp.json", *args)
     reference = read_json(tmp_path / "ref.json")["losses"]
     assert len(reference) == 4 and reference[-1] < reference[0]
     assert read_json(tmp_path / "dp.json")["losses"] == pytest.approx(reference, rel=1e-4)
+    assert read_json(tmp_path / "tp.json")["losses"] == pytest.approx(reference, rel=1e-4)
