@@ -258,3 +258,22 @@ def test_bad_input_errors(hf_dirs, tmp_path, one_rank, capsys):
     with pytest.raises(ConversionError, match="exists and is not empty"):
         checkpoint_to_hf(ckpt, gpt2)
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_converted_model_generates_what_transformers_generates(hf_dirs, one_rank, kind):
+    from lightning_megatron.generation import SamplingParams, generate
+
+    path = hf_dirs[kind]
+    module = build_module(module_from_hf(path), one_rank)
+    for chunk in module.chunks:
+        chunk.eval()
+    load_hf(module, path)
+    prompts = [[5, 17, 42, 7, 99], [100, 3]]
+    ours = generate(module, prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    for prompt, output in zip(prompts, ours):
+        with torch.no_grad():
+            expected = reference.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10,
+                                          do_sample=False, pad_token_id=0)
+        assert output.tokens == expected[0, len(prompt):].tolist()
