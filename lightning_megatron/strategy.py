@@ -10,6 +10,7 @@ is therefore empty and its ``optimizer_step`` calls megatron's ``optimizer.step(
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Any, Mapping
 
@@ -35,6 +36,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 
 from lightning_megatron import parallel
+from lightning_megatron import checkpoint as ckpt
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
@@ -64,6 +66,8 @@ class MegatronStrategy(ParallelStrategy):
         use_distributed_optimizer: bool = False,
         overlap_grad_reduce: bool = False,
         overlap_param_gather: bool = False,
+        async_save: bool = False,
+        ckpt_load_optimizer: bool = True,
         seed: int | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -91,6 +95,8 @@ class MegatronStrategy(ParallelStrategy):
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_grad_reduce = overlap_grad_reduce
         self.overlap_param_gather = overlap_param_gather
+        self.async_save = async_save
+        self.ckpt_load_optimizer = ckpt_load_optimizer
         self.seed = seed
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
@@ -138,7 +144,7 @@ class MegatronStrategy(ParallelStrategy):
 
     @property
     def lightning_restore_optimizer(self) -> bool:
-        return False
+        return True
 
     @property
     def handles_gradient_accumulation(self) -> bool:
@@ -322,6 +328,132 @@ class MegatronStrategy(ParallelStrategy):
         super().teardown()
         parallel.destroy()
         self._cpu.__exit__(None, None, None)
+
+    # ------------------------------------------------------------------ checkpoints (see checkpoint.py)
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        if self._checkpoint_io is None:
+            self._checkpoint_io = ckpt.MegatronCheckpointIO(async_save=self.async_save)
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO | None) -> None:
+        self._checkpoint_io = io
+
+    def _megatron_io(self) -> ckpt.MegatronCheckpointIO:
+        io = self.checkpoint_io
+        if not isinstance(io, ckpt.MegatronCheckpointIO):
+            raise TypeError(f"the megatron strategy saves sharded checkpoints with MegatronCheckpointIO, got "
+                            f"{type(io).__name__}; remove the checkpoint_io plugin")
+        return io
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """This rank's sharded model state (megatron ``ShardedTensor``s), one entry per model chunk."""
+        module = self.lightning_module
+        assert isinstance(module, MegatronModule) and module.chunks is not None
+        return ckpt.model_sharded_state_dict(module.chunks)
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """This rank's sharded optimizer state, keyed by the model parameters it belongs to."""
+        return ckpt.optimizer_sharded_state_dict(optimizer, self.lightning_module_state_dict())
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Every rank writes its shards; the checkpoint directory appears only once all have finished."""
+        checkpoint["layout"] = asdict(self._checkpoint_layout(checkpoint))
+        self._megatron_io().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def _checkpoint_layout(self, checkpoint: Mapping[str, Any]) -> ckpt.CheckpointLayout:
+        vp = self.parallel_config.virtual_pipeline_model_parallel_size
+        return ckpt.CheckpointLayout(
+            global_step=int(checkpoint.get("global_step", 0)),
+            epoch=int(checkpoint.get("epoch", 0)),
+            tensor_model_parallel_size=self.parallel_config.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.parallel_config.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=vp if vp and vp > 1 else None,
+            context_parallel_size=self.parallel_config.context_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            world_size=self.world_size,
+            distributed_optimizer=self.use_distributed_optimizer,
+            params_dtype=str(self.precision_plugin.params_dtype).removeprefix("torch."),
+            has_optimizer=bool(checkpoint.get("optimizer_states")),
+            module=type(self.lightning_module).__qualname__,
+        )
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Validate on every rank, then load this rank's shards (resharded to the current layout) in place."""
+        io = self._megatron_io()
+        io.finalize(blocking=True)
+        checkpoint = io.load_checkpoint(checkpoint_path)
+        saved = ckpt.CheckpointLayout(**checkpoint["layout"])
+        current = self._checkpoint_layout(checkpoint)
+        if saved.params_dtype != current.params_dtype:
+            raise ckpt.CheckpointError(
+                f"checkpoint {checkpoint_path} holds {saved.params_dtype} parameters but this run uses "
+                f"{current.params_dtype}; set the Trainer's precision to the one it was trained with"
+            )
+        load_optimizer = bool(self.optimizers) and self.ckpt_load_optimizer
+        if load_optimizer:
+            self._check_optimizer_resharding(checkpoint_path, saved, current)
+        template = self.lightning_module_state_dict()
+        if load_optimizer:
+            template["optimizer"] = [ckpt.optimizer_sharded_state_dict(self.optimizers[0], template, is_loading=True)]
+        loaded = io.load_sharded(checkpoint_path, template)
+        checkpoint["optimizer_states"] = loaded.pop("optimizer", [])
+        checkpoint["state_dict"] = loaded
+        return checkpoint
+
+    def _check_optimizer_resharding(self, path: Any, saved: ckpt.CheckpointLayout,
+                                    current: ckpt.CheckpointLayout) -> None:
+        fix = "or pass MegatronStrategy(ckpt_load_optimizer=False) to load the weights and training progress " \
+              "with a fresh optimizer state"
+        if not saved.has_optimizer:
+            raise ckpt.CheckpointError(f"checkpoint {path} holds no optimizer state (saved weights-only); {fix}")
+        if saved.distributed_optimizer != current.distributed_optimizer:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was saved with use_distributed_optimizer={saved.distributed_optimizer}, this run "
+                f"has {current.distributed_optimizer}; their optimizer states differ in format. Match the setting {fix}"
+            )
+        if saved.distributed_optimizer and saved.model_parallel != current.model_parallel:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was saved as {saved.describe()}; the distributed optimizer's state reshards across "
+                f"data parallelism only, and this run is {current.describe()}. Use the saved TP/PP/VP/CP {fix}"
+            )
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Copy the loaded shards into the model chunks (``load_checkpoint`` already loaded them in place)."""
+        module = self.lightning_module
+        assert isinstance(module, MegatronModule) and module.chunks is not None
+        state = checkpoint["state_dict"]
+        names = ["model"] if len(module.chunks) == 1 else [f"model{i}" for i in range(len(module.chunks))]
+        with torch.no_grad():
+            for name, chunk in zip(names, module.chunks):
+                parallel.unwrap(chunk).load_state_dict(state[name], strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Restore megatron's optimizer, or with ``ckpt_load_optimizer=False`` only refresh its main parameters."""
+        if not self.optimizers:
+            return
+        optimizer = self.optimizers[0]
+        states = checkpoint.get("optimizer_states") or []
+        # In fp32 the main parameters are the model's own leaf tensors: copying into them needs no_grad.
+        with torch.no_grad():
+            if states:
+                optimizer.load_state_dict(states[0])
+            else:
+                optimizer.reload_model_params()
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Delete a checkpoint directory once every rank is past it (called on all ranks)."""
+        self.barrier("remove_checkpoint")
+        if self.is_global_zero:
+            self._megatron_io().remove_checkpoint(filepath)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Publish background checkpoint saves that every rank has finished writing."""
+        io = self.checkpoint_io
+        if isinstance(io, ckpt.MegatronCheckpointIO):
+            io.finalize(blocking=False)
+        super().on_train_batch_start(batch, batch_idx)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

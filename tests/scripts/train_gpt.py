@@ -1,25 +1,51 @@
 """Train the tiny GPT under a given layout and write what a user would compare: the loss of every step.
 
 Run under torchrun (or plain python for one process). Writes JSON to --out on global rank 0:
-{"losses": [...], "val_loss": float, "world_size": int}.
+{"losses": [...], "steps": [...], "batches": [...], "val_loss": float, "world_size": int}
+(``steps`` are the global steps the losses belong to, ``batches`` a checksum of rank 0's tokens at each step).
+
+Checkpoint flags: --save-dir with --every-n saves sharded checkpoints (ModelCheckpoint, save_last), --resume
+continues from a path or "last", --validate-only evaluates a checkpoint, --kill-at-save STEP SIGKILLs every rank
+after the shards of that step's first checkpoint are written and before it is published.
 """
 
 import argparse
 import json
+import os
+import signal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_megatron as lm
+from lightning_megatron import checkpoint
 from lightning_megatron.data import TextDataModule
 
 
 class RecordLosses(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.steps: list[int] = []
+        self.batches: list[int] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
+        self.steps.append(trainer.global_step)
+        self.batches.append(int((batch["tokens"].long() * torch.arange(batch["tokens"].numel()).view_as(
+            batch["tokens"])).sum()))
+
+
+def kill_when_publishing(step: int) -> None:
+    """Die like a preempted job: after the shards of ``step`` are on disk, before the checkpoint is published."""
+    publish = checkpoint._publish
+
+    def publish_or_die(partial, path, layout):
+        if layout["global_step"] == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(partial, path, layout)
+
+    checkpoint._publish = publish_or_die
 
 
 def main() -> None:
@@ -42,7 +68,19 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
+    parser.add_argument("--decay-steps", type=int, default=None)
+    parser.add_argument("--save-dir", default=None)
+    parser.add_argument("--every-n", type=int, default=None)
+    parser.add_argument("--save-end", default=None, help="Trainer.save_checkpoint to this path after fit")
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--fresh-optimizer", action="store_true")
+    parser.add_argument("--validate-only", action="store_true")
+    parser.add_argument("--kill-at-save", type=int, default=None)
+    parser.add_argument("--export", default=None, help="write the final weights to this safetensors file")
     args = parser.parse_args()
+    if args.kill_at_save is not None:
+        kill_when_publishing(args.kill_at_save)
 
     torch.set_num_threads(1)
     data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch, micro_batch_size=args.micro_batch)
@@ -51,7 +89,7 @@ def main() -> None:
         config = lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape)
     else:
         config = lm.GPTConfig(vocab_size=4096, **shape)
-    model = lm.GPT(config, lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.steps))
+    model = lm.GPT(config, lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.decay_steps or args.steps))
     strategy = lm.MegatronStrategy(
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
@@ -59,8 +97,14 @@ def main() -> None:
         context_parallel_size=args.cp,
         sequence_parallel=args.sp,
         use_distributed_optimizer=args.dist_opt,
+        async_save=args.async_save,
+        ckpt_load_optimizer=not args.fresh_optimizer,
     )
     record = RecordLosses()
+    callbacks = [record]
+    if args.save_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.save_dir, filename="{step}", every_n_train_steps=args.every_n,
+                                         save_top_k=-1, save_last=True))
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
@@ -69,16 +113,26 @@ def main() -> None:
         max_steps=args.steps,
         limit_val_batches=2,
         val_check_interval=args.steps,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(args.save_dir),
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
-        callbacks=[record],
+        callbacks=callbacks,
     )
-    trainer.fit(model, datamodule=data)
+    if args.validate_only:
+        trainer.validate(model, datamodule=data, ckpt_path=args.resume)
+    else:
+        trainer.fit(model, datamodule=data, ckpt_path=args.resume)
+    if args.save_end:
+        trainer.save_checkpoint(args.save_end)
+    if args.export:
+        from lightning_megatron.consolidated import export_consolidated
+
+        export_consolidated(model, args.export)
     if trainer.is_global_zero:
         with open(args.out, "w") as handle:
-            json.dump({"losses": record.losses, "val_loss": float(trainer.callback_metrics["val_loss"]),
+            json.dump({"losses": record.losses, "steps": record.steps, "batches": record.batches,
+                       "val_loss": float(trainer.callback_metrics["val_loss"]),
                        "world_size": trainer.world_size}, handle)
 
 
