@@ -112,9 +112,45 @@ def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, Any
 
 def optimizer_sharded_state_dict(optimizer: Any, model_state: dict[str, Any], is_loading: bool = False) -> dict:
     """The sharded state of megatron's optimizer, its tensors keyed by the model parameters they belong to."""
+    if is_loading:
+        _init_optimizer_state(optimizer)
     return optimizer.sharded_state_dict(
         model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
     )
+
+
+def _init_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh optimizer the state a loaded one will have: megatron's fallback to torch's Adam (no Apex/TE)
+    creates moments without the ``step`` its distributed optimizer's ``state_dict`` requires."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(part, "init_state_fn", None) is not None:
+            part.init_state_fn(part.optimizer, part.config)
+        for state in part.optimizer.state.values():
+            if "exp_avg" in state:
+                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def load_optimizer_state(optimizer: Any, state: dict[str, Any] | None) -> None:
+    """Restore megatron's optimizer from a loaded sharded state (``None``: refresh main params from the model)."""
+    # In fp32 the main parameters are the model's own leaf tensors: copying into them needs no_grad.
+    with torch.no_grad():
+        if state is None:
+            optimizer.reload_model_params()
+            return
+        optimizer.load_state_dict(state)
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    part_states = [state] if len(parts) == 1 else [state[index] for index in range(len(parts))]
+    for part, part_state in zip(parts, part_states):
+        # With torch's Adam standing in for Apex/TE, megatron's distributed optimizer keeps the step count in its
+        # param groups, then restores every parameter's ``step`` from the freshly initialised state (0) and shares
+        # one tensor among them; give each parameter its own tensor holding the saved count.
+        groups = part_state.get("optimizer", {}).get("param_groups", []) if isinstance(part_state, dict) else []
+        steps = {float(group["step"]) for group in groups if group.get("step") is not None}
+        saved = steps.pop() if len(steps) == 1 else None
+        for param_state in part.optimizer.state.values():
+            current = param_state.get("step")
+            if isinstance(current, torch.Tensor):
+                param_state["step"] = current.clone() if saved is None else torch.full_like(current, saved)
 
 
 def mismatches(path: _PATH, template: dict[str, Any]) -> list[str]:

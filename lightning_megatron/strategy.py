@@ -433,14 +433,8 @@ class MegatronStrategy(ParallelStrategy):
         """Restore megatron's optimizer, or with ``ckpt_load_optimizer=False`` only refresh its main parameters."""
         if not self.optimizers:
             return
-        optimizer = self.optimizers[0]
-        states = checkpoint.get("optimizer_states") or []
-        # In fp32 the main parameters are the model's own leaf tensors: copying into them needs no_grad.
-        with torch.no_grad():
-            if states:
-                optimizer.load_state_dict(states[0])
-            else:
-                optimizer.reload_model_params()
+        states = checkpoint.get("optimizer_states") or [None]
+        ckpt.load_optimizer_state(self.optimizers[0], states[0])
 
     def remove_checkpoint(self, filepath: Any) -> None:
         """Delete a checkpoint directory once every rank is past it (called on all ranks)."""

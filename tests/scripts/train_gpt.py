@@ -28,10 +28,12 @@ class RecordLosses(L.Callback):
         self.losses: list[float] = []
         self.steps: list[int] = []
         self.batches: list[int] = []
+        self.lrs: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
         self.steps.append(trainer.global_step)
+        self.lrs.append(float(trainer.callback_metrics["lr"]))
         self.batches.append(int((batch["tokens"].long() * torch.arange(batch["tokens"].numel()).view_as(
             batch["tokens"])).sum()))
 
@@ -131,7 +133,7 @@ def main() -> None:
         export_consolidated(model, args.export)
     if trainer.is_global_zero:
         with open(args.out, "w") as handle:
-            json.dump({"losses": record.losses, "steps": record.steps, "batches": record.batches,
+            json.dump({"losses": record.losses, "steps": record.steps, "batches": record.batches, "lrs": record.lrs,
                        "val_loss": float(trainer.callback_metrics["val_loss"]),
                        "world_size": trainer.world_size}, handle)
 
