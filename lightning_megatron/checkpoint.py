@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,6 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-from megatron.core.dist_checkpointing.dict_utils import nested_values
 
 from lightning_megatron.parallel import unwrap
 
@@ -157,18 +156,28 @@ def mismatches(path: _PATH, template: dict[str, Any]) -> list[str]:
     """Tensors this rank would load whose key or shape the checkpoint lacks (reads metadata only, no collective)."""
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     problems = []
-    for item in nested_values(template):
-        tensors = item.build() if isinstance(item, ShardedTensorFactory) else {"": item}
-        for tensor in nested_values(tensors):
-            if not isinstance(tensor, ShardedTensor):
-                continue
-            stored = saved.get(tensor.key)
-            if stored is None:
-                problems.append(f"{tensor.key} is missing from the checkpoint")
-            elif tuple(stored.global_shape) != tuple(tensor.global_shape):
-                problems.append(f"{tensor.key} has shape {tuple(stored.global_shape)} in the checkpoint but "
-                                f"{tuple(tensor.global_shape)} in the model")
+    for _, tensor in sharded_tensors(template):
+        stored = saved.get(tensor.key)
+        if stored is None:
+            problems.append(f"{tensor.key} is missing from the checkpoint")
+        elif tuple(stored.global_shape) != tuple(tensor.global_shape):
+            problems.append(f"{tensor.key} has shape {tuple(stored.global_shape)} in the checkpoint but "
+                            f"{tuple(tensor.global_shape)} in the model")
     return problems
+
+
+def sharded_tensors(state: Any, name: str = "") -> Iterator[tuple[str, ShardedTensor]]:
+    """Every ``ShardedTensor`` of a sharded state dict (factories built), with the state-dict name it sits under."""
+    if isinstance(state, ShardedTensorFactory):
+        yield from sharded_tensors(state.build(), name)
+    elif isinstance(state, ShardedTensor):
+        yield name, state
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            yield from sharded_tensors(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from sharded_tensors(value, name)
 
 
 def raise_on_any_rank(problem: str | None) -> None:

@@ -15,7 +15,9 @@ from lightning.pytorch.cli import LightningCLI
 
 import lightning_megatron  # noqa: F401  (registers the "megatron" strategy)
 
-TOOLS: dict[str, str] = {}
+TOOLS: dict[str, str] = {
+    "checkpoint": "lightning_megatron.checkpoint:main",
+}
 """Tool subcommands: name -> ``"module:function"``; the function takes the remaining arguments."""
 
 
