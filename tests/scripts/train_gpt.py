@@ -15,6 +15,7 @@ import os
 import signal
 
 import lightning as L
+import psutil
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -39,11 +40,15 @@ class RecordLosses(L.Callback):
 
 
 def kill_when_publishing(step: int) -> None:
-    """Die like a preempted job: after the shards of ``step`` are on disk, before the checkpoint is published."""
+    """Die like a preempted node: after the shards of ``step`` are on disk, before the checkpoint is published.
+
+    The helper processes (dist_checkpointing's writer queue manager) die too, as they would with the node."""
     publish = checkpoint._publish
 
     def publish_or_die(partial, path, layout):
         if layout["global_step"] == step:
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
             os.kill(os.getpid(), signal.SIGKILL)
         publish(partial, path, layout)
 
