@@ -359,6 +359,11 @@ class MegatronStrategy(ParallelStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Every rank writes its shards; the checkpoint directory appears only once all have finished."""
+        if not parallel_state.model_parallel_is_initialized():
+            raise RuntimeError(
+                "megatron's process groups are gone (the Trainer has torn down): save while it runs - with "
+                "ModelCheckpoint, or Trainer.save_checkpoint from a callback's on_train_end"
+            )
         checkpoint["layout"] = asdict(self._checkpoint_layout(checkpoint))
         self._megatron_io().save_checkpoint(checkpoint, filepath, storage_options)
 

@@ -39,6 +39,29 @@ class RecordLosses(L.Callback):
             batch["tokens"])).sum()))
 
 
+class SaveAtEnd(L.Callback):
+    """Trainer.save_checkpoint / export when training or validation ends, while megatron's groups still exist."""
+
+    def __init__(self, path: str | None, export: str | None) -> None:
+        self.path = path
+        self.export = export
+
+    def _save(self, trainer, pl_module) -> None:
+        if self.path:
+            trainer.save_checkpoint(self.path)
+        if self.export:
+            from lightning_megatron.consolidated import export_consolidated
+
+            export_consolidated(pl_module, self.export)
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.training and trainer.state.fn == "validate":
+            self._save(trainer, pl_module)
+
+
 def kill_when_publishing(step: int) -> None:
     """Die like a preempted node: after the shards of ``step`` are on disk, before the checkpoint is published.
 
@@ -78,7 +101,7 @@ def main() -> None:
     parser.add_argument("--decay-steps", type=int, default=None)
     parser.add_argument("--save-dir", default=None)
     parser.add_argument("--every-n", type=int, default=None)
-    parser.add_argument("--save-end", default=None, help="Trainer.save_checkpoint to this path after fit")
+    parser.add_argument("--save-end", default=None, help="Trainer.save_checkpoint to this path at the end")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--fresh-optimizer", action="store_true")
@@ -108,7 +131,7 @@ def main() -> None:
         ckpt_load_optimizer=not args.fresh_optimizer,
     )
     record = RecordLosses()
-    callbacks = [record]
+    callbacks = [record, SaveAtEnd(args.save_end, args.export)]
     if args.save_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.save_dir, filename="{step}", every_n_train_steps=args.every_n,
                                          save_top_k=-1, save_last=True))
@@ -130,12 +153,6 @@ def main() -> None:
         trainer.validate(model, datamodule=data, ckpt_path=args.resume)
     else:
         trainer.fit(model, datamodule=data, ckpt_path=args.resume)
-    if args.save_end:
-        trainer.save_checkpoint(args.save_end)
-    if args.export:
-        from lightning_megatron.consolidated import export_consolidated
-
-        export_consolidated(model, args.export)
     if trainer.is_global_zero:
         with open(args.out, "w") as handle:
             json.dump({"losses": record.losses, "steps": record.steps, "batches": record.batches, "lrs": record.lrs,
