@@ -16,6 +16,7 @@ the rename happens when a later step (or teardown) finds every rank done.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -219,20 +220,23 @@ class MegatronCheckpointIO(CheckpointIO):
         state.pop("optimizer_states", None)
         path = Path(path)
         partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        trainer_state = None
         if _rank() == 0:
             if partial.exists():
                 shutil.rmtree(partial)  # a save that was killed before it finished
             partial.mkdir(parents=True)
-            torch.save(state, partial / TRAINER_FILE)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)  # now: training goes on while an async save is in flight
+            trainer_state = buffer.getvalue()
         _barrier()
         request = dist_checkpointing.save(
             sharded, str(partial), sharded_strategy=self._save_strategy(), async_sharded_save=self.async_save
         )
         if self.async_save:
-            request.add_finalize_fn(lambda: _publish(partial, path, layout))
+            request.add_finalize_fn(lambda: _publish(partial, path, layout, trainer_state))
             self._async_queue().schedule_async_request(request)
         else:
-            _publish(partial, path, layout)
+            _publish(partial, path, layout, trainer_state)
 
     def _save_strategy(self) -> Any:
         strategy = dist_checkpointing.serialization.get_default_save_sharded_strategy()
@@ -304,10 +308,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _publish(partial: Path, path: Path, layout: dict[str, Any]) -> None:
-    """Mark ``partial`` complete and rename it to ``path``; runs on all ranks once all shards are on disk."""
+def _publish(partial: Path, path: Path, layout: dict[str, Any], trainer_state: bytes | None) -> None:
+    """Write rank 0's files into ``partial`` and rename it to ``path``; all ranks, once all shards are on disk."""
     _barrier()
     if _rank() == 0:
+        assert trainer_state is not None
+        (partial / TRAINER_FILE).write_bytes(trainer_state)
         marker = partial / LAYOUT_FILE
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps(layout, indent=2))

@@ -101,7 +101,8 @@ def test_distributed_optimizer_refuses_model_parallel_change(workdir, saved_at_5
 @pytest.mark.slow
 def test_reshard_tp2_to_pp2_and_back(tmp_path):
     """TP2 trains 4 steps; PP2 resumes its step-2 checkpoint (weights and optimizer) and must follow the same losses;
-    TP2 then evaluates PP2's final checkpoint. Consolidated exports of both layouts hold identical tensors."""
+    TP2 then evaluates PP2's final checkpoint. Consolidated exports of both layouts hold identical tensors, and
+    TP2 importing PP2's export evaluates the same."""
     def run(name, *args):
         out = tmp_path / f"{name}.json"
         torchrun("train_gpt.py", 2, "--devices", 2, "--out", out, *args, timeout=240)
@@ -121,6 +122,8 @@ def test_reshard_tp2_to_pp2_and_back(tmp_path):
     assert "decoder.layers.3.self_attention.linear_qkv.weight" in exported_pp
     for name, tensor in exported_pp.items():
         torch.testing.assert_close(exported_tp[name], tensor, rtol=0, atol=0, msg=name)
+    imported = run("tp2_import", "--tp", 2, "--validate-only", "--import", tmp_path / "pp2.safetensors")
+    assert imported["val_loss"] == pytest.approx(pp2["val_loss"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ validation (no processes)

@@ -40,11 +40,19 @@ class RecordLosses(L.Callback):
 
 
 class SaveAtEnd(L.Callback):
-    """Trainer.save_checkpoint / export when training or validation ends, while megatron's groups still exist."""
+    """Trainer.save_checkpoint / export when training or validation ends, while megatron's groups still exist;
+    import consolidated weights before validating."""
 
-    def __init__(self, path: str | None, export: str | None) -> None:
+    def __init__(self, path: str | None, export: str | None, import_path: str | None) -> None:
         self.path = path
         self.export = export
+        self.import_path = import_path
+
+    def on_validation_start(self, trainer, pl_module):
+        if self.import_path:
+            from lightning_megatron.consolidated import import_consolidated
+
+            import_consolidated(pl_module, self.import_path)
 
     def _save(self, trainer, pl_module) -> None:
         if self.path:
@@ -68,12 +76,12 @@ def kill_when_publishing(step: int) -> None:
     The helper processes (dist_checkpointing's writer queue manager) die too, as they would with the node."""
     publish = checkpoint._publish
 
-    def publish_or_die(partial, path, layout):
+    def publish_or_die(partial, path, layout, trainer_state):
         if layout["global_step"] == step:
             for child in psutil.Process().children(recursive=True):
                 child.kill()
             os.kill(os.getpid(), signal.SIGKILL)
-        publish(partial, path, layout)
+        publish(partial, path, layout, trainer_state)
 
     checkpoint._publish = publish_or_die
 
@@ -108,6 +116,7 @@ def main() -> None:
     parser.add_argument("--validate-only", action="store_true")
     parser.add_argument("--kill-at-save", type=int, default=None)
     parser.add_argument("--export", default=None, help="write the final weights to this safetensors file")
+    parser.add_argument("--import", dest="import_path", default=None, help="validate these safetensors weights")
     args = parser.parse_args()
     if args.kill_at_save is not None:
         kill_when_publishing(args.kill_at_save)
@@ -131,7 +140,7 @@ def main() -> None:
         ckpt_load_optimizer=not args.fresh_optimizer,
     )
     record = RecordLosses()
-    callbacks = [record, SaveAtEnd(args.save_end, args.export)]
+    callbacks = [record, SaveAtEnd(args.save_end, args.export, args.import_path)]
     if args.save_dir:
         callbacks.append(ModelCheckpoint(dirpath=args.save_dir, filename="{step}", every_n_train_steps=args.every_n,
                                          save_top_k=-1, save_last=True))
