@@ -102,6 +102,32 @@ def read_layout(path: _PATH) -> CheckpointLayout:
     return CheckpointLayout(**{k: v for k, v in data.items() if k in known})
 
 
+def check_compatible(path: _PATH, saved: CheckpointLayout, current: CheckpointLayout, load_optimizer: bool) -> None:
+    """Raise :class:`CheckpointError` if a checkpoint saved as ``saved`` cannot be loaded into a run laid out as
+    ``current`` (dtype, optimizer format, model-parallel change under the distributed optimizer)."""
+    if saved.params_dtype != current.params_dtype:
+        raise CheckpointError(
+            f"checkpoint {path} holds {saved.params_dtype} parameters but this run uses {current.params_dtype}; "
+            f"set the Trainer's precision to the one it was trained with"
+        )
+    if not load_optimizer:
+        return
+    fix = ("or pass MegatronStrategy(ckpt_load_optimizer=False) to load the weights and training progress with a "
+           "fresh optimizer state")
+    if not saved.has_optimizer:
+        raise CheckpointError(f"checkpoint {path} holds no optimizer state (saved weights-only); {fix}")
+    if saved.distributed_optimizer != current.distributed_optimizer:
+        raise CheckpointError(
+            f"checkpoint {path} was saved with use_distributed_optimizer={saved.distributed_optimizer}, this run "
+            f"has {current.distributed_optimizer}; their optimizer states differ in format. Match the setting {fix}"
+        )
+    if saved.distributed_optimizer and saved.model_parallel != current.model_parallel:
+        raise CheckpointError(
+            f"checkpoint {path} was saved as {saved.describe()}; the distributed optimizer's state reshards across "
+            f"data parallelism only, and this run is {current.describe()}. Use the saved TP/PP/VP/CP {fix}"
+        )
+
+
 def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
     """The sharded state of all model chunks of this rank, keyed ``model`` (or ``model0``, ``model1``... with VP)."""
     models = [unwrap(chunk) for chunk in chunks]
@@ -390,6 +416,7 @@ def main(argv: Sequence[str]) -> int:
 __all__ = [
     "CheckpointError",
     "CheckpointLayout",
+    "check_compatible",
     "MegatronCheckpointIO",
     "describe",
     "model_sharded_state_dict",

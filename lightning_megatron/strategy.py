@@ -389,16 +389,9 @@ class MegatronStrategy(ParallelStrategy):
         io = self._megatron_io()
         io.finalize(blocking=True)
         checkpoint = io.load_checkpoint(checkpoint_path)
-        saved = ckpt.CheckpointLayout(**checkpoint["layout"])
-        current = self._checkpoint_layout(checkpoint)
-        if saved.params_dtype != current.params_dtype:
-            raise ckpt.CheckpointError(
-                f"checkpoint {checkpoint_path} holds {saved.params_dtype} parameters but this run uses "
-                f"{current.params_dtype}; set the Trainer's precision to the one it was trained with"
-            )
         load_optimizer = bool(self.optimizers) and self.ckpt_load_optimizer
-        if load_optimizer:
-            self._check_optimizer_resharding(checkpoint_path, saved, current)
+        ckpt.check_compatible(checkpoint_path, ckpt.CheckpointLayout(**checkpoint["layout"]),
+                              self._checkpoint_layout(checkpoint), load_optimizer)
         template = self.lightning_module_state_dict()
         if load_optimizer:
             template["optimizer"] = [ckpt.optimizer_sharded_state_dict(self.optimizers[0], template, is_loading=True)]
@@ -406,23 +399,6 @@ class MegatronStrategy(ParallelStrategy):
         checkpoint["optimizer_states"] = loaded.pop("optimizer", [])
         checkpoint["state_dict"] = loaded
         return checkpoint
-
-    def _check_optimizer_resharding(self, path: Any, saved: ckpt.CheckpointLayout,
-                                    current: ckpt.CheckpointLayout) -> None:
-        fix = "or pass MegatronStrategy(ckpt_load_optimizer=False) to load the weights and training progress " \
-              "with a fresh optimizer state"
-        if not saved.has_optimizer:
-            raise ckpt.CheckpointError(f"checkpoint {path} holds no optimizer state (saved weights-only); {fix}")
-        if saved.distributed_optimizer != current.distributed_optimizer:
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} was saved with use_distributed_optimizer={saved.distributed_optimizer}, this run "
-                f"has {current.distributed_optimizer}; their optimizer states differ in format. Match the setting {fix}"
-            )
-        if saved.distributed_optimizer and saved.model_parallel != current.model_parallel:
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} was saved as {saved.describe()}; the distributed optimizer's state reshards across "
-                f"data parallelism only, and this run is {current.describe()}. Use the saved TP/PP/VP/CP {fix}"
-            )
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         """Copy the loaded shards into the model chunks (``load_checkpoint`` already loaded them in place)."""
