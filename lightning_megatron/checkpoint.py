@@ -240,7 +240,7 @@ class MegatronCheckpointIO(CheckpointIO):
         self.finalize(blocking=True)  # one save in flight at a time: a newer one may replace the same path
         state = dict(checkpoint)
         layout = state.pop("layout")
-        sharded = {"model": state.pop("state_dict")}
+        sharded = dict(state.pop("state_dict"))  # "model" (or "model0", "model1", ... with VP)
         if state.get("optimizer_states"):
             sharded["optimizer"] = state.pop("optimizer_states")
         state.pop("optimizer_states", None)
@@ -281,11 +281,6 @@ class MegatronCheckpointIO(CheckpointIO):
         """Publish the background saves that every rank has finished (all of them when ``blocking``); all ranks."""
         if self._queue is not None and self._queue.get_num_unfinalized_calls():
             self._queue.maybe_finalize_async_calls(blocking=blocking)
-
-    @property
-    def pending(self) -> int:
-        """Background saves not yet published."""
-        return self._queue.get_num_unfinalized_calls() if self._queue is not None else 0
 
     # ------------------------------------------------------------------ load
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None) -> dict[str, Any]:
