@@ -10,6 +10,7 @@ is therefore empty and its ``optimizer_step`` calls megatron's ``optimizer.step(
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Any, Literal, Mapping
 
@@ -37,6 +38,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from lightning_megatron import parallel
 from lightning_megatron.backends import use_foreach_multi_tensor_kernels
+from lightning_megatron import checkpoint as ckpt
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
@@ -71,6 +73,8 @@ class MegatronStrategy(ParallelStrategy):
         recompute_granularity: Literal["selective", "full"] | None = None,
         recompute_method: Literal["uniform", "block"] | None = None,
         recompute_num_layers: int | None = None,
+        async_save: bool = False,
+        ckpt_load_optimizer: bool = True,
         seed: int | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -107,6 +111,8 @@ class MegatronStrategy(ParallelStrategy):
             "recompute_method": recompute_method if recompute_granularity == "full" else None,
             "recompute_num_layers": recompute_num_layers if recompute_granularity == "full" else None,
         }
+        self.async_save = async_save
+        self.ckpt_load_optimizer = ckpt_load_optimizer
         self.seed = seed
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
@@ -154,7 +160,7 @@ class MegatronStrategy(ParallelStrategy):
 
     @property
     def lightning_restore_optimizer(self) -> bool:
-        return False
+        return True
 
     @property
     def handles_gradient_accumulation(self) -> bool:
@@ -362,6 +368,107 @@ class MegatronStrategy(ParallelStrategy):
         super().teardown()
         parallel.destroy()
         self._cpu.__exit__(None, None, None)
+
+    # ------------------------------------------------------------------ checkpoints (see checkpoint.py)
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        if self._checkpoint_io is None:
+            self._checkpoint_io = ckpt.MegatronCheckpointIO(async_save=self.async_save)
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO | None) -> None:
+        self._checkpoint_io = io
+
+    def _megatron_io(self) -> ckpt.MegatronCheckpointIO:
+        io = self.checkpoint_io
+        if not isinstance(io, ckpt.MegatronCheckpointIO):
+            raise TypeError(f"the megatron strategy saves sharded checkpoints with MegatronCheckpointIO, got "
+                            f"{type(io).__name__}; remove the checkpoint_io plugin")
+        return io
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """This rank's sharded model state (megatron ``ShardedTensor``s), one entry per model chunk."""
+        module = self.lightning_module
+        assert isinstance(module, MegatronModule) and module.chunks is not None
+        return ckpt.model_sharded_state_dict(module.chunks)
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """This rank's sharded optimizer state, keyed by the model parameters it belongs to."""
+        return ckpt.optimizer_sharded_state_dict(optimizer, self.lightning_module_state_dict())
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Every rank writes its shards; the checkpoint directory appears only once all have finished."""
+        if not parallel_state.model_parallel_is_initialized():
+            raise RuntimeError(
+                "megatron's process groups are gone (the Trainer has torn down): save while it runs - with "
+                "ModelCheckpoint, or Trainer.save_checkpoint from a callback's on_train_end"
+            )
+        checkpoint["layout"] = asdict(self._checkpoint_layout(checkpoint))
+        self._megatron_io().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def _checkpoint_layout(self, checkpoint: Mapping[str, Any]) -> ckpt.CheckpointLayout:
+        vp = self.parallel_config.virtual_pipeline_model_parallel_size
+        return ckpt.CheckpointLayout(
+            global_step=int(checkpoint.get("global_step", 0)),
+            epoch=int(checkpoint.get("epoch", 0)),
+            tensor_model_parallel_size=self.parallel_config.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.parallel_config.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=vp if vp and vp > 1 else None,
+            context_parallel_size=self.parallel_config.context_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            world_size=self.world_size,
+            distributed_optimizer=self.use_distributed_optimizer,
+            params_dtype=str(self.precision_plugin.params_dtype).removeprefix("torch."),
+            has_optimizer=bool(checkpoint.get("optimizer_states")),
+            module=type(self.lightning_module).__qualname__,
+        )
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Validate on every rank, then load this rank's shards (resharded to the current layout) in place."""
+        io = self._megatron_io()
+        io.finalize(blocking=True)
+        checkpoint = io.load_checkpoint(checkpoint_path)
+        load_optimizer = bool(self.optimizers) and self.ckpt_load_optimizer
+        ckpt.check_compatible(checkpoint_path, ckpt.CheckpointLayout(**checkpoint["layout"]),
+                              self._checkpoint_layout(checkpoint), load_optimizer)
+        template = self.lightning_module_state_dict()
+        if load_optimizer:
+            template["optimizer"] = [ckpt.optimizer_sharded_state_dict(self.optimizers[0], template, is_loading=True)]
+        loaded = io.load_sharded(checkpoint_path, template)
+        checkpoint["optimizer_states"] = loaded.pop("optimizer", [])
+        checkpoint["state_dict"] = loaded
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Copy the loaded shards into the model chunks (``load_checkpoint`` already loaded them in place)."""
+        module = self.lightning_module
+        assert isinstance(module, MegatronModule) and module.chunks is not None
+        state = checkpoint["state_dict"]
+        names = ["model"] if len(module.chunks) == 1 else [f"model{i}" for i in range(len(module.chunks))]
+        with torch.no_grad():
+            for name, chunk in zip(names, module.chunks):
+                parallel.unwrap(chunk).load_state_dict(state[name], strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Restore megatron's optimizer, or with ``ckpt_load_optimizer=False`` only refresh its main parameters."""
+        if not self.optimizers:
+            return
+        states = checkpoint.get("optimizer_states") or [None]
+        ckpt.load_optimizer_state(self.optimizers[0], states[0])
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Delete a checkpoint directory once every rank is past it (called on all ranks)."""
+        self.barrier("remove_checkpoint")
+        if self.is_global_zero:
+            self._megatron_io().remove_checkpoint(filepath)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Publish background checkpoint saves that every rank has finished writing."""
+        io = self.checkpoint_io
+        if isinstance(io, ckpt.MegatronCheckpointIO):
+            io.finalize(blocking=False)
+        super().on_train_batch_start(batch, batch_idx)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -1,28 +1,44 @@
 """Train the tiny GPT under a given layout and write what a user would compare: the loss of every step.
 
 Run under torchrun (or plain python for one process). Writes JSON to --out on global rank 0:
-{"losses": [...], "val_loss": float, "world_size": int}.
+{"losses": [...], "steps": [...], "batches": [...], "val_loss": float, "world_size": int}
+(``steps`` are the global steps the losses belong to, ``batches`` a checksum of rank 0's tokens at each step).
+
+Checkpoint flags: --save-dir with --every-n saves sharded checkpoints (ModelCheckpoint, save_last), --resume
+continues from a path or "last", --validate-only evaluates a checkpoint, --kill-at-save STEP SIGKILLs every rank
+after the shards of that step's first checkpoint are written and before it is published.
 """
 
 import argparse
 import json
+import os
+import signal
 
 import lightning as L
+import psutil
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_megatron as lm
+from lightning_megatron import checkpoint
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
 from lightning_megatron.models.bert import Bert, BertConfig, MaskedLMDataModule
 from lightning_megatron.models.t5 import T5, SpanCorruptionDataModule, T5Config
 
-
 class RecordLosses(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.steps: list[int] = []
+        self.batches: list[int] = []
+        self.lrs: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
+        self.steps.append(trainer.global_step)
+        self.lrs.append(float(trainer.callback_metrics["lr"]))
+        self.batches.append(int((batch["tokens"].long() * torch.arange(batch["tokens"].numel()).view_as(
+            batch["tokens"])).sum()))
 
 
 class RecordSamples(L.Callback):
@@ -38,6 +54,53 @@ class RecordSamples(L.Callback):
     def on_train_end(self, trainer, pl_module):
         with open(f"{self.directory}/rank{trainer.global_rank}.json", "w") as handle:
             json.dump(self.steps, handle)
+
+
+class SaveAtEnd(L.Callback):
+    """Trainer.save_checkpoint / export when training or validation ends, while megatron's groups still exist;
+    import consolidated weights before validating."""
+
+    def __init__(self, path: str | None, export: str | None, import_path: str | None) -> None:
+        self.path = path
+        self.export = export
+        self.import_path = import_path
+
+    def on_validation_start(self, trainer, pl_module):
+        if self.import_path:
+            from lightning_megatron.consolidated import import_consolidated
+
+            import_consolidated(pl_module, self.import_path)
+
+    def _save(self, trainer, pl_module) -> None:
+        if self.path:
+            trainer.save_checkpoint(self.path)
+        if self.export:
+            from lightning_megatron.consolidated import export_consolidated
+
+            export_consolidated(pl_module, self.export)
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.training and trainer.state.fn == "validate":
+            self._save(trainer, pl_module)
+
+
+def kill_when_publishing(step: int) -> None:
+    """Die like a preempted node: after the shards of ``step`` are on disk, before the checkpoint is published.
+
+    The helper processes (dist_checkpointing's writer queue manager) die too, as they would with the node."""
+    publish = checkpoint._publish
+
+    def publish_or_die(partial, path, layout, trainer_state):
+        if layout["global_step"] == step:
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+            os.kill(os.getpid(), signal.SIGKILL)
+        publish(partial, path, layout, trainer_state)
+
+    checkpoint._publish = publish_or_die
 
 
 def main() -> None:
@@ -63,7 +126,20 @@ def main() -> None:
     parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "bert", "t5"])
     parser.add_argument("--data-prefix", default=None, help="an indexed dataset (else the bundled corpus)")
     parser.add_argument("--record-samples", default=None, help="a directory for each rank's trained samples")
+    parser.add_argument("--decay-steps", type=int, default=None)
+    parser.add_argument("--save-dir", default=None)
+    parser.add_argument("--every-n", type=int, default=None)
+    parser.add_argument("--save-end", default=None, help="Trainer.save_checkpoint to this path at the end")
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--fresh-optimizer", action="store_true")
+    parser.add_argument("--validate-only", action="store_true")
+    parser.add_argument("--kill-at-save", type=int, default=None)
+    parser.add_argument("--export", default=None, help="write the final weights to this safetensors file")
+    parser.add_argument("--import", dest="import_path", default=None, help="validate these safetensors weights")
     args = parser.parse_args()
+    if args.kill_at_save is not None:
+        kill_when_publishing(args.kill_at_save)
 
     torch.set_num_threads(1)
     if args.data_prefix:
@@ -73,7 +149,7 @@ def main() -> None:
         data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch,
                               micro_batch_size=args.micro_batch, rampup_batch_size=args.rampup)
     shape = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, seq_length=args.seq)
-    optim = lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.steps)
+    optim = lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.decay_steps or args.steps)
     if args.arch == "bert":
         data = MaskedLMDataModule(seq_length=args.seq, global_batch_size=args.global_batch,
                                   micro_batch_size=args.micro_batch, sentence_order=True)
@@ -101,8 +177,16 @@ def main() -> None:
         recompute_granularity=args.recompute,
         recompute_method="uniform" if args.recompute == "full" else None,
         recompute_num_layers=1 if args.recompute == "full" else None,
+        async_save=args.async_save,
+        ckpt_load_optimizer=not args.fresh_optimizer,
     )
     record = RecordLosses()
+    callbacks = [record, SaveAtEnd(args.save_end, args.export, args.import_path)]
+    if args.record_samples:
+        callbacks.append(RecordSamples(args.record_samples))
+    if args.save_dir:
+        callbacks.append(ModelCheckpoint(dirpath=args.save_dir, filename="{step}", every_n_train_steps=args.every_n,
+                                         save_top_k=-1, save_last=True))
     trainer = L.Trainer(
         strategy=strategy,
         accelerator="cpu",
@@ -112,17 +196,21 @@ def main() -> None:
         max_steps=args.steps,
         limit_val_batches=2,
         val_check_interval=args.steps,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(args.save_dir),
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
-        callbacks=[record] + ([RecordSamples(args.record_samples)] if args.record_samples else []),
+        callbacks=callbacks,
     )
-    trainer.fit(model, datamodule=data)
+    if args.validate_only:
+        trainer.validate(model, datamodule=data, ckpt_path=args.resume)
+    else:
+        trainer.fit(model, datamodule=data, ckpt_path=args.resume)
     if trainer.is_global_zero:
         with open(args.out, "w") as handle:
             metrics = trainer.callback_metrics
-            json.dump({"losses": record.losses, "val_loss": float(metrics["val_loss"]),
+            json.dump({"losses": record.losses, "steps": record.steps, "batches": record.batches, "lrs": record.lrs,
+                       "val_loss": float(metrics["val_loss"]),
                        "skipped_steps": float(metrics.get("skipped_steps", 0.0)),
                        "world_size": trainer.world_size}, handle)
 

@@ -1,0 +1,420 @@
+"""Sharded checkpoints on megatron-core's ``dist_checkpointing``: every rank writes its shard, nothing is half-written.
+
+A checkpoint is a directory (its name may end in ``.ckpt``, as ModelCheckpoint names them) holding
+
+* megatron's sharded model and optimizer state (``metadata.json``, ``common.pt``, ``.metadata``, ``*.distcp``),
+  stored with layers stacked on a layer axis so that it loads under another TP/PP layout;
+* ``trainer.pt`` - Lightning's own state (loop progress, callbacks, schedulers, precision, datamodule, hparams);
+* ``layout.json`` - the parallel layout, step and dtype it was saved with; written last, it marks completion.
+
+Every save goes to ``<name>.partial`` first and is renamed to ``<name>`` only when all ranks have finished, so a
+checkpoint path that exists is always complete, and a process killed mid-save leaves the previous checkpoint
+untouched. With ``async_save=True`` the shards are written by a forked process while training continues;
+the rename happens when a later step (or teardown) finds every rank done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.types import _PATH
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+from lightning_megatron.parallel import unwrap
+
+FORMAT_VERSION = 1
+LAYOUT_FILE = "layout.json"
+TRAINER_FILE = "trainer.pt"
+PARTIAL_SUFFIX = ".partial"
+OPTIMIZER_SHARDING = "dp_reshardable"
+"""Distributed-optimizer sharding: the one that saves and loads on megatron-core 0.16.1 (reshards over DP only)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, or does not fit the model; the message says what to do."""
+
+
+@dataclass
+class CheckpointLayout:
+    """How a checkpoint was saved: written to ``layout.json`` and checked before anything is loaded."""
+
+    global_step: int
+    epoch: int
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    virtual_pipeline_model_parallel_size: int | None
+    context_parallel_size: int
+    data_parallel_size: int
+    world_size: int
+    distributed_optimizer: bool
+    params_dtype: str
+    has_optimizer: bool
+    module: str
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def model_parallel(self) -> tuple[int, int, int | None, int]:
+        """(TP, PP, VP, CP): what the distributed optimizer's state cannot be resharded across."""
+        return (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                self.virtual_pipeline_model_parallel_size or None, self.context_parallel_size)
+
+    def describe(self) -> str:
+        """One line for logs and errors: ``TP2 PP1 VP- CP1 DP2 (4 ranks), step 5``."""
+        vp = self.virtual_pipeline_model_parallel_size or "-"
+        return (f"TP{self.tensor_model_parallel_size} PP{self.pipeline_model_parallel_size} VP{vp} "
+                f"CP{self.context_parallel_size} DP{self.data_parallel_size} ({self.world_size} ranks), "
+                f"step {self.global_step}")
+
+
+def read_layout(path: _PATH) -> CheckpointLayout:
+    """Read and check a checkpoint's ``layout.json``; raise a clear error if the checkpoint is absent or incomplete."""
+    path = Path(path)
+    if not path.exists():
+        partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        hint = f" ({partial.name} exists: that save never finished)" if partial.exists() else ""
+        raise FileNotFoundError(f"checkpoint {path} does not exist{hint}; pass the path of a saved checkpoint "
+                                f"directory or ckpt_path='last'")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a megatron checkpoint directory; checkpoints saved by the "
+                              f"megatron strategy are directories (load other files with torch.load)")
+    missing = [name for name in (LAYOUT_FILE, "metadata.json", TRAINER_FILE) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {', '.join(missing)}): it was not written to "
+                              f"the end; resume from an earlier checkpoint")
+    data = json.loads((path / LAYOUT_FILE).read_text())
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {data.get('format_version')}, this version of "
+                              f"lightning_megatron reads version {FORMAT_VERSION}")
+    known = {f.name for f in fields(CheckpointLayout)}
+    return CheckpointLayout(**{k: v for k, v in data.items() if k in known})
+
+
+def check_compatible(path: _PATH, saved: CheckpointLayout, current: CheckpointLayout, load_optimizer: bool) -> None:
+    """Raise :class:`CheckpointError` if a checkpoint saved as ``saved`` cannot be loaded into a run laid out as
+    ``current`` (dtype, optimizer format, model-parallel change under the distributed optimizer)."""
+    if saved.params_dtype != current.params_dtype:
+        raise CheckpointError(
+            f"checkpoint {path} holds {saved.params_dtype} parameters but this run uses {current.params_dtype}; "
+            f"set the Trainer's precision to the one it was trained with"
+        )
+    if not load_optimizer:
+        return
+    fix = ("or pass MegatronStrategy(ckpt_load_optimizer=False) to load the weights and training progress with a "
+           "fresh optimizer state")
+    if not saved.has_optimizer:
+        raise CheckpointError(f"checkpoint {path} holds no optimizer state (saved weights-only); {fix}")
+    if saved.distributed_optimizer != current.distributed_optimizer:
+        raise CheckpointError(
+            f"checkpoint {path} was saved with use_distributed_optimizer={saved.distributed_optimizer}, this run "
+            f"has {current.distributed_optimizer}; their optimizer states differ in format. Match the setting {fix}"
+        )
+    if saved.distributed_optimizer and saved.model_parallel != current.model_parallel:
+        raise CheckpointError(
+            f"checkpoint {path} was saved as {saved.describe()}; the distributed optimizer's state reshards across "
+            f"data parallelism only, and this run is {current.describe()}. Use the saved TP/PP/VP/CP {fix}"
+        )
+
+
+def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    """The sharded state of all model chunks of this rank, keyed ``model`` (or ``model0``, ``model1``... with VP)."""
+    models = [unwrap(chunk) for chunk in chunks]
+    if len(models) == 1:
+        return {"model": models[0].sharded_state_dict()}
+    return {f"model{index}": model.sharded_state_dict() for index, model in enumerate(models)}
+
+
+def optimizer_sharded_state_dict(optimizer: Any, model_state: dict[str, Any], is_loading: bool = False) -> dict:
+    """The sharded state of megatron's optimizer, its tensors keyed by the model parameters they belong to."""
+    if is_loading:
+        _init_optimizer_state(optimizer)
+    return optimizer.sharded_state_dict(
+        model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
+    )
+
+
+def _init_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh optimizer the state a loaded one will have: megatron's fallback to torch's Adam (no Apex/TE)
+    creates moments without the ``step`` its distributed optimizer's ``state_dict`` requires."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(part, "init_state_fn", None) is not None:
+            part.init_state_fn(part.optimizer, part.config)
+        for state in part.optimizer.state.values():
+            if "exp_avg" in state:
+                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def load_optimizer_state(optimizer: Any, state: dict[str, Any] | None) -> None:
+    """Restore megatron's optimizer from a loaded sharded state (``None``: refresh main params from the model)."""
+    # In fp32 the main parameters are the model's own leaf tensors: copying into them needs no_grad.
+    with torch.no_grad():
+        if state is None:
+            optimizer.reload_model_params()
+            return
+        optimizer.load_state_dict(state)
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    part_states = [state] if len(parts) == 1 else [state[index] for index in range(len(parts))]
+    for part, part_state in zip(parts, part_states):
+        # With torch's Adam standing in for Apex/TE, megatron's distributed optimizer keeps the step count in its
+        # param groups, then restores every parameter's ``step`` from the freshly initialised state (0) and shares
+        # one tensor among them; give each parameter its own tensor holding the saved count.
+        groups = part_state.get("optimizer", {}).get("param_groups", []) if isinstance(part_state, dict) else []
+        steps = {float(group["step"]) for group in groups if group.get("step") is not None}
+        saved = steps.pop() if len(steps) == 1 else None
+        for param_state in part.optimizer.state.values():
+            current = param_state.get("step")
+            if isinstance(current, torch.Tensor):
+                param_state["step"] = current.clone() if saved is None else torch.full_like(current, saved)
+
+
+def mismatches(path: _PATH, template: dict[str, Any]) -> list[str]:
+    """Tensors this rank would load whose key or shape the checkpoint lacks (reads metadata only, no collective)."""
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    problems = []
+    for _, tensor in sharded_tensors(template):
+        stored = saved.get(tensor.key)
+        if stored is None:
+            problems.append(f"{tensor.key} is missing from the checkpoint")
+        elif tuple(stored.global_shape) != tuple(tensor.global_shape):
+            problems.append(f"{tensor.key} has shape {tuple(stored.global_shape)} in the checkpoint but "
+                            f"{tuple(tensor.global_shape)} in the model")
+    return problems
+
+
+def sharded_tensors(state: Any, name: str = "") -> Iterator[tuple[str, ShardedTensor]]:
+    """Every ``ShardedTensor`` of a sharded state dict (factories built), with the state-dict name it sits under."""
+    if isinstance(state, ShardedTensorFactory):
+        yield from sharded_tensors(state.build(), name)
+    elif isinstance(state, ShardedTensor):
+        yield name, state
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            yield from sharded_tensors(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from sharded_tensors(value, name)
+
+
+def raise_on_any_rank(problem: str | None) -> None:
+    """Raise :class:`CheckpointError` on every rank if any rank found a problem, so no rank enters a collective alone."""
+    problems = [problem]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+    found = [(rank, p) for rank, p in enumerate(problems) if p]
+    if found:
+        rank, text = found[0]
+        raise CheckpointError(f"rank {rank}: {text}")
+
+
+class MegatronCheckpointIO(CheckpointIO):
+    """Lightning CheckpointIO writing megatron-core sharded checkpoints atomically, optionally in the background.
+
+    ``save_checkpoint`` is called on every rank: the ``state_dict`` and ``optimizer_states`` entries must be sharded
+    state dicts (what :class:`~lightning_megatron.strategy.MegatronStrategy` puts there), and ``layout`` a
+    :class:`CheckpointLayout` as a dict; everything else is Lightning's state and is written by rank 0.
+    """
+
+    def __init__(self, async_save: bool = False, parallel_save: bool = True) -> None:
+        self.async_save = async_save
+        self.parallel_save = parallel_save
+        self._queue: AsyncCallsQueue | None = None
+
+    # ------------------------------------------------------------------ save
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Write this rank's shards under ``<path>.partial`` and publish ``path`` once every rank has finished."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        self.finalize(blocking=True)  # one save in flight at a time: a newer one may replace the same path
+        state = dict(checkpoint)
+        layout = state.pop("layout")
+        sharded = dict(state.pop("state_dict"))  # "model" (or "model0", "model1", ... with VP)
+        if state.get("optimizer_states"):
+            sharded["optimizer"] = state.pop("optimizer_states")
+        state.pop("optimizer_states", None)
+        path = Path(path)
+        partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        trainer_state = None
+        if _rank() == 0:
+            if partial.exists():
+                shutil.rmtree(partial)  # a save that was killed before it finished
+            partial.mkdir(parents=True)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)  # now: training goes on while an async save is in flight
+            trainer_state = buffer.getvalue()
+        _barrier()
+        request = dist_checkpointing.save(
+            sharded, str(partial), sharded_strategy=self._save_strategy(), async_sharded_save=self.async_save
+        )
+        if self.async_save:
+            request.add_finalize_fn(lambda: _publish(partial, path, layout, trainer_state))
+            self._async_queue().schedule_async_request(request)
+        else:
+            _publish(partial, path, layout, trainer_state)
+
+    def _save_strategy(self) -> Any:
+        strategy = dist_checkpointing.serialization.get_default_save_sharded_strategy()
+        if self.parallel_save and parallel_state.model_parallel_is_initialized():
+            # Replicated tensors are written once, their writing split among the data-parallel ranks.
+            group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+            strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+        return strategy
+
+    def _async_queue(self) -> AsyncCallsQueue:
+        if self._queue is None:
+            self._queue = AsyncCallsQueue()
+        return self._queue
+
+    def finalize(self, blocking: bool = False) -> None:
+        """Publish the background saves that every rank has finished (all of them when ``blocking``); all ranks."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+
+    # ------------------------------------------------------------------ load
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None) -> dict[str, Any]:
+        """Lightning's state of a checkpoint (no tensors): what ``trainer.pt`` holds, plus ``layout``."""
+        layout = read_layout(path)
+        state = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False)
+        state["layout"] = asdict(layout)
+        return state
+
+    def load_sharded(self, path: _PATH, template: dict[str, Any]) -> dict[str, Any]:
+        """Load the tensors of ``template`` (a sharded state dict) from ``path``; every rank, after validation."""
+        problem = None
+        try:
+            found = mismatches(path, template)
+            if found:
+                problem = (f"checkpoint {path} does not fit this model ({len(found)} tensor(s)): "
+                           + "; ".join(found[:5]) + ". Build the model with the configuration it was saved with")
+        except Exception as error:  # unreadable metadata on one rank must not leave the others in a collective
+            problem = f"cannot read checkpoint metadata of {path}: {error}"
+        raise_on_any_rank(problem)
+        return dist_checkpointing.load(template, str(path))
+
+    # ------------------------------------------------------------------ remove, teardown
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Delete a checkpoint directory (call on one rank only)."""
+        path = Path(path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    def teardown(self) -> None:
+        """Wait for and publish every background save."""
+        self.finalize(blocking=True)
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _publish(partial: Path, path: Path, layout: dict[str, Any], trainer_state: bytes | None) -> None:
+    """Write rank 0's files into ``partial`` and rename it to ``path``; all ranks, once all shards are on disk."""
+    _barrier()
+    if _rank() == 0:
+        assert trainer_state is not None
+        (partial / TRAINER_FILE).write_bytes(trainer_state)
+        marker = partial / LAYOUT_FILE
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(layout, indent=2))
+        os.replace(tmp, marker)
+        if path.exists():
+            # Directories cannot be renamed over each other: move the old one aside, publish, then delete it.
+            old = path.with_name(path.name + ".replaced")
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(path, old)
+            os.rename(partial, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.rename(partial, path)
+    _barrier()
+
+
+# ---------------------------------------------------------------------------------------------- inspect tool
+def describe(path: _PATH) -> str:
+    """A human-readable summary of a checkpoint: layout, step, files, and every tensor's global shape and size."""
+    layout = read_layout(path)
+    path = Path(path)
+    tensors = dist_checkpointing.load_tensors_metadata(str(path))
+    lines = [f"checkpoint  {path}", f"layout      {layout.describe()}",
+             f"module      {layout.module}, params {layout.params_dtype}, "
+             f"{'distributed ' if layout.distributed_optimizer else ''}optimizer "
+             f"{'saved' if layout.has_optimizer else 'not saved'}",
+             f"epoch       {layout.epoch}"]
+    disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    lines.append(f"on disk     {_size(disk)} in {sum(1 for f in path.rglob('*') if f.is_file())} files")
+    groups = {"model": [], "optimizer": []}
+    for key, tensor in sorted(tensors.items()):
+        groups["optimizer" if key.startswith("optimizer") else "model"].append((key, tensor))
+    for name, items in groups.items():
+        total = sum(_numel(t.global_shape) for _, t in items)
+        lines.append(f"\n{name}: {len(items)} tensors, {total:,} elements")
+        for key, tensor in items:
+            numel = _numel(tensor.global_shape)
+            lines.append(f"  {key:<64} {str(tuple(tensor.global_shape)):<20} {str(tensor.dtype).replace('torch.', ''):<9}"
+                         f" {_size(numel * tensor.dtype.itemsize)}")
+    return "\n".join(lines)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    total = 1
+    for size in shape:
+        total *= int(size)
+    return total
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} GiB"
+
+
+def main(argv: Sequence[str]) -> int:
+    """``lightning-megatron checkpoint inspect PATH``: print a checkpoint's layout, step, tensor shapes and sizes."""
+    parser = argparse.ArgumentParser(prog="lightning-megatron checkpoint", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="print layout, step, tensor shapes and sizes")
+    inspect.add_argument("path")
+    args = parser.parse_args(list(argv))
+    try:
+        print(describe(args.path))
+    except (FileNotFoundError, CheckpointError) as error:
+        print(f"error: {error}")
+        return 1
+    return 0
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointLayout",
+    "check_compatible",
+    "MegatronCheckpointIO",
+    "describe",
+    "model_sharded_state_dict",
+    "optimizer_sharded_state_dict",
+    "read_layout",
+]

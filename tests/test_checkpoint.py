@@ -1,0 +1,194 @@
+"""Sharded checkpoints: exact resume, crash safety, async save, resharding, consolidated export, clear errors.
+
+The multi-process runs share one uninterrupted 10-step reference (DP=2, distributed optimizer); every resumed run
+must reproduce its losses and its batches step for step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch import read_json, torchrun
+
+from lightning_megatron import checkpoint as ckpt
+
+DP2 = ("--devices", 2, "--dist-opt")
+
+
+def _train(tmp: Path, name: str, *args, check: bool = True):
+    out = tmp / f"{name}.json"
+    result = torchrun("train_gpt.py", 2, *DP2, "--out", out, *args, timeout=240, check=check)
+    return (read_json(out) if out.exists() else None), result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path) -> dict:
+    """10 uninterrupted steps."""
+    return _train(workdir, "reference", "--steps", 10)[0]
+
+
+@pytest.fixture(scope="module")
+def saved_at_5(workdir: Path) -> Path:
+    """5 steps of the reference run (same schedule), checkpointed every 5 steps."""
+    _train(workdir, "first_half", "--steps", 5, "--decay-steps", 10, "--save-dir", workdir / "sync", "--every-n", 5)
+    return workdir / "sync"
+
+
+def _assert_continues(reference: dict, resumed: dict, first_step: int) -> None:
+    start = first_step - 1
+    assert resumed["steps"] == list(range(first_step, 11))
+    assert resumed["batches"] == reference["batches"][start:], "resumed run read different data"
+    assert resumed["losses"] == pytest.approx(reference["losses"][start:], abs=1e-6)
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_from_last_matches_uninterrupted_run(workdir, reference, saved_at_5):
+    assert sorted(p.name for p in saved_at_5.iterdir()) == ["last.ckpt", "step=5.ckpt"]
+    assert ckpt.read_layout(saved_at_5 / "last.ckpt").global_step == 5
+    resumed, _ = _train(workdir, "second_half", "--steps", 10, "--save-dir", saved_at_5, "--resume", "last")
+    _assert_continues(reference, resumed, first_step=6)
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_leaves_previous_checkpoint_resumable(workdir, reference):
+    save_dir = workdir / "killed"
+    _, result = _train(workdir, "killed", "--steps", 10, "--save-dir", save_dir, "--every-n", 2,
+                       "--kill-at-save", 4, check=False)
+    assert result.returncode != 0
+    names = sorted(p.name for p in save_dir.iterdir())
+    assert names == ["last.ckpt", "step=2.ckpt", "step=4.ckpt.partial"], names
+    assert ckpt.read_layout(save_dir / "last.ckpt").global_step == 2
+    with pytest.raises(FileNotFoundError, match="never finished"):
+        ckpt.read_layout(save_dir / "step=4.ckpt")
+    resumed, _ = _train(workdir, "after_kill", "--steps", 10, "--save-dir", save_dir, "--every-n", 2,
+                        "--resume", "last")
+    _assert_continues(reference, resumed, first_step=3)
+    assert not (save_dir / "step=4.ckpt.partial").exists()
+    assert ckpt.read_layout(save_dir / "last.ckpt").global_step == 10
+
+
+@pytest.mark.slow
+def test_async_save_then_resume(workdir, reference):
+    save_dir = workdir / "async"
+    _train(workdir, "async_first", "--steps", 5, "--decay-steps", 10, "--save-dir", save_dir, "--every-n", 5,
+           "--async-save")
+    assert ckpt.read_layout(save_dir / "step=5.ckpt").global_step == 5
+    resumed, _ = _train(workdir, "async_second", "--steps", 10, "--save-dir", save_dir, "--every-n", 5,
+                        "--async-save", "--resume", "last")
+    _assert_continues(reference, resumed, first_step=6)
+    assert ckpt.read_layout(save_dir / "last.ckpt").global_step == 10
+
+
+@pytest.mark.slow
+def test_reshard_tp2_to_pp2_and_back(tmp_path):
+    """TP2 trains 4 steps; PP2 resumes its step-2 checkpoint (weights and optimizer) and must follow the same losses;
+    TP2 then evaluates PP2's final checkpoint. Consolidated exports of both layouts hold identical tensors, and
+    TP2 importing PP2's export evaluates the same."""
+    def run(name, *args):
+        out = tmp_path / f"{name}.json"
+        torchrun("train_gpt.py", 2, "--devices", 2, "--out", out, *args, timeout=240)
+        return read_json(out)
+
+    tp2 = run("tp2", "--tp", 2, "--steps", 4, "--save-dir", tmp_path / "tp2", "--every-n", 2)
+    pp2 = run("pp2", "--pp", 2, "--steps", 4, "--resume", tmp_path / "tp2" / "step=2.ckpt",
+              "--save-end", tmp_path / "pp2.ckpt", "--export", tmp_path / "pp2.safetensors")
+    assert pp2["steps"] == [3, 4]
+    assert pp2["losses"] == pytest.approx(tp2["losses"][2:], rel=1e-5)
+    assert pp2["val_loss"] == pytest.approx(tp2["val_loss"], rel=1e-5)
+    back = run("tp2_eval", "--tp", 2, "--validate-only", "--resume", tmp_path / "pp2.ckpt",
+               "--export", tmp_path / "tp2.safetensors")
+    assert back["val_loss"] == pytest.approx(pp2["val_loss"], rel=1e-6)
+    exported_pp, exported_tp = load_file(tmp_path / "pp2.safetensors"), load_file(tmp_path / "tp2.safetensors")
+    assert sorted(exported_pp) == sorted(exported_tp)
+    assert "decoder.layers.3.self_attention.linear_qkv.weight" in exported_pp
+    for name, tensor in exported_pp.items():
+        torch.testing.assert_close(exported_tp[name], tensor, rtol=0, atol=0, msg=name)
+    imported = run("tp2_import", "--tp", 2, "--validate-only", "--import", tmp_path / "pp2.safetensors")
+    assert imported["val_loss"] == pytest.approx(pp2["val_loss"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ validation (no processes)
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.read_layout(tmp_path / "nope.ckpt")
+
+
+def test_incomplete_checkpoint_is_a_clear_error(tmp_path):
+    partial = tmp_path / "step=3.ckpt"
+    partial.mkdir()
+    (partial / "metadata.json").write_text("{}")
+    with pytest.raises(ckpt.CheckpointError, match=r"incomplete \(no layout.json, trainer.pt\)"):
+        ckpt.read_layout(partial)
+
+
+def test_a_file_is_not_a_sharded_checkpoint(tmp_path):
+    single = tmp_path / "model.ckpt"
+    torch.save({}, single)
+    with pytest.raises(ckpt.CheckpointError, match="is a file"):
+        ckpt.read_layout(single)
+
+
+@pytest.mark.slow
+def test_other_model_config_names_key_and_shapes(saved_at_5):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    template = {"model": {"embedding.word_embeddings.weight": ShardedTensor.from_rank_offsets(
+        "embedding.word_embeddings.weight", torch.zeros(4096, 32))}}
+    problems = ckpt.mismatches(saved_at_5 / "last.ckpt", template)
+    assert problems == ["embedding.word_embeddings.weight has shape (4096, 64) in the checkpoint but (4096, 32) "
+                        "in the model"]
+
+
+def _layout(**changes) -> ckpt.CheckpointLayout:
+    fields = dict(global_step=5, epoch=0, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                  virtual_pipeline_model_parallel_size=None, context_parallel_size=1, data_parallel_size=2,
+                  world_size=2, distributed_optimizer=True, params_dtype="float32", has_optimizer=True, module="GPT")
+    return ckpt.CheckpointLayout(**{**fields, **changes})
+
+
+def test_distributed_optimizer_state_reshards_over_data_parallelism_only():
+    saved = _layout()
+    ckpt.check_compatible("c", saved, _layout(data_parallel_size=4, world_size=4), load_optimizer=True)
+    tp2 = _layout(tensor_model_parallel_size=2, data_parallel_size=1)
+    with pytest.raises(ckpt.CheckpointError, match=r"saved as TP1 PP1 VP- CP1 DP2 .*this run is TP2 PP1 .*"
+                                                   r"ckpt_load_optimizer=False"):
+        ckpt.check_compatible("c", saved, tp2, load_optimizer=True)
+    ckpt.check_compatible("c", saved, tp2, load_optimizer=False)
+    with pytest.raises(ckpt.CheckpointError, match="use_distributed_optimizer=True, this run has False"):
+        ckpt.check_compatible("c", saved, _layout(distributed_optimizer=False), load_optimizer=True)
+    plain = _layout(distributed_optimizer=False)
+    ckpt.check_compatible("c", plain, _layout(distributed_optimizer=False, pipeline_model_parallel_size=2),
+                          load_optimizer=True)
+
+
+@pytest.mark.slow
+def test_wrong_dtype_is_refused_before_loading(saved_at_5):
+    import lightning_megatron as lm
+
+    strategy = lm.MegatronStrategy(precision_plugin=lm.MegatronPrecision("bf16-mixed"))
+    with pytest.raises(ckpt.CheckpointError, match="holds float32 parameters but this run uses bfloat16"):
+        strategy.load_checkpoint(saved_at_5 / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_inspect_prints_layout_step_and_shapes(saved_at_5, capsys):
+    from lightning_megatron.cli import main
+
+    with pytest.raises(SystemExit) as exit_code:
+        main(["checkpoint", "inspect", str(saved_at_5 / "step=5.ckpt")])
+    assert exit_code.value.code == 0
+    printed = capsys.readouterr().out
+    assert "TP1 PP1 VP- CP1 DP2 (2 ranks), step 5" in printed
+    assert "decoder.layers.self_attention.linear_qkv.weight" in printed and "(4, 192, 64)" in printed
+    assert json.loads((saved_at_5 / "step=5.ckpt" / "layout.json").read_text())["distributed_optimizer"] is True
