@@ -15,7 +15,10 @@ SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for child processes: this checkout first on the path, one thread per process."""
-    env = dict(os.environ)
+    # A rendezvous inherited from the test process (or an earlier launch) would make children fight over its port.
+    launcher = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")

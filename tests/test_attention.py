@@ -13,14 +13,10 @@ from lightning_megatron.parallel import ParallelConfig, destroy, initialize
 
 @pytest.fixture
 def single_process():
-    import os
-
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29512")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     with CPUEmulation():
         initialize(ParallelConfig(), seed=0)
         yield
