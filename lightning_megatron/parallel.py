@@ -95,7 +95,11 @@ class ParallelConfig:
 
 
 def initialize(config: ParallelConfig, seed: int) -> None:
-    """Create megatron's process groups on top of the initialised default group, and seed its RNG tracker."""
+    """Create megatron's process groups on top of the initialised default group, and seed its RNG tracker.
+
+    Groups left by an earlier run in this process (kept so that it can still save after ``fit`` returns) are
+    replaced."""
+    destroy()
     vp = config.virtual_pipeline_model_parallel_size
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=config.tensor_model_parallel_size,

@@ -9,10 +9,11 @@ is therefore empty and its ``optimizer_step`` calls megatron's ``optimizer.step(
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -364,10 +365,19 @@ class MegatronStrategy(ParallelStrategy):
         return box[0]
 
     def teardown(self) -> None:
-        """Free megatron's process groups and leave CPU emulation; the default group stays for Lightning."""
+        """Leave CPU emulation. megatron's process groups stay, like Lightning's default group, so that
+        ``trainer.save_checkpoint`` still works after ``fit`` returns; the next run replaces them."""
         super().teardown()
-        parallel.destroy()
         self._cpu.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def _megatron_on_device(self) -> Iterator[None]:
+        """Re-enter CPU emulation for megatron work after ``fit`` has returned (e.g. a final save)."""
+        if self.root_device.type != "cpu" or self._cpu.active:
+            yield
+            return
+        with self._cpu:
+            yield
 
     # ------------------------------------------------------------------ checkpoints (see checkpoint.py)
     @property
@@ -391,21 +401,24 @@ class MegatronStrategy(ParallelStrategy):
         """This rank's sharded model state (megatron ``ShardedTensor``s), one entry per model chunk."""
         module = self.lightning_module
         assert isinstance(module, MegatronModule) and module.chunks is not None
-        return ckpt.model_sharded_state_dict(module.chunks)
+        with self._megatron_on_device():
+            return ckpt.model_sharded_state_dict(module.chunks)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """This rank's sharded optimizer state, keyed by the model parameters it belongs to."""
-        return ckpt.optimizer_sharded_state_dict(optimizer, self.lightning_module_state_dict())
+        with self._megatron_on_device():
+            return ckpt.optimizer_sharded_state_dict(optimizer, self.lightning_module_state_dict())
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Every rank writes its shards; the checkpoint directory appears only once all have finished."""
         if not parallel_state.model_parallel_is_initialized():
             raise RuntimeError(
-                "megatron's process groups are gone (the Trainer has torn down): save while it runs - with "
-                "ModelCheckpoint, or Trainer.save_checkpoint from a callback's on_train_end"
+                "megatron's process groups do not exist (another run replaced them, or none ran): save from the "
+                "Trainer that trained the model"
             )
         checkpoint["layout"] = asdict(self._checkpoint_layout(checkpoint))
-        self._megatron_io().save_checkpoint(checkpoint, filepath, storage_options)
+        with self._megatron_on_device():
+            self._megatron_io().save_checkpoint(checkpoint, filepath, storage_options)
 
     def _checkpoint_layout(self, checkpoint: Mapping[str, Any]) -> ckpt.CheckpointLayout:
         vp = self.parallel_config.virtual_pipeline_model_parallel_size

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -117,14 +116,15 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def gloo_world():
-    """A one-process gloo group with CPU emulation, as a user's notebook would have."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    """A one-process gloo group with CPU emulation, as a user's notebook would have (an earlier in-process
+    Trainer may have left its default group behind, which serves as well)."""
+    ours = not dist.is_initialized()
+    if ours:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     with CPUEmulation():
         yield
-    dist.destroy_process_group()
+    if ours:
+        dist.destroy_process_group()
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import lightning as L
 import pytest
-import torch
+from megatron.core import parallel_state
 
 import lightning_megatron as lm
 from lightning_megatron.data import TextDataModule
@@ -41,7 +41,7 @@ def _fit(strategy, data=None, **trainer_kwargs):
 def test_trainer_rejects_tp_larger_than_world_before_any_collective():
     with pytest.raises(LayoutError, match="does not divide the 1 processes"):
         _fit(lm.MegatronStrategy(tensor_model_parallel_size=2))
-    assert not torch.distributed.is_initialized()
+    assert not parallel_state.model_parallel_is_initialized()
 
 
 def test_trainer_rejects_global_batch_not_divisible_by_micro_batch_times_dp():

@@ -37,8 +37,8 @@ class RecordLosses(L.Callback):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
         self.steps.append(trainer.global_step)
         self.lrs.append(float(trainer.callback_metrics["lr"]))
-        self.batches.append(int((batch["tokens"].long() * torch.arange(batch["tokens"].numel()).view_as(
-            batch["tokens"])).sum()))
+        ids = next(value for value in batch.values() if torch.is_tensor(value)).long()  # tokens, or BERT/T5's text
+        self.batches.append(int((ids * torch.arange(ids.numel()).view_as(ids)).sum()))
 
 
 class RecordSamples(L.Callback):
