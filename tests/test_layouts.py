@@ -1,6 +1,8 @@
 """Every parallel layout trains to the same losses as one process: real processes, gloo, on the CPU."""
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from launch import read_json, run_python, torchrun
 
@@ -9,9 +11,9 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "losses.json"
-    run_python("train_gpt.py", "--out", out, "--steps", STEPS)
-    return read_json(out)
+    root = tmp_path_factory.mktemp("ref")
+    run_python("train_gpt.py", "--out", root / "losses.json", "--steps", STEPS, "--export", root / "final.safetensors")
+    return {**read_json(root / "losses.json"), "weights": load_file(root / "final.safetensors")}
 
 
 def assert_same_losses(result, reference, rel=1e-4):
@@ -39,12 +41,18 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, reference, tmp_path):
     nproc, args = LAYOUTS[name]
-    out = tmp_path / "losses.json"
-    torchrun("train_gpt.py", nproc, "--out", out, "--devices", nproc, "--steps", STEPS, *args)
+    out, weights = tmp_path / "losses.json", tmp_path / "final.safetensors"
+    launch = torchrun if nproc > 1 else (lambda script, _, *rest: run_python(script, *rest))
+    launch("train_gpt.py", nproc, "--out", out, "--devices", nproc, "--steps", STEPS, "--export", weights, *args)
     result = read_json(out)
     assert result["world_size"] == nproc
     assert result["losses"][-1] < result["losses"][0], "the model did not learn"
     assert_same_losses(result, reference)
+    # After the steps, the gathered full weights equal the single process's.
+    final = load_file(weights)
+    assert sorted(final) == sorted(reference["weights"])
+    for key, tensor in final.items():
+        torch.testing.assert_close(tensor, reference["weights"][key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.slow

@@ -52,8 +52,10 @@ def model_config(ckpt: str | None, config: str | None) -> tuple[GPTConfig, str |
             raise ValueError(f"{config} has no model.init_args.config; pass a training recipe such as "
                              f"recipes/gpt-tiny.yaml")
         return GPTConfig(**model["config"]), data.get("tokenizer")
-    if ckpt and Path(ckpt).is_file():
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    # A sharded checkpoint directory keeps Lightning's state (hyper-parameters included) in trainer.pt.
+    state_file = Path(ckpt) / "trainer.pt" if ckpt and Path(ckpt).is_dir() else Path(ckpt) if ckpt else None
+    if state_file is not None and state_file.is_file():
+        checkpoint = torch.load(state_file, map_location="cpu", weights_only=False)
         hparams = checkpoint.get("hyper_parameters", {})
         if "config" in hparams:
             return GPTConfig(**hparams["config"]), None
