@@ -13,7 +13,6 @@ accepted too.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -25,14 +24,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.data import Dataset
 
 from lightning_megatron.data.datamodule import TextDataModule, TokenWindows
-from lightning_megatron.models.layers import Norm, init_weights, post_ln_layer_spec
+from lightning_megatron.models.layers import Norm, VocabPadding, init_weights, post_ln_layer_spec
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
 
 
 @dataclass
-class BertConfig:
+class BertConfig(VocabPadding):
     """The architecture of a BERT encoder; parallel layout and precision come from the strategy."""
 
     vocab_size: int
@@ -54,10 +53,6 @@ class BertConfig:
     seed: int = 1234
     """Seeds the initial weights identically under every parallel layout."""
 
-    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
-        """Vocabulary rounded up to a multiple of 128 x TP rows (megatron's padding)."""
-        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
-        return math.ceil(self.vocab_size / multiple) * multiple
 
     @classmethod
     def tiny(cls, vocab_size: int, **overrides: Any) -> "BertConfig":

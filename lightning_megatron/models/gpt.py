@@ -8,7 +8,6 @@ omit it for plain causal attention).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Mapping
 
@@ -18,14 +17,14 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from lightning_megatron.models.layers import gpt_block_spec, init_weights
+from lightning_megatron.models.layers import VocabPadding, gpt_block_spec, init_weights
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(VocabPadding):
     """The architecture of a GPT; parallel layout and precision come from the strategy, not from here."""
 
     vocab_size: int
@@ -55,10 +54,6 @@ class GPTConfig:
     seed: int = 1234
     """Seeds the initial weights; the same seed gives the same weights under every parallel layout."""
 
-    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
-        """Vocabulary rounded up so that it splits evenly into TP shards of a multiple of 128 rows (megatron's)."""
-        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
-        return math.ceil(self.vocab_size / multiple) * multiple
 
     @classmethod
     def tiny(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":

@@ -27,6 +27,18 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from lightning_megatron.models.attention import SDPAttention
 
 
+class VocabPadding:
+    """For model configs with ``vocab_size`` and ``make_vocab_size_divisible_by``: megatron's padded vocabulary."""
+
+    vocab_size: int
+    make_vocab_size_divisible_by: int
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
+        """Vocabulary rounded up so that it splits evenly into TP shards of a multiple of 128 rows (megatron's)."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return math.ceil(self.vocab_size / multiple) * multiple
+
+
 class Norm:
     """A torch ``LayerNorm``/``RMSNorm`` built from a megatron config, usable with sequence parallelism.
 

@@ -13,7 +13,6 @@ The batch contract: ``enc_tokens`` ``[batch, enc_seq]``, ``dec_tokens`` and ``la
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Mapping
 
@@ -26,14 +25,14 @@ from torch.utils.data import Dataset
 
 from lightning_megatron.data.datamodule import TextDataModule, TokenWindows
 from lightning_megatron.models.gpt import gelu_tanh
-from lightning_megatron.models.layers import init_weights, t5_block_specs
+from lightning_megatron.models.layers import VocabPadding, init_weights, t5_block_specs
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
 
 
 @dataclass
-class T5Config:
+class T5Config(VocabPadding):
     """The architecture of a T5; parallel layout and precision come from the strategy."""
 
     vocab_size: int
@@ -60,10 +59,6 @@ class T5Config:
     make_vocab_size_divisible_by: int = 128
     seed: int = 1234
 
-    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
-        """Vocabulary rounded up to a multiple of 128 x TP rows (megatron's padding)."""
-        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
-        return math.ceil(self.vocab_size / multiple) * multiple
 
     @classmethod
     def tiny(cls, vocab_size: int, **overrides: Any) -> "T5Config":
