@@ -5,6 +5,7 @@ Cases (each prints a table row and appends a JSON line to --out):
   hf        our strategy vs Hugging Face transformers GPT-2 (same shape, bf16 autocast, SDPA, fused AdamW)
   mfu       our strategy on GPT presets (124M, 350M, 1.3B)
   memory    peak memory with no / selective / full recompute and with the distributed optimizer
+  compile   compile_layers=True (torch.compile of each transformer layer) vs eager, on the --presets
 
 GPU:  python benchmarks/train_throughput.py --cases overhead hf mfu memory
 CPU smoke (tiny model, overhead ratio only): python benchmarks/train_throughput.py --device cpu --cases overhead
@@ -271,6 +272,14 @@ def main() -> None:
         ours = report("hf", "Trainer(strategy='megatron')", base, args, run_ours(base, args), args.out)
         hf = report("hf", "transformers GPT2LMHeadModel", base, args, run_hf(base, args), args.out)
         print(f"tokens/s ours / transformers = {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}", flush=True)
+    if "compile" in args.cases and cuda:
+        for preset in args.presets:
+            config = getattr(lm.GPTConfig, preset)(seq_length=seq)
+            eager = report("compile", f"{preset} eager", config, args, run_ours(config, args), args.out)
+            compiled = report("compile", f"{preset} compile_layers", config, args,
+                              run_ours(config, args, compile_layers=True), args.out)
+            print(f"{preset}: tokens/s compiled / eager = {compiled['tokens_per_s'] / eager['tokens_per_s']:.3f}",
+                  flush=True)
     if "mfu" in args.cases and cuda:
         for preset in args.presets:
             config = getattr(lm.GPTConfig, preset)(seq_length=seq)

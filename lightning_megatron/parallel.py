@@ -16,6 +16,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
 class LayoutError(ValueError):
@@ -134,6 +135,14 @@ def stage_layout() -> list[tuple[bool, bool, int | None]]:
 def build_chunks(build_stage: Callable[[bool, bool, int | None], torch.nn.Module]) -> list[torch.nn.Module]:
     """Build the model chunks of this rank: one per pipeline stage it holds (several with a virtual pipeline)."""
     return [build_stage(pre, post, vp_stage) for pre, post, vp_stage in stage_layout()]
+
+
+def compile_layers(chunks: Sequence[torch.nn.Module]) -> None:
+    """Compile every transformer layer in place with ``torch.compile`` (one graph per layer, reused by all layers)."""
+    for chunk in chunks:
+        for layer in chunk.modules():
+            if isinstance(layer, TransformerLayer):
+                layer.compile()
 
 
 def wrap_chunks(

@@ -55,7 +55,8 @@ class MegatronStrategy(ParallelStrategy):
     batch is split into microbatches of ``micro_batch_size`` samples (taken from the datamodule when unset), which
     megatron's schedule runs as gradient accumulation. ``recompute_granularity="selective"`` recomputes core
     attention in backward; ``"full"`` recomputes whole layers (``recompute_method`` uniform or block, over
-    ``recompute_num_layers``). See docs/parallelism.md for every knob and what it costs.
+    ``recompute_num_layers``). ``compile_layers`` runs each transformer layer through ``torch.compile``.
+    See docs/parallelism.md for every knob and what it costs.
     """
 
     strategy_name = "megatron"
@@ -74,6 +75,7 @@ class MegatronStrategy(ParallelStrategy):
         recompute_granularity: Literal["selective", "full"] | None = None,
         recompute_method: Literal["uniform", "block"] | None = None,
         recompute_num_layers: int | None = None,
+        compile_layers: bool = False,
         async_save: bool = False,
         ckpt_load_optimizer: bool = True,
         seed: int | None = None,
@@ -114,6 +116,7 @@ class MegatronStrategy(ParallelStrategy):
         }
         self.async_save = async_save
         self.ckpt_load_optimizer = ckpt_load_optimizer
+        self.compile_layers = compile_layers
         self.seed = seed
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
@@ -273,6 +276,8 @@ class MegatronStrategy(ParallelStrategy):
         module = self.lightning_module
         assert isinstance(module, MegatronModule) and module.chunks is not None
         self.model_to_device()
+        if self.compile_layers:
+            parallel.compile_layers(module.chunks)
         config = module.megatron_config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,

@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--dist-opt", action="store_true")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--recompute", default=None)
+    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=2)
@@ -177,6 +178,7 @@ def main() -> None:
         recompute_granularity=args.recompute,
         recompute_method="uniform" if args.recompute == "full" else None,
         recompute_num_layers=1 if args.recompute == "full" else None,
+        compile_layers=args.compile,
         async_save=args.async_save,
         ckpt_load_optimizer=not args.fresh_optimizer,
     )
