@@ -34,6 +34,7 @@ LAYOUTS = {
     "cp2": (2, ["--cp", 2]),
     "recompute-full": (1, ["--recompute", "full"]),
     "recompute-selective": (1, ["--recompute", "selective"]),
+    "compile-layers": (1, ["--compile"]),
 }
 
 
