@@ -13,11 +13,10 @@ from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from lightning_megatron.models.layers import VocabPadding, gpt_block_spec, init_weights
+from lightning_megatron.models.layers import VocabPadding, gpt_block_spec, init_weights, token_losses_collecting_logits
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
@@ -210,12 +209,7 @@ class GPT(MegatronModule):
         output = model(tokens, position_ids, batch.get("attention_mask"), labels=None if collect else labels)
 
         def loss_fn(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            token_losses = output
-            if collect:
-                # Gather first: megatron's vocab-parallel cross entropy works in place on the logits it is given.
-                logits = tensor_parallel.gather_from_tensor_model_parallel_region(output.detach())
-                self.collected_logits.append(logits[..., : self.config.vocab_size].clone())
-                token_losses = tensor_parallel.vocab_parallel_cross_entropy(output.float(), labels)
+            token_losses = token_losses_collecting_logits(output, labels, self.collected_logits, self.config.vocab_size)
             return self.loss(token_losses, batch)
 
         return output, loss_fn

@@ -39,6 +39,19 @@ class VocabPadding:
         return math.ceil(self.vocab_size / multiple) * multiple
 
 
+def token_losses_collecting_logits(
+    output: torch.Tensor, labels: torch.Tensor, collected: list[torch.Tensor] | None, vocab_size: int
+) -> torch.Tensor:
+    """Per-token losses of a language-model head; with ``collected``, ``output`` is vocab-parallel logits, which are
+    gathered over TP, cut to the real vocabulary and appended to ``collected`` before the loss is computed."""
+    if collected is None:
+        return output
+    # Gather first: megatron's vocab-parallel cross entropy works in place on the logits it is given.
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(output.detach())
+    collected.append(logits[..., :vocab_size].clone())
+    return tensor_parallel.vocab_parallel_cross_entropy(output.float(), labels)
+
+
 class Norm:
     """A torch ``LayerNorm``/``RMSNorm`` built from a megatron config, usable with sequence parallelism.
 

@@ -18,14 +18,13 @@ from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
 from megatron.core.models.T5.t5_model import T5Model
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.data import Dataset
 
 from lightning_megatron.data.datamodule import TextDataModule, TokenWindows
 from lightning_megatron.models.gpt import gelu_tanh
-from lightning_megatron.models.layers import VocabPadding, init_weights, t5_block_specs
+from lightning_megatron.models.layers import VocabPadding, init_weights, t5_block_specs, token_losses_collecting_logits
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
@@ -130,11 +129,7 @@ class T5(MegatronModule):
         output = model(enc_tokens, dec_tokens, key_padding, None, key_padding, lm_labels=None if collect else labels)
 
         def loss_fn(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            token_losses = output
-            if collect:
-                logits = tensor_parallel.gather_from_tensor_model_parallel_region(output.detach())
-                self.collected_logits.append(logits[..., : self.config.vocab_size].clone())
-                token_losses = tensor_parallel.vocab_parallel_cross_entropy(output.float(), labels)
+            token_losses = token_losses_collecting_logits(output, labels, self.collected_logits, self.config.vocab_size)
             return self.loss(token_losses, batch)
 
         return output, loss_fn
