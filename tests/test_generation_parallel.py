@@ -1,4 +1,4 @@
-"""Generation under tensor and pipeline parallelism (real gloo processes) gives what one process gives."""
+"""Generation under tensor, pipeline and context parallelism (real gloo processes) gives what one process gives."""
 
 import json
 
@@ -32,11 +32,12 @@ def check_internal(result):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2_sp", "pp2_vp2"])
+@pytest.mark.parametrize("layout", ["tp2_sp", "pp2_vp2", "cp2"])
 def test_parallel_generation_matches_one_process(reference, tmp_path, layout):
     ref, _, ref_predicted = reference
     check_internal(ref)
-    args = ["--tp", 2, "--sp"] if layout == "tp2_sp" else ["--pp", 2, "--vp", 2, "--predict-out", tmp_path / "p.jsonl"]
+    args = {"tp2_sp": ["--tp", 2, "--sp"], "cp2": ["--cp", 2],
+            "pp2_vp2": ["--pp", 2, "--vp", 2, "--predict-out", tmp_path / "p.jsonl"]}[layout]
     torchrun("generate_gpt.py", 2, "--out", tmp_path / "out.json", "--devices", 2, *args, timeout=400)
     result = read_json(tmp_path / "out.json")
     check_internal(result)

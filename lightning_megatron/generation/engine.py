@@ -2,15 +2,16 @@
 
 Every rank of a model replica runs the same engine in lockstep. Each step is either a *prefill* (the prompts of
 newly admitted requests) or a *decode* (one token for every running sequence); the source rank (see
-:class:`~lightning_megatron.generation.runner.ModelRunner`) chooses the tokens and broadcasts them, then every rank
-applies them identically, so all ranks agree on which requests run, stop or leave.
+:class:`~lightning_megatron.generation.runner.ModelRunner`) chooses the tokens on the device and broadcasts them,
+then every rank applies them identically, so all ranks agree on which requests run, stop or leave.
 
-The key/value cache is megatron's ``StaticInferenceContext``: one row per sequence ("slot"), and one write position
-shared by all rows (the clock ``T``). A request joining at clock ``T`` writes its prompt into the positions just
-before ``T``; an attention mask hides everything its row held before. Rotary embeddings depend only on distances,
-and learned position embeddings are fed each sequence's own positions, so where a sequence sits in the cache does
-not change its logits. Recompute mode (``use_cache=False``) runs the whole sequence every step through the same
-masks and is the reference the cache is tested against.
+The key/value cache (:class:`~lightning_megatron.generation.kv_cache.KVCache`) has one row per sequence ("slot") and
+one write position shared by all rows (the clock ``T``). A request joining at clock ``T`` writes its prompt into the
+positions just before ``T``; the cache's per-row ``valid`` cells hide everything its row held before. Each sequence
+is fed its own positions (learned and rotary embeddings alike), so where it sits in the cache does not change its
+logits. A decode step reads its inputs (the tokens just chosen, each row's position) from device buffers, which is
+what lets it replay from a CUDA graph. Recompute mode (``use_cache=False``) runs the whole sequence every step
+through plain masked attention and is the reference the cache is tested against.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.distributed as dist
 
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.runner import ModelRunner
-from lightning_megatron.generation.sampling import RowState, beam_step, choose, constrain, make_generator
+from lightning_megatron.generation.sampling import RowState, Sampler, beam_step, new_seed
 from lightning_megatron.generation.stream import TextTracker, TokenEvent
 
 
@@ -97,7 +98,9 @@ class Engine:
         self.use_cache = use_cache
         self.leader_submits = leader_submits
         self.eod = eod if eod is not None else getattr(tokenizer, "eod", None)
-        self.cache = runner.new_cache(max_batch_size, self.cache_length) if use_cache else None
+        if use_cache:
+            runner.allocate(max_batch_size, self.cache_length)
+        self.sampler = Sampler(max_batch_size, runner.vocab_size, runner.device) if runner.is_source else None
         self.clock = 0
         self.active: list[_Request] = []
         self.pending: list[_Request] = []
@@ -246,12 +249,14 @@ class Engine:
             return []
         del self.pending[: len(admitted)]
         if not self.active:
-            self.clock = longest
+            self.clock = self.runner.prefill_width(longest, self.cache_length - max(r.max_new for r in admitted))
         slot = sum(r.width for r in self.active)
         for request in admitted:
             request.slot, request.start = slot, self.clock - len(request.prompt)
             slot += request.width
             request.rows = [self._row(request) for _ in range(request.width)]
+            if self.sampler is not None:
+                self.sampler.reset(request.slot, request.rows)
             if self.tokenizer is not None and request.width == 1:
                 request.tracker = TextTracker(self.tokenizer, request.params.stop)
         self.active.extend(admitted)
@@ -262,59 +267,62 @@ class Engine:
         end_ids = set(p.stop_token_ids)
         if self.eod is not None and not p.ignore_eos:
             end_ids.add(self.eod)
-        generator = make_generator(p.seed, self.runner.device) if self.runner.is_source and not p.greedy else None
         return RowState(p, request.prompt, end_ids=frozenset(end_ids), bad_words=request.bad_words,
-                        generator=generator, top_p=p.top_p)
+                        seed=new_seed(p.seed), top_p=p.top_p)
 
     def _rows(self, requests: Sequence[_Request]) -> list[tuple[_Request, RowState]]:
         return [(request, row) for request in requests for row in request.rows]
 
-    def _layout(self, rows: list[tuple[_Request, RowState]], first: int, last: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Tokens and positions at cache positions ``[first, last)`` of ``rows``, and their mask over keys ``[0, last)``.
-
-        A query sees the keys at or before it and not before its own sequence's start (older rows' leftovers); a
-        padding query sees itself, so that no row of the attention is empty (SDPA turns those into NaN). When
-        every sequence starts at 0 plain causal attention is the same, and no mask lets fused kernels run.
-        """
+    def _layout(self, rows: list[tuple[_Request, RowState]], first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and each sequence's own positions at cache positions ``[first, last)`` of ``rows`` (0 before a
+        sequence's start)."""
         tokens = torch.zeros(len(rows), last - first, dtype=torch.long)
         for i, (request, row) in enumerate(rows):
             sequence = row.prompt + row.generated
-            for position in range(max(first, request.start), last):
-                tokens[i, position - first] = sequence[position - request.start]
+            begin = max(first, request.start)
+            if begin < last:
+                tokens[i, begin - first :] = torch.tensor(sequence[begin - request.start : last - request.start])
         starts = torch.tensor([request.start for request, _ in rows])
-        queries = torch.arange(first, last)
-        positions = (queries[None, :] - starts[:, None]).clamp(min=0)
-        if not starts.any():
-            return tokens, positions, None
-        keys = torch.arange(0, last)[None, None, :]
-        blocked = (keys > queries[None, :, None]) | ((keys < starts[:, None, None]) & (keys != queries[None, :, None]))
-        return tokens, positions, blocked[:, None]
+        positions = (torch.arange(first, last)[None, :] - starts[:, None]).clamp(min=0)
+        return tokens, positions
+
+    def _recompute(self, rows: list[tuple[_Request, RowState]]) -> torch.Tensor | None:
+        """Logits of the last position of every row, from the whole sequences (no cache).
+
+        A query sees the keys at or before it and not before its own sequence's start (older rows' leftovers); a
+        padding query sees itself, so that no row of the attention is empty. When every sequence starts at 0 plain
+        causal attention is the same, and no mask lets fused kernels run.
+        """
+        tokens, positions = self._layout(rows, 0, self.clock)
+        starts = torch.tensor([request.start for request, _ in rows])
+        mask = None
+        if starts.any():
+            queries = torch.arange(self.clock)
+            keys = queries[None, None, :]
+            mask = (keys > queries[None, :, None]) | ((keys < starts[:, None, None]) & (keys != queries[None, :, None]))
+            mask = mask[:, None]
+        return self._last(self.runner.forward(tokens, positions, mask))
 
     def _prefill(self, admitted: list[_Request]) -> torch.Tensor | None:
         rows = self._rows(admitted)
-        first = self.clock - max(len(r.prompt) for r in admitted)
-        if self.cache is None:
-            tokens, positions, mask = self._layout(rows, 0, self.clock)
-            return self._last(self.runner.forward(tokens, positions, mask))
-        tokens, positions, mask = self._layout(rows, first, self.clock)
-        self.cache.sequence_len_offset, self.cache.batch_size_offset = first, admitted[0].slot
-        self.cache.enable_prefill_mode()
-        try:
-            return self._last(self.runner.forward(tokens, positions, mask, self.cache))
-        finally:
-            self.cache.batch_size_offset = 0
+        if not self.use_cache:
+            return self._recompute(rows)
+        # A fresh batch fills positions [0, clock) (the clock may be padded for a graphed prefill); a batch joining
+        # running sequences writes only as far back as its longest prompt.
+        fresh = admitted[0].slot == 0
+        width = self.clock if fresh else max(len(r.prompt) for r in admitted)
+        tokens, positions = self._layout(rows, self.clock - width, self.clock)
+        return self.runner.prefill(admitted[0].slot, tokens, positions, [request.start for request, _ in rows],
+                                   self.clock)
 
     def _decode(self) -> torch.Tensor | None:
         rows = self._rows(self.active)
+        if not self.use_cache:
+            self.clock += 1
+            return self._recompute(rows)
+        logits = self.runner.decode(len(rows), self.clock)
         self.clock += 1
-        if self.cache is None:
-            tokens, positions, mask = self._layout(rows, 0, self.clock)
-            return self._last(self.runner.forward(tokens, positions, mask))
-        tokens, positions, mask = self._layout(rows, self.clock - 1, self.clock)
-        self.cache.sequence_len_offset, self.cache.batch_size_offset = self.clock - 1, 0
-        self.cache.enable_decode_mode()
-        return self._last(self.runner.forward(tokens, positions, mask, self.cache))
+        return logits
 
     @staticmethod
     def _last(logits: torch.Tensor | None) -> torch.Tensor | None:
@@ -324,31 +332,33 @@ class Engine:
     def _decide(self, logits: torch.Tensor, requests: list[_Request]) -> dict[str, Any]:
         """On the source rank: the next token of every sampled row, and each beam search's step."""
         rows = self._rows(requests)
-        states = [row for _, row in rows]
-        logprobs = logits.log_softmax(dim=-1)
-        constrained = constrain(logits, states)
-        tokens = choose(constrained, states).tolist()
-        decision: dict[str, Any] = {"tokens": tokens,
-                                    "logprobs": logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])
-                                    .squeeze(1).tolist(),
-                                    "beams": {}}
+        first = requests[0].slot
+        choice = self.sampler.choose(logits, first, [row for _, row in rows])
+        if self.use_cache:
+            self.runner.tokens[first : first + len(rows)] = choice.tokens
+        self.sampler.record(first, choice.tokens)
+        # The one read-back of the step: the chosen tokens and their log probabilities, together.
+        tokens, logprobs = torch.stack([choice.tokens.double(), choice.logprobs.double()]).tolist()
+        decision: dict[str, Any] = {"tokens": [int(t) for t in tokens], "logprobs": logprobs, "beams": {}}
         offset = 0
         for request in requests:
             if request.width > 1:
                 span = slice(offset, offset + request.width)
                 cumulative = ([sum(row.logprobs) for row in request.rows] if request.rows[0].generated
                               else [0.0] + [float("-inf")] * (request.width - 1))
-                beam_logprobs = constrained[span].log_softmax(dim=-1)
-                choice = beam_step(beam_logprobs, cumulative, request.rows[0].end_ids, request.width)
+                beam_logprobs = choice.constrained[span].log_softmax(dim=-1)
+                step = beam_step(beam_logprobs, cumulative, request.rows[0].end_ids, request.width)
                 decision["beams"][request.id] = {
-                    "parents": choice.parents, "tokens": choice.tokens,
-                    "logprobs": [beam_logprobs[p, t].item() for p, t in zip(choice.parents, choice.tokens)],
-                    "ended": [(p, t, beam_logprobs[p, t].item()) for p, t, _ in choice.ended],
+                    "parents": step.parents, "tokens": step.tokens,
+                    "logprobs": [beam_logprobs[p, t].item() for p, t in zip(step.parents, step.tokens)],
+                    "ended": [(p, t, beam_logprobs[p, t].item()) for p, t, _ in step.ended],
                 }
             offset += request.width
         return decision
 
     def _apply(self, decision: dict[str, Any], requests: list[_Request]) -> list[TokenEvent]:
+        if self.use_cache and not self.runner.is_source:
+            self.runner.set_tokens(requests[0].slot, decision["tokens"])
         events = []
         offset = 0
         for request in requests:
@@ -391,9 +401,12 @@ class Engine:
             row = request.rows[parent].fork()
             row.advance(token, logprob)
             new_rows.append(row)
-        if self.cache is not None and len(parents) == request.width:
-            slots = range(request.slot, request.slot + request.width)
-            self.runner.move_rows(self.cache, list(slots), [request.slot + p for p in parents])
+        if len(parents) == request.width:
+            slots = list(range(request.slot, request.slot + request.width))
+            self.runner.move_rows(slots, [request.slot + p for p in parents])
+            self.runner.set_tokens(request.slot, step["tokens"])
+            if self.sampler is not None:
+                self.sampler.reset(request.slot, new_rows)
         alive_done = not new_rows or len(new_rows[0].generated) >= request.max_new
         if alive_done or len(request.hypotheses) >= request.width or len(new_rows) < request.width:
             for row in new_rows:
@@ -429,8 +442,9 @@ class Engine:
                 src.extend(range(request.slot, request.slot + request.width))
                 request.slot = slot
             slot += request.width
-        if self.cache is not None:
-            self.runner.move_rows(self.cache, dst, src)
+        self.runner.move_rows(dst, src)
+        if self.sampler is not None:
+            self.sampler.move_rows(dst, src)
         self.active = kept
         if not kept:
             self.clock = 0

@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vp", type=int, default=None)
+    parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--init-std", type=float, default=0.2)
@@ -77,7 +78,8 @@ def main() -> None:
         config = lm.GPTConfig(vocab_size=4096, init_method_std=args.init_std, **shape)
     model = lm.GPT(config, lm.OptimConfig(lr=3e-3, warmup_steps=1, decay_steps=args.steps))
     strategy = lm.MegatronStrategy(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                   virtual_pipeline_model_parallel_size=args.vp, sequence_parallel=args.sp)
+                                   virtual_pipeline_model_parallel_size=args.vp, context_parallel_size=args.cp,
+                                   sequence_parallel=args.sp)
     probe = Probe()
     sample = SampleText(max_new_tokens=16)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=args.devices, max_steps=args.steps,
