@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from lightning_megatron.models.layers import VocabPadding, gpt_block_spec, init_weights, token_losses_collecting_logits
+from lightning_megatron.models.layers import (
+    VocabPadding,
+    gelu_tanh,
+    gpt_block_spec,
+    init_weights,
+    token_losses_collecting_logits,
+)
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
@@ -124,11 +130,6 @@ class GPTConfig(VocabPadding):
     def mqa_tiny(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":
         """The tiny Llama with multi-query attention: one key/value head shared by all query heads."""
         return cls.llama_tiny(vocab_size, **{**dict(num_query_groups=1), **overrides})
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation, as GPT-2 was trained."""
-    return F.gelu(x, approximate="tanh")
 
 
 class GPT(MegatronModule):

@@ -13,6 +13,7 @@ import re
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -50,6 +51,11 @@ def token_losses_collecting_logits(
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(output.detach())
     collected.append(logits[..., :vocab_size].clone())
     return tensor_parallel.vocab_parallel_cross_entropy(output.float(), labels)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, as GPT-2 was trained."""
+    return F.gelu(x, approximate="tanh")
 
 
 class Norm:

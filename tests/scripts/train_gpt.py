@@ -23,8 +23,9 @@ import lightning_megatron as lm
 from lightning_megatron import checkpoint
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
-from lightning_megatron.models.bert import Bert, BertConfig, MaskedLMDataModule
-from lightning_megatron.models.t5 import T5, SpanCorruptionDataModule, T5Config
+from lightning_megatron.data import MaskedLMDataModule, SpanCorruptionDataModule
+from lightning_megatron.models.bert import Bert, BertConfig
+from lightning_megatron.models.t5 import T5, T5Config
 
 class RecordLosses(L.Callback):
     def __init__(self) -> None:
@@ -67,7 +68,7 @@ class SaveAtEnd(L.Callback):
 
     def on_validation_start(self, trainer, pl_module):
         if self.import_path:
-            from lightning_megatron.consolidated import import_consolidated
+            from lightning_megatron.convert.consolidated import import_consolidated
 
             import_consolidated(pl_module, self.import_path)
 
@@ -75,7 +76,7 @@ class SaveAtEnd(L.Callback):
         if self.path:
             trainer.save_checkpoint(self.path)
         if self.export:
-            from lightning_megatron.consolidated import export_consolidated
+            from lightning_megatron.convert.consolidated import export_consolidated
 
             export_consolidated(pl_module, self.export)
 
