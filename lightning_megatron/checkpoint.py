@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-from lightning_megatron.parallel import unwrap
+from lightning_megatron.atomic import atomic_write
+from lightning_megatron.parallel import ParallelConfig, unwrap
 
 FORMAT_VERSION = 1
 LAYOUT_FILE = "layout.json"
@@ -52,10 +53,7 @@ class CheckpointLayout:
 
     global_step: int
     epoch: int
-    tensor_model_parallel_size: int
-    pipeline_model_parallel_size: int
-    virtual_pipeline_model_parallel_size: int | None
-    context_parallel_size: int
+    parallel: ParallelConfig
     data_parallel_size: int
     world_size: int
     distributed_optimizer: bool
@@ -67,15 +65,28 @@ class CheckpointLayout:
     @property
     def model_parallel(self) -> tuple[int, int, int | None, int]:
         """(TP, PP, VP, CP): what the distributed optimizer's state cannot be resharded across."""
-        return (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
-                self.virtual_pipeline_model_parallel_size or None, self.context_parallel_size)
+        p = self.parallel
+        return p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.vp, p.context_parallel_size
 
     def describe(self) -> str:
         """One line for logs and errors: ``TP2 PP1 VP- CP1 DP2 (4 ranks), step 5``."""
-        vp = self.virtual_pipeline_model_parallel_size or "-"
-        return (f"TP{self.tensor_model_parallel_size} PP{self.pipeline_model_parallel_size} VP{vp} "
-                f"CP{self.context_parallel_size} DP{self.data_parallel_size} ({self.world_size} ranks), "
+        p = self.parallel
+        return (f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} VP{p.vp or '-'} "
+                f"CP{p.context_parallel_size} DP{self.data_parallel_size} ({self.world_size} ranks), "
                 f"step {self.global_step}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``layout.json`` form: one flat object, the parallel sizes among the other fields."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "parallel"}
+        return {**flat, **asdict(self.parallel)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CheckpointLayout:
+        """The layout of a ``layout.json`` object (unknown keys, from later versions, are ignored)."""
+        own = {f.name for f in fields(cls)} - {"parallel"}
+        parallel_fields = {f.name for f in fields(ParallelConfig)}
+        return cls(**{k: v for k, v in data.items() if k in own},
+                   parallel=ParallelConfig(**{k: v for k, v in data.items() if k in parallel_fields}))
 
 
 def read_layout(path: _PATH) -> CheckpointLayout:
@@ -97,8 +108,7 @@ def read_layout(path: _PATH) -> CheckpointLayout:
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {data.get('format_version')}, this version of "
                               f"lightning_megatron reads version {FORMAT_VERSION}")
-    known = {f.name for f in fields(CheckpointLayout)}
-    return CheckpointLayout(**{k: v for k, v in data.items() if k in known})
+    return CheckpointLayout.from_dict(data)
 
 
 def check_compatible(path: _PATH, saved: CheckpointLayout, current: CheckpointLayout, load_optimizer: bool) -> None:
@@ -206,8 +216,8 @@ def sharded_tensors(state: Any, name: str = "") -> Iterator[tuple[str, ShardedTe
             yield from sharded_tensors(value, name)
 
 
-def raise_on_any_rank(problem: str | None) -> None:
-    """Raise :class:`CheckpointError` on every rank if any rank found a problem, so no rank enters a collective alone."""
+def raise_on_any_rank(problem: str | None, error: type[Exception] = CheckpointError) -> None:
+    """Raise ``error`` on every rank if any rank found a problem, so that no rank enters a collective alone."""
     problems = [problem]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         problems = [None] * dist.get_world_size()
@@ -215,7 +225,7 @@ def raise_on_any_rank(problem: str | None) -> None:
     found = [(rank, p) for rank, p in enumerate(problems) if p]
     if found:
         rank, text = found[0]
-        raise CheckpointError(f"rank {rank}: {text}")
+        raise error(f"rank {rank}: {text}")
 
 
 class MegatronCheckpointIO(CheckpointIO):
@@ -286,7 +296,7 @@ class MegatronCheckpointIO(CheckpointIO):
         """Lightning's state of a checkpoint (no tensors): what ``trainer.pt`` holds, plus ``layout``."""
         layout = read_layout(path)
         state = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False)
-        state["layout"] = asdict(layout)
+        state["layout"] = layout.to_dict()
         return state
 
     def load_sharded(self, path: _PATH, template: dict[str, Any]) -> dict[str, Any]:
@@ -334,10 +344,8 @@ def _publish(partial: Path, path: Path, layout: dict[str, Any], trainer_state: b
     if _rank() == 0:
         assert trainer_state is not None
         (partial / TRAINER_FILE).write_bytes(trainer_state)
-        marker = partial / LAYOUT_FILE
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(layout, indent=2))
-        os.replace(tmp, marker)
+        with atomic_write(partial / LAYOUT_FILE) as tmp:
+            tmp.write_text(json.dumps(layout, indent=2))
         if path.exists():
             # Directories cannot be renamed over each other: move the old one aside, publish, then delete it.
             old = path.with_name(path.name + ".replaced")

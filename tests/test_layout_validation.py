@@ -45,9 +45,9 @@ def test_trainer_rejects_tp_larger_than_world_before_any_collective():
 
 
 def test_trainer_rejects_global_batch_not_divisible_by_micro_batch_times_dp():
-    data = TextDataModule(seq_length=16, global_batch_size=6, micro_batch_size=2)
-    with pytest.raises(LayoutError, match="global_batch_size=6 is not divisible by micro_batch_size .4."):
-        _fit(lm.MegatronStrategy(micro_batch_size=4), data)
+    data = TextDataModule(seq_length=16, global_batch_size=8, micro_batch_size=4, rampup_batch_size=[2, 2, 32])
+    with pytest.raises(LayoutError, match="a ramp-up global batch size=2 is not divisible by micro_batch_size .4."):
+        _fit("megatron", data)
 
 
 def test_trainer_rejects_lightning_gradient_accumulation():

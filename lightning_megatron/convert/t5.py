@@ -31,7 +31,6 @@ class T5(Architecture):
 
     name = "t5"
     hf_architectures = ("T5ForConditionalGeneration",)
-    vocab_tensors = ("embedding.word_embeddings.weight", "lm_head.output_layer.weight", "lm_head.output_layer.bias")
     ignored_hf = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
     def config_from_hf(self, hf: Mapping[str, Any]) -> T5Config:
@@ -69,11 +68,6 @@ class T5(Architecture):
             "dropout_rate": config.hidden_dropout, "is_encoder_decoder": True, "decoder_start_token_id": 0,
             "pad_token_id": 0,
         }
-
-    def tied(self, config: T5Config) -> dict[str, str]:
-        if config.tie_embeddings:
-            return {"lm_head.output_layer.weight": "embedding.word_embeddings.weight"}
-        return {}
 
     def check_layout(self, config: T5Config, layout: Any) -> None:
         if layout.pipeline_model_parallel_size > 1:

@@ -9,16 +9,17 @@ step. Subclasses provide ``train_dataset``/``val_dataset``/``test_dataset`` of G
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_megatron.atomic import atomic_write
 from lightning_megatron.data.corpus import BUNDLED_CORPUS, read_texts
 from lightning_megatron.data.sampler import GlobalBatchSampler, GlobalBatchSizes
-from lightning_megatron.data.tokenizer import Tokenizer, cache_dir, load_tokenizer
+from lightning_megatron.data.tokenizer import LazyTokenizer, cache_dir
 
 
 class TokenWindows(Dataset):
@@ -107,7 +108,7 @@ class MegatronDataModule(pl.LightningDataModule):
         return self._loader(self.test_dataset, "test", train=False)
 
 
-class TextDataModule(MegatronDataModule):
+class TextDataModule(MegatronDataModule, LazyTokenizer):
     """GPT samples from a text corpus (``.jsonl``, ``.jsonl.gz`` or ``.txt``; the bundled KJV corpus by default).
 
     Documents are tokenised (cached on disk), joined with the end-of-document token, and cut into windows of
@@ -136,14 +137,6 @@ class TextDataModule(MegatronDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
         self.val_fraction = val_fraction
-        self._tokenizer: Tokenizer | None = None
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer the corpus is encoded with."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_spec)
-        return self._tokenizer
 
     def data_description(self) -> str:
         return f"{self.path} (val_fraction={self.val_fraction})"
@@ -177,7 +170,6 @@ class TextDataModule(MegatronDataModule):
         eod = self.tokenizer.eod
         streams = [np.fromiter((t for doc in part for t in (*doc, eod)), dtype=np.int32)
                    for part in (encoded[:split], encoded[split:])]
-        tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, train=streams[0], held_out=streams[1])
-        os.replace(tmp, cache)
+        with atomic_write(cache) as tmp:
+            np.savez(tmp, train=streams[0], held_out=streams[1])
         return streams[0], streams[1]

@@ -55,9 +55,9 @@ class MaskedLMDataModule(TextDataModule):
     ``mask_token_id`` (default: one past the tokenizer's vocabulary, so give the model ``vocab_size + 1``).
     """
 
-    def __init__(self, *args: Any, mask_token_id: int | None = None, sentence_order: bool = False,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, mask_token_id: int | None = None, sentence_order: bool = False, **kwargs: Any) -> None:
+        """``kwargs`` are :class:`~lightning_megatron.data.TextDataModule`'s (corpus, tokenizer, batch sizes, ...)."""
+        super().__init__(**kwargs)
         self.mask_token_id = mask_token_id
         self.sentence_order = sentence_order
 

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from lightning_megatron.data.datamodule import MegatronDataModule
 from lightning_megatron.data.indexed import IndexedFiles, check_vocab_size, inspect_indexed
-from lightning_megatron.data.tokenizer import cache_dir
+from lightning_megatron.data.tokenizer import LazyTokenizer, cache_dir
 
 SPLITS = ("train", "validation", "test")
 
@@ -55,7 +55,7 @@ def process_group_for_build() -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
-class IndexedDataModule(MegatronDataModule, abc.ABC):
+class IndexedDataModule(MegatronDataModule, LazyTokenizer, abc.ABC):
     """Base of the datamodules built from indexed datasets with megatron-core's ``BlendedMegatronDatasetBuilder``.
 
     ``paths`` are dataset prefixes (``<prefix>.bin``/``.idx``), optionally with blend ``weights`` (or megatron's
@@ -97,18 +97,6 @@ class IndexedDataModule(MegatronDataModule, abc.ABC):
         self.num_samples = num_samples
         self.eval_samples = eval_samples
         self.check_vocab = check_vocab
-        self._tokenizer: Any = None
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer megatron-core's datasets are configured with (eod, pad and unique_identifiers at least)."""
-        if self._tokenizer is None:
-            self._tokenizer = self.load_tokenizer(self.tokenizer_spec)
-        return self._tokenizer
-
-    @abc.abstractmethod
-    def load_tokenizer(self, spec: str | None) -> Any:
-        """The tokenizer for ``spec`` (a path or ``None``/"bundled")."""
 
     @abc.abstractmethod
     def dataset_class(self) -> type:

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from lightning_megatron.data.datamodule import MegatronDataModule
 from lightning_megatron.data.samples import GPTSamples
-from lightning_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from lightning_megatron.data.tokenizer import LazyTokenizer, Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -120,7 +120,7 @@ def sft_dataset(path: str | os.PathLike, tokenizer: Tokenizer, seq_length: int, 
     return GPTSamples(items, seq_length, pad_id=tokenizer.pad)
 
 
-class SFTDataModule(MegatronDataModule):
+class SFTDataModule(MegatronDataModule, LazyTokenizer):
     """Fine-tuning data from an SFT ``.jsonl`` (see the module docs for the format), in the GPT batch contract.
 
     Validation uses ``val_path`` when given, else the last ``val_fraction`` of the training file's examples.
@@ -151,7 +151,7 @@ class SFTDataModule(MegatronDataModule):
         return f"{self.path}" + (f" / {self.val_path}" if self.val_path else f" (val_fraction={self.val_fraction})")
 
     def setup(self, stage: str) -> None:
-        tokenizer = load_tokenizer(self.tokenizer_spec)
+        tokenizer = self.tokenizer
         data = sft_dataset(self.path, tokenizer, self.seq_length, self.packed)
         if self.val_path:
             self.train_dataset, self.val_dataset = data, sft_dataset(self.val_path, tokenizer, self.seq_length,

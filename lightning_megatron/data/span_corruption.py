@@ -58,8 +58,9 @@ class SpanCorruptionDataModule(TextDataModule):
     give the model that many extra vocabulary entries; the decoder starts from id 0.
     """
 
-    def __init__(self, *args: Any, decoder_seq_length: int = 64, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, decoder_seq_length: int = 64, **kwargs: Any) -> None:
+        """``kwargs`` are :class:`~lightning_megatron.data.TextDataModule`'s (corpus, tokenizer, batch sizes, ...)."""
+        super().__init__(**kwargs)
         self.decoder_seq_length = decoder_seq_length
 
     def setup(self, stage: str) -> None:

@@ -13,7 +13,7 @@ accepted too.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -21,35 +21,23 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.transformer.transformer_config import TransformerConfig
-from lightning_megatron.models.layers import Norm, VocabPadding, init_weights, post_ln_layer_spec
+from lightning_megatron.models.config import ModelConfig
+from lightning_megatron.models.layers import Norm, init_weights, post_ln_layer_spec
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
 
 
 @dataclass
-class BertConfig(VocabPadding):
+class BertConfig(ModelConfig):
     """The architecture of a BERT encoder; parallel layout and precision come from the strategy."""
 
-    vocab_size: int
-    num_layers: int = 12
-    hidden_size: int = 768
-    num_attention_heads: int = 12
-    ffn_hidden_size: int | None = None
-    """Defaults to 4 x hidden_size."""
+    layernorm_epsilon: float = 1e-12
     seq_length: int = 512
     """Maximum positions (learned absolute embeddings)."""
     num_tokentypes: int = 2
     binary_head: bool = False
     """Add the pooler and a two-way head trained on sentence order (NSP/SOP); its loss is added to the MLM loss."""
-    layernorm_epsilon: float = 1e-12
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
-    seed: int = 1234
-    """Seeds the initial weights identically under every parallel layout."""
-
 
     @classmethod
     def tiny(cls, vocab_size: int, **overrides: Any) -> "BertConfig":
@@ -73,23 +61,13 @@ class Bert(MegatronModule):
     """A BERT trained with masked-LM cross entropy over ``loss_mask`` (+ sentence-order loss with a binary head)."""
 
     def __init__(self, config: BertConfig, optim: OptimConfig | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.optim = optim or OptimConfig()
-        self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
+        super().__init__(config, optim)
         self.collected_logits: list[torch.Tensor] | None = None
         """Set to a list to collect each microbatch's ``[batch, seq, vocab_size]`` MLM logits (last stage)."""
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config
-        base: dict[str, Any] = dict(
-            num_layers=c.num_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
-            ffn_hidden_size=c.ffn_hidden_size or 4 * c.hidden_size, layernorm_epsilon=c.layernorm_epsilon,
-            activation_func=F.gelu, hidden_dropout=c.hidden_dropout, attention_dropout=c.attention_dropout,
-            init_method_std=c.init_method_std, perform_initialization=True, bias_activation_fusion=False,
-            bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-        )
-        return TransformerConfig(**{**base, **fields})
+        return TransformerConfig(**{**c.transformer_fields(), "activation_func": F.gelu, **fields})
 
     def build_stage(self, config: TransformerConfig, pre_process: bool, post_process: bool,
                     vp_stage: int | None) -> BertModel:
@@ -144,9 +122,6 @@ class Bert(MegatronModule):
 
     def sequence_length(self, batch: Mapping[str, torch.Tensor]) -> int:
         return _tokens(batch).shape[1]
-
-    def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
-        return self.optim
 
 
 def _tokens(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

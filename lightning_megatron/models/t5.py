@@ -13,7 +13,7 @@ The batch contract: ``enc_tokens`` ``[batch, enc_seq]``, ``dec_tokens`` and ``la
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 import torch
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from megatron.core.models.T5.t5_model import T5Model
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from lightning_megatron.models.config import ModelConfig
 from lightning_megatron.models.layers import (
-    VocabPadding,
     gelu_tanh,
     init_weights,
     t5_block_specs,
@@ -34,19 +34,19 @@ from lightning_megatron.schedule import LossFn
 
 
 @dataclass
-class T5Config(VocabPadding):
+class T5Config(ModelConfig):
     """The architecture of a T5; parallel layout and precision come from the strategy."""
 
-    vocab_size: int
     num_layers: int = 6
     """Encoder layers."""
-    num_decoder_layers: int | None = None
-    """Defaults to ``num_layers``."""
     hidden_size: int = 512
     num_attention_heads: int = 8
+    ffn_hidden_size: int = 2048
+    layernorm_epsilon: float = 1e-6
+    num_decoder_layers: int | None = None
+    """Defaults to ``num_layers``."""
     kv_channels: int | None = None
     """Per-head size; defaults to hidden_size / num_attention_heads."""
-    ffn_hidden_size: int = 2048
     activation: Literal["relu", "gated-gelu"] = "relu"
     """``relu``: T5 v1.0; ``gated-gelu``: T5 v1.1 / Flan-T5 (tanh GELU gate)."""
     encoder_seq_length: int = 512
@@ -54,13 +54,6 @@ class T5Config(VocabPadding):
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     tie_embeddings: bool = False
-    layernorm_epsilon: float = 1e-6
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
-    seed: int = 1234
-
 
     @classmethod
     def tiny(cls, vocab_size: int, **overrides: Any) -> "T5Config":
@@ -78,10 +71,7 @@ class T5(MegatronModule):
     """A T5 trained with decoder cross entropy over ``loss_mask``."""
 
     def __init__(self, config: T5Config, optim: OptimConfig | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.optim = optim or OptimConfig()
-        self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
+        super().__init__(config, optim)
         self.collected_logits: list[torch.Tensor] | None = None
         """Set to a list to collect each microbatch's ``[batch, dec_seq, vocab_size]`` logits."""
 
@@ -89,13 +79,9 @@ class T5(MegatronModule):
         c = self.config
         gated = c.activation == "gated-gelu"
         base: dict[str, Any] = dict(
-            num_layers=c.num_decoder_layers or c.num_layers, hidden_size=c.hidden_size,
-            num_attention_heads=c.num_attention_heads, kv_channels=c.kv_channels, ffn_hidden_size=c.ffn_hidden_size,
-            normalization="RMSNorm", layernorm_epsilon=c.layernorm_epsilon, add_bias_linear=False,
-            gated_linear_unit=gated, activation_func=gelu_tanh if gated else F.relu, softmax_scale=1.0,
-            hidden_dropout=c.hidden_dropout, attention_dropout=c.attention_dropout, init_method_std=c.init_method_std,
-            perform_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
-            masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+            c.transformer_fields(), num_layers=c.num_decoder_layers or c.num_layers, kv_channels=c.kv_channels,
+            normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=gated,
+            activation_func=gelu_tanh if gated else F.relu, softmax_scale=1.0,
         )
         config = TransformerConfig(**{**base, **fields})
         if config.pipeline_model_parallel_size > 1:
@@ -144,6 +130,3 @@ class T5(MegatronModule):
 
     def sequence_length(self, batch: Mapping[str, torch.Tensor]) -> int:
         return (batch["enc_tokens"] if "enc_tokens" in batch else batch["text_enc"]).shape[1]
-
-    def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
-        return self.optim
