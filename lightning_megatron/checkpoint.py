@@ -32,6 +32,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
+from typing_extensions import override
+
 from lightning_megatron.atomic import atomic_write
 from lightning_megatron.parallel import ParallelConfig, unwrap
 
@@ -242,6 +244,7 @@ class MegatronCheckpointIO(CheckpointIO):
         self._queue: AsyncCallsQueue | None = None
 
     # ------------------------------------------------------------------ save
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         """Write this rank's shards under ``<path>.partial`` and publish ``path`` once every rank has finished."""
         if storage_options is not None:
@@ -292,6 +295,7 @@ class MegatronCheckpointIO(CheckpointIO):
             self._queue.maybe_finalize_async_calls(blocking=blocking)
 
     # ------------------------------------------------------------------ load
+    @override
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None) -> dict[str, Any]:
         """Lightning's state of a checkpoint (no tensors): what ``trainer.pt`` holds, plus ``layout``."""
         layout = read_layout(path)
@@ -313,6 +317,7 @@ class MegatronCheckpointIO(CheckpointIO):
         return dist_checkpointing.load(template, str(path))
 
     # ------------------------------------------------------------------ remove, teardown
+    @override
     def remove_checkpoint(self, path: _PATH) -> None:
         """Delete a checkpoint directory (call on one rank only)."""
         path = Path(path)
@@ -321,6 +326,7 @@ class MegatronCheckpointIO(CheckpointIO):
         elif path.exists():
             path.unlink()
 
+    @override
     def teardown(self) -> None:
         """Wait for and publish every background save."""
         self.finalize(blocking=True)

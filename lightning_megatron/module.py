@@ -44,6 +44,9 @@ class MegatronModule(pl.LightningModule, ABC):
         if config is not None:
             self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
         self.chunks: torch.nn.ModuleList | None = None
+        self.collected_logits: list[torch.Tensor] | None = None
+        """Set to a list to have ``forward_step`` append each microbatch's ``[batch, seq, vocab_size]`` logits,
+        gathered over tensor parallelism, on the last pipeline stage (GPT, BERT and T5 honour it)."""
 
     @abstractmethod
     def transformer_config(self, **fields: Any) -> TransformerConfig:

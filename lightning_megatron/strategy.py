@@ -120,20 +120,12 @@ class MegatronStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-        )
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin)
         self.parallel_config: ParallelConfig = _given_or_flat("parallel_config", parallel_config, ParallelConfig(
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-            context_parallel_size=context_parallel_size,
-            sequence_parallel=sequence_parallel,
-        ))
+            tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size,
+            context_parallel_size, sequence_parallel))
         self.recompute: RecomputeConfig = _given_or_flat("recompute", recompute, RecomputeConfig(
             recompute_granularity, recompute_method, recompute_num_layers))
         self.ddp: DDPConfig = _given_or_flat("ddp", ddp, DDPConfig(
@@ -159,7 +151,6 @@ class MegatronStrategy(ParallelStrategy):
         return plugin
 
     @precision_plugin.setter
-    @override
     def precision_plugin(self, plugin: Any) -> None:
         self._precision_plugin = None if plugin is None else _to_megatron_precision(plugin)
 
@@ -349,7 +340,6 @@ class MegatronStrategy(ParallelStrategy):
         return self._optimizers
 
     @optimizers.setter
-    @override
     def optimizers(self, optimizers: list[Any]) -> None:
         self._optimizers = optimizers
         self._lightning_optimizers = [LightningOptimizer._to_lightning_optimizer(opt, self) for opt in optimizers]
@@ -416,7 +406,6 @@ class MegatronStrategy(ParallelStrategy):
         return self._checkpoint_io
 
     @checkpoint_io.setter
-    @override
     def checkpoint_io(self, io: CheckpointIO | None) -> None:
         self._checkpoint_io = io
 

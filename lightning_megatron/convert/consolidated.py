@@ -21,7 +21,8 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Protocol
+from abc import ABC, abstractmethod
+from typing import Any, Collection, Mapping
 
 import torch
 import torch.distributed as dist
@@ -40,16 +41,34 @@ VOCAB_TENSORS = frozenset({
 """Consolidated tensors with one row per vocabulary entry (megatron pads them to a multiple of 128 x TP rows)."""
 
 
-class TensorSource(Protocol):
-    """Consolidated tensors by name, each read on demand."""
+class TensorSource(ABC):
+    """Consolidated tensors by name, each read on demand; a subclass sets :attr:`names` and implements :meth:`get`."""
+
+    names: Collection[str]
 
     def keys(self) -> list[str]:
         """Every name the source holds."""
+        return list(self.names)
 
-    def __contains__(self, name: str) -> bool: ...
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
 
+    @abstractmethod
     def get(self, name: str) -> torch.Tensor:
         """The full tensor ``name``."""
+
+
+class TensorDict(TensorSource):
+    """Tensors held in memory (e.g. what :func:`gather_consolidated` returns)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], origin: str, error: type[Exception] = CheckpointError):
+        self.names = self.tensors = tensors
+        self.origin, self.error = origin, error
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.tensors:
+            raise self.error(f"tensor {name!r} is missing from {self.origin}")
+        return self.tensors[name]
 
 
 _WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
@@ -175,7 +194,7 @@ def load_consolidated(module: MegatronModule, source: TensorSource, origin: str,
         target.copy_(value)
 
 
-class SafetensorsFiles:
+class SafetensorsFiles(TensorSource):
     """Tensors read one at a time from a safetensors file or a ``save_pretrained`` directory (single or indexed)."""
 
     def __init__(self, path: str | os.PathLike, error: type[Exception] = CheckpointError) -> None:
@@ -188,23 +207,16 @@ class SafetensorsFiles:
         """The single file's safetensors metadata (empty for an indexed directory)."""
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: self.path / file for name, file in weight_map.items()}
+            self.names = self._files = {name: self.path / file for name, file in weight_map.items()}
         elif single.is_file():
             with safe_open(single, "pt") as handle:
-                self._files = {name: single for name in handle.keys()}
+                self.names = self._files = {name: single for name in handle.keys()}
                 self.metadata = handle.metadata() or {}
         else:
             raise error(
                 f"{self.path} has no model.safetensors or model.safetensors.index.json; save the model with "
                 f"save_pretrained(..., safe_serialization=True) (PyTorch .bin checkpoints are not read)"
             )
-
-    def keys(self) -> list[str]:
-        """Names of all stored tensors."""
-        return list(self._files)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._files
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor (and nothing else) from disk."""
@@ -243,6 +255,7 @@ def import_consolidated(module: MegatronModule, path: str | os.PathLike) -> None
 
 __all__ = [
     "SafetensorsFiles",
+    "TensorDict",
     "TensorSource",
     "VOCAB_TENSORS",
     "export_consolidated",

@@ -58,6 +58,14 @@ class Rule:
     """Takes the megatron tensor and returns the HF tensors (in the order of :attr:`hf`)."""
 
 
+def supported(hf: Mapping[str, Any], key: str, default: str, choices: Mapping[str, str], model: str) -> str:
+    """Our value for an HF config field that converts only for some values (``choices``: HF value -> ours)."""
+    value = hf.get(key, default)
+    if value not in choices:
+        raise ConversionError(f"{model} {key}={value!r} is not supported; supported: {sorted(choices)}")
+    return choices[value]
+
+
 def same(megatron: str, hf: str) -> Rule:
     """A tensor stored identically under two names."""
     return Rule(megatron, (hf,))
@@ -198,11 +206,11 @@ class ShardedWriter:
         return self.out
 
 
-class Converted:
+class Converted(TensorSource):
     """Consolidated tensors computed on demand from an HF source: each ``get`` reads only that tensor's inputs."""
 
     def __init__(self, rules: Iterable[Rule], source: SafetensorsFiles, ignored: tuple[str, ...] = ()) -> None:
-        self.rules = {rule.megatron: rule for rule in rules}
+        self.names = self.rules = {rule.megatron: rule for rule in rules}
         self.source = source
         missing = [name for rule in self.rules.values() for name in rule.hf if name not in source]
         if missing:
@@ -219,13 +227,6 @@ class Converted:
                 f"does not describe the weights (e.g. fewer layers than stored) or the model has parts we do not "
                 f"convert"
             )
-
-    def keys(self) -> list[str]:
-        """Consolidated names, in rule order."""
-        return list(self.rules)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.rules
 
     def get(self, name: str) -> torch.Tensor:
         """Build one consolidated tensor from its HF inputs."""

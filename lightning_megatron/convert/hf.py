@@ -18,7 +18,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from lightning_megatron.convert.bert import Bert
-from lightning_megatron.convert.consolidated import SafetensorsFiles, gather_consolidated, load_consolidated
+from lightning_megatron.convert.consolidated import (
+    SafetensorsFiles,
+    TensorDict,
+    gather_consolidated,
+    load_consolidated,
+)
 from lightning_megatron.convert.core import Architecture, ConversionError, Converted, ShardedWriter, hf_tensors
 from lightning_megatron.convert.gpt2 import GPT2
 from lightning_megatron.convert.llama import Llama
@@ -181,17 +186,10 @@ def export_hf(module: MegatronModule, out: str | Path, tokenizer: str | Path | N
     path = None
     if tensors is not None:
         # HF checkpoints of ours are fp32 whatever the training precision (config.json says so).
-        full = _Dict({name: t.float() if t.is_floating_point() else t for name, t in tensors.items()})
+        full = TensorDict({name: t.float() if t.is_floating_point() else t for name, t in tensors.items()},
+                          "the gathered model", ConversionError)
         path = _write_hf(arch, module.config, full, out, tokenizer, max_shard_bytes)
     if dist.is_initialized():
         dist.barrier()
     return path
 
-
-class _Dict(dict):
-    """A dict with the ``get``-raises interface of the tensor sources."""
-
-    def get(self, name: str) -> Any:  # type: ignore[override]
-        if name not in self:
-            raise ConversionError(f"tensor {name!r} is missing from the gathered model")
-        return self[name]

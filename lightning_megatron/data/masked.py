@@ -143,16 +143,8 @@ class MegatronT5DataModule(_MaskedDataModule):
     geometric lengths.
     """
 
-    def __init__(
-        self,
-        paths: str | list[str],
-        tokenizer: str,
-        *,
-        seq_length_decoder: int = 128,
-        masking_max_ngram: int = 10,
-        masking_use_geometric_distribution: bool = True,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, paths: str | list[str], tokenizer: str, *, seq_length_decoder: int = 128,
+                 masking_max_ngram: int = 10, masking_use_geometric_distribution: bool = True, **kwargs: Any) -> None:
         super().__init__(
             paths=paths, tokenizer=tokenizer, masking_max_ngram=masking_max_ngram,
             masking_use_geometric_distribution=masking_use_geometric_distribution, **kwargs,

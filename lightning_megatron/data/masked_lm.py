@@ -7,27 +7,22 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from lightning_megatron.data.datamodule import TextDataModule, TokenWindows
+from lightning_megatron.data.datamodule import TextDataModule, TokenWindows, WindowSamples
 
 
-class MaskedWindows(Dataset):
+class MaskedWindows(WindowSamples):
     """BERT samples from token windows: 15% of positions masked (80% mask token, 10% random, 10% kept),
     deterministically per sample index, and with ``sentence_order`` the two halves swapped half of the time."""
 
     def __init__(self, windows: TokenWindows, mask_token_id: int, vocab_size: int, seed: int,
                  sentence_order: bool) -> None:
-        self.windows = windows
+        super().__init__(windows, seed)
         self.mask_token_id = mask_token_id
         self.vocab_size = vocab_size
-        self.seed = seed
         self.sentence_order = sentence_order
 
-    def __len__(self) -> int:
-        return len(self.windows)
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        tokens = self.windows[index]["tokens"]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        tokens, generator = self.window(index)
         seq = tokens.shape[0]
         half = seq // 2
         swapped = bool(self.sentence_order and torch.rand((), generator=generator) < 0.5)
@@ -61,14 +56,8 @@ class MaskedLMDataModule(TextDataModule):
         self.mask_token_id = mask_token_id
         self.sentence_order = sentence_order
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
+    def wrap(self, dataset: Dataset) -> MaskedWindows:
+        """Mask every token window of a split."""
         vocab = self.tokenizer.vocab_size
         mask_id = vocab if self.mask_token_id is None else self.mask_token_id
-
-        def masked(windows: TokenWindows) -> MaskedWindows:
-            return MaskedWindows(windows, mask_id, vocab, self.seed, self.sentence_order)
-
-        self.train_dataset = masked(self.train_dataset)
-        self.val_dataset = masked(self.val_dataset)
-        self.test_dataset = self.val_dataset
+        return MaskedWindows(dataset, mask_id, vocab, self.seed, self.sentence_order)

@@ -77,16 +77,14 @@ class IndexedDataModule(MegatronDataModule, LazyTokenizer, abc.ABC):
         split: str = "969,30,1",
         seq_length: int = 1024,
         tokenizer: str | None = None,
-        global_batch_size: int = 16,
-        micro_batch_size: int = 4,
-        seed: int = 1234,
         index_cache_dir: str | None = None,
         num_samples: list[int | None] | None = None,
         eval_samples: int | None = None,
         check_vocab: bool = True,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(global_batch_size, micro_batch_size, seed=seed, num_workers=num_workers)
+        """``kwargs`` are :class:`MegatronDataModule`'s (batch sizes, seed, workers, ramp-up)."""
+        super().__init__(**kwargs)
         self.blend = parse_blend(paths, weights) if paths is not None else None
         self.split = split
         self.seq_length = seq_length
@@ -105,10 +103,6 @@ class IndexedDataModule(MegatronDataModule, LazyTokenizer, abc.ABC):
     @abc.abstractmethod
     def dataset_config(self, **common: Any) -> BlendedMegatronDatasetConfig:
         """The megatron-core dataset config, given the fields common to all datasets."""
-
-    def wrap(self, dataset: Dataset) -> Dataset:
-        """Adapt a built split to the model's batch contract (identity by default)."""
-        return dataset
 
     def data_description(self) -> str:
         """The prefixes and split, for error messages."""

@@ -16,6 +16,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -126,20 +127,10 @@ class SFTDataModule(MegatronDataModule, LazyTokenizer):
     Validation uses ``val_path`` when given, else the last ``val_fraction`` of the training file's examples.
     """
 
-    def __init__(
-        self,
-        path: str,
-        val_path: str | None = None,
-        val_fraction: float = 0.05,
-        tokenizer: str | None = None,
-        seq_length: int = 512,
-        packed: bool = False,
-        global_batch_size: int = 16,
-        micro_batch_size: int = 4,
-        seed: int = 1234,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(global_batch_size, micro_batch_size, seed=seed, num_workers=num_workers)
+    def __init__(self, path: str, val_path: str | None = None, val_fraction: float = 0.05, tokenizer: str | None = None,
+                 seq_length: int = 512, packed: bool = False, **kwargs: Any) -> None:
+        """``kwargs`` are :class:`MegatronDataModule`'s (batch sizes, seed, workers, ramp-up)."""
+        super().__init__(**kwargs)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.path, self.val_path, self.val_fraction = path, val_path, val_fraction

@@ -7,26 +7,21 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from lightning_megatron.data.datamodule import TextDataModule, TokenWindows
+from lightning_megatron.data.datamodule import TextDataModule, TokenWindows, WindowSamples
 
 
-class SpanCorruption(Dataset):
+class SpanCorruption(WindowSamples):
     """T5 span corruption over token windows: ~15% of tokens in spans of mean length 3 become sentinels in the
     encoder input; the decoder predicts ``sentinel_0 span_0 sentinel_1 span_1 ...`` (deterministic per index)."""
 
     def __init__(self, windows: TokenWindows, first_sentinel: int, decoder_seq_length: int, seed: int) -> None:
-        self.windows = windows
+        super().__init__(windows, seed)
         self.first_sentinel = first_sentinel
         self.decoder_seq_length = decoder_seq_length
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.windows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        tokens = self.windows[index]["tokens"]
+        tokens, generator = self.window(index)
         seq = tokens.shape[0]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         starts = (torch.rand(seq, generator=generator) < 0.05).nonzero().flatten().tolist()
         enc, target, position, sentinel = [], [], 0, self.first_sentinel
         for start in starts:
@@ -63,13 +58,6 @@ class SpanCorruptionDataModule(TextDataModule):
         super().__init__(**kwargs)
         self.decoder_seq_length = decoder_seq_length
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        sentinel = self.tokenizer.vocab_size
-
-        def corrupted(windows: TokenWindows) -> SpanCorruption:
-            return SpanCorruption(windows, sentinel, self.decoder_seq_length, self.seed)
-
-        self.train_dataset = corrupted(self.train_dataset)
-        self.val_dataset = corrupted(self.val_dataset)
-        self.test_dataset = self.val_dataset
+    def wrap(self, dataset: Dataset) -> SpanCorruption:
+        """Corrupt spans of every token window of a split."""
+        return SpanCorruption(dataset, self.tokenizer.vocab_size, self.decoder_seq_length, self.seed)

@@ -62,8 +62,6 @@ class Bert(MegatronModule):
 
     def __init__(self, config: BertConfig, optim: OptimConfig | None = None) -> None:
         super().__init__(config, optim)
-        self.collected_logits: list[torch.Tensor] | None = None
-        """Set to a list to collect each microbatch's ``[batch, seq, vocab_size]`` MLM logits (last stage)."""
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config

@@ -125,8 +125,6 @@ class GPT(MegatronModule):
 
     def __init__(self, config: GPTConfig, optim: OptimConfig | None = None) -> None:
         super().__init__(config, optim)
-        self.collected_logits: list[torch.Tensor] | None = None
-        """Set to a list to have :meth:`forward_step` append each microbatch's logits to it (last stage only)."""
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config

@@ -72,8 +72,6 @@ class T5(MegatronModule):
 
     def __init__(self, config: T5Config, optim: OptimConfig | None = None) -> None:
         super().__init__(config, optim)
-        self.collected_logits: list[torch.Tensor] | None = None
-        """Set to a list to collect each microbatch's ``[batch, dec_seq, vocab_size]`` logits."""
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config
