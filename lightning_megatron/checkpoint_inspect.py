@@ -1,4 +1,4 @@
-"""``lightning-megatron checkpoint inspect PATH``: a checkpoint's layout, step, files and tensor shapes, from metadata."""
+"""``lightning-megatron checkpoint inspect PATH``: a checkpoint's layout, step, files and tensor shapes."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def describe(path: _PATH) -> str:
         lines.append(f"\n{name}: {len(items)} tensors, {total:,} elements")
         for key, tensor in items:
             numel = _numel(tensor.global_shape)
-            lines.append(f"  {key:<64} {str(tuple(tensor.global_shape)):<20} {str(tensor.dtype).replace('torch.', ''):<9}"
+            dtype = str(tensor.dtype).replace("torch.", "")
+            lines.append(f"  {key:<64} {str(tuple(tensor.global_shape)):<20} {dtype:<9}"
                          f" {_size(numel * tensor.dtype.itemsize)}")
     return "\n".join(lines)
 

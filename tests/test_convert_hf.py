@@ -16,6 +16,7 @@ import transformers
 from safetensors.torch import load_file
 
 from launch import REPO, read_json, torchrun
+import lightning_megatron as lm
 from lightning_megatron import parallel
 from lightning_megatron.convert import (
     ConversionError,
@@ -317,3 +318,15 @@ def test_consolidated_import_names_what_does_not_fit(one_rank, tmp_path):
     other_vocab = build_module(GPT(GPTConfig.llama_tiny(VOCAB + 1, num_layers=2)), one_rank)
     with pytest.raises(CheckpointError, match="holds a vocabulary of 300, the model has 301"):
         import_consolidated(other_vocab, path)
+
+
+def test_build_module_gives_the_fields_the_strategy_gives(one_rank):
+    from lightning_megatron.precision import MegatronPrecision
+    from lightning_megatron.strategy import transformer_fields
+
+    recompute = lm.RecomputeConfig("full", "uniform", 1)
+    module = build_module(GPT(GPTConfig.tiny(VOCAB, num_layers=2)), one_rank, recompute=recompute)
+    config = module.megatron_config
+    expected = transformer_fields(one_rank, MegatronPrecision("32-true"), recompute, torch.device("cpu"))
+    assert {name: getattr(config, name) for name in expected} == expected
+    assert config.recompute_granularity == "full" and config.calculate_per_token_loss and not config.batch_p2p_comm
