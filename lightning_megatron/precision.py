@@ -13,7 +13,6 @@ from typing import Any, Callable, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
-
 from typing_extensions import override
 
 from lightning_megatron.backends import HAVE_TE
