@@ -21,7 +21,7 @@ TOOLS: dict[str, str] = {
     "serve": "lightning_megatron.serve.cli:main",
     "evaluate": "lightning_megatron.generation.evaluate:main",
     "convert": "lightning_megatron.convert.command:main",
-    "checkpoint": "lightning_megatron.checkpoint:main",
+    "checkpoint": "lightning_megatron.checkpoint_inspect:main",
 }
 """Tool subcommands: name -> ``"module:function"``; the function takes the remaining arguments."""
 

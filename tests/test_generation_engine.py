@@ -192,9 +192,9 @@ def test_invalid_requests_raise_clear_errors(gpt, tokenizer):
     assert not engine.busy
 
 
-def test_model_generate_method(gpt, tokenizer):
-    out = gpt.generate("In the beginning", SamplingParams(max_new_tokens=5, ignore_eos=True), tokenizer=tokenizer)
+def test_generate_takes_the_model(gpt, tokenizer):
+    out = generate(gpt, "In the beginning", SamplingParams(max_new_tokens=5, ignore_eos=True), tokenizer=tokenizer)
     assert len(out) == 1 and out[0].length == 5 and out[0].prompt_tokens == tokenizer.encode("In the beginning")
-    ids = gpt.generate([tokenizer.encode("And")], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    ids = generate(gpt, [tokenizer.encode("And")], SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert ids[0].text is None and ids[0].length == 4
     assert torch.is_grad_enabled() and all(chunk.training for chunk in gpt.chunks)

@@ -3,7 +3,8 @@
 import pytest
 import torch.nn.functional as F
 
-from lightning_megatron.models.gpt import GPT, GPTConfig, gelu_tanh
+from lightning_megatron.models.gpt import GPT, GPTConfig
+from lightning_megatron.models.layers import gelu_tanh
 
 
 def parameters(c: GPTConfig) -> int:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lightning_megatron.atomic import atomic_write
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -99,11 +102,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output: str | os.PathLike) 
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, output)
-    return output
+    with atomic_write(output) as tmp:
+        tokenizer.save(str(tmp))
+    return Path(output)
 
 
 def bundled_tokenizer() -> Tokenizer:
@@ -123,3 +124,18 @@ def load_tokenizer(spec: str | None) -> Tokenizer:
         return bundled_tokenizer()
     return Tokenizer(spec)
 
+
+class LazyTokenizer:
+    """Mixin for datamodules: :attr:`tokenizer`, loaded from :attr:`tokenizer_spec` on first use."""
+
+    tokenizer_spec: str | None
+    """A tokenizer.json path or HF tokenizer directory; ``None`` or ``"bundled"`` for the bundled tokenizer."""
+
+    def load_tokenizer(self, spec: str | None) -> Tokenizer:
+        """The tokenizer for ``spec``; datamodules that need a special kind of tokenizer override it."""
+        return load_tokenizer(spec)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the data is encoded with."""
+        return self.load_tokenizer(self.tokenizer_spec)

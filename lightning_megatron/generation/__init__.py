@@ -1,7 +1,7 @@
 """Text generation with a GPT trained under any tensor/pipeline layout: sampling, beams, batching, streaming.
 
-``model.generate(prompts, SamplingParams(...), tokenizer=...)`` (or :func:`generate`) decodes on every rank of the
-model replica together; :class:`Engine` is the continuous-batching loop the server drives.
+``generate(model, prompts, SamplingParams(...), tokenizer=...)`` decodes with a built GPT on every rank of the model
+replica together; :class:`Engine` is the continuous-batching loop the server drives.
 """
 
 from __future__ import annotations
