@@ -67,9 +67,9 @@ class ModelRunner:
             # megatron's layers break dynamo's graph, and each layer re-enters the code after a break with its own
             # modules: let every layer of every shape compile (process-wide; the default limit of 8 would leave
             # later layers eager).
-            import torch._dynamo
+            from torch import _dynamo
 
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 512)
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 512)
             self._decode_fn = torch.compile(self._decode_step)
         self.cache: KVCache | None = None
         self.window = AttentionWindow(bias=None)
