@@ -49,6 +49,8 @@ def tiny_gpt(arch: str = "gpt2", seq_length: int = 64, attention: str = "sdpa") 
                  attention=attention)
     if arch == "llama":
         config = lm.GPTConfig.llama(vocab_size=4096, num_query_groups=2, **shape)
+    elif arch == "alibi":  # grouped-query too: ALiBi's per-head bias folds with the query heads of a group
+        config = lm.GPTConfig(vocab_size=4096, position_embedding_type="alibi", num_query_groups=2, **shape)
     else:
         config = lm.GPTConfig(vocab_size=4096, **shape)
     model = lm.GPT(config)

@@ -18,7 +18,8 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def models():
     with cpu_process():
-        yield {"gpt2": tiny_gpt("gpt2"), "llama": tiny_gpt("llama"), "gpt2-local": tiny_gpt("gpt2", attention="local")}
+        yield {"gpt2": tiny_gpt("gpt2"), "llama": tiny_gpt("llama"), "gpt2-local": tiny_gpt("gpt2", attention="local"),
+               "alibi": tiny_gpt("alibi")}
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def tokens_of(outputs):
     return [o.tokens for o in outputs]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt2-local"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt2-local", "alibi"])
 def test_kv_cache_decoding_equals_recompute(models, tokenizer, arch):
     ensure_parallel_state()
     params = SamplingParams(max_new_tokens=16, logprobs=True, ignore_eos=True)
@@ -52,7 +53,7 @@ def test_mixed_lengths_in_one_batch_equal_each_alone(gpt, tokenizer):
     assert [o.text for o in together] == [tokenizer.decode(o.tokens) for o in together]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt2-local"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt2-local", "alibi"])
 def test_continuous_batching_requests_join_and_leave(models, tokenizer, arch):
     ensure_parallel_state()
     gpt = models[arch]

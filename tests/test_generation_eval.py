@@ -15,14 +15,22 @@ TEXTS = ["In the beginning God created the heaven and the earth.",
 
 
 @pytest.fixture(scope="module")
-def setup():
+def models():
     with cpu_process():
-        yield tiny_gpt("gpt2", seq_length=32), load_tokenizer(None)
+        yield {arch: tiny_gpt(arch, seq_length=32) for arch in ("gpt2", "alibi")}, load_tokenizer(None)
 
 
-def test_perplexity_is_the_exponential_of_the_models_loss(setup):
+@pytest.fixture
+def setup(models):
     ensure_parallel_state()
-    model, tokenizer = setup
+    return models[0]["gpt2"], models[1]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "alibi"])
+def test_perplexity_is_the_exponential_of_the_models_loss(models, arch):
+    """The inference forward (generation's runner and cached attention) against the training forward."""
+    ensure_parallel_state()
+    model, tokenizer = models[0][arch], models[1]
     result = perplexity(model, tokenizer, TEXTS, batch_size=2)
     stream = [t for text in TEXTS for t in (*tokenizer.encode(text), tokenizer.eod)]
     losses = []

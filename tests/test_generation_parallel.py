@@ -51,6 +51,26 @@ def test_parallel_generation_matches_one_process(reference, tmp_path, layout):
             (r["prompt"], r["tokens"], r["completion"]) for r in expected]
 
 
+@pytest.fixture(scope="module")
+def alibi_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("alibi") / "ref.json"
+    run_python("generate_gpt.py", "--out", out, "--arch", "alibi", timeout=400)
+    return read_json(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2_sp", "cp2"])
+def test_alibi_trains_and_generates_as_one_process(alibi_reference, tmp_path, layout):
+    """ALiBi (6 heads, BLOOM-style model): TP ranks add their own heads' slopes, CP ranks use global positions."""
+    check_internal(alibi_reference)
+    args = {"tp2_sp": ["--tp", 2, "--sp"], "cp2": ["--cp", 2]}[layout]
+    torchrun("generate_gpt.py", 2, "--out", tmp_path / "out.json", "--devices", 2, "--arch", "alibi", *args,
+             timeout=400)
+    result = read_json(tmp_path / "out.json")
+    for key in KEYS:
+        assert result[key] == alibi_reference[key], f"{layout}: {key} differs from one process"
+
+
 @pytest.mark.slow
 def test_generate_cli_reproduces_the_trained_models_greedy_text(reference, tmp_path):
     ref, ckpt, _ = reference

@@ -1,10 +1,10 @@
-"""GPT presets describe the published shapes and produce valid megatron configs."""
+"""GPT presets describe the published shapes and produce valid megatron configs; bad settings fail clearly."""
 
 import pytest
 import torch.nn.functional as F
 
 from lightning_megatron.models.gpt import GPT, GPTConfig
-from lightning_megatron.models.layers import gelu_tanh
+from lightning_megatron.models.layers import gelu_tanh, gpt_layer_spec
 
 
 def parameters(c: GPTConfig) -> int:
@@ -31,3 +31,13 @@ def test_presets_map_to_megatron_fields():
     assert mqa.num_query_groups == 1
     gpt2 = GPT(GPTConfig.gpt2()).transformer_config()
     assert gpt2.activation_func is gelu_tanh and gpt2.num_query_groups == gpt2.num_attention_heads
+
+
+def test_unsupported_settings_name_the_accepted_ones():
+    with pytest.raises(ValueError, match="position_embedding_type='alibbi' is not supported; accepted: "
+                                         "'learned_absolute', 'rope', 'alibi'"):
+        GPTConfig(vocab_size=256, position_embedding_type="alibbi")
+    with pytest.raises(ValueError, match="normalization='BatchNorm' is not supported"):
+        GPTConfig(vocab_size=256, normalization="BatchNorm")
+    with pytest.raises(ValueError, match="ALiBi needs attention='sdpa'"):
+        gpt_layer_spec(attention="local", alibi=True)

@@ -29,7 +29,8 @@ class AttentionWindow:
     """What every layer's attention does in one forward: which cache cells it writes, which keys it reads."""
 
     bias: Tensor | None
-    """Additive mask ``[batch, 1, queries, keys]`` (0 or -inf); ``None`` means plain causal attention."""
+    """Additive mask ``[batch, 1, queries, keys]`` (0 or -inf), or ``[batch, heads, queries, keys]`` with ALiBi's
+    bias added; ``None`` means plain causal attention."""
     rows: slice | None = None
     """Cache rows of the batch; ``None``: no cache (attend over the forward's own keys)."""
     positions: Tensor | None = None
@@ -42,18 +43,22 @@ class KVCache:
     """Keys and values of every attention layer of this rank, and which cache cells hold a row's own tokens."""
 
     def __init__(self, layers: dict[int, tuple[int, int]], rows: int, length: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
-        """``layers`` maps megatron's layer number to ``(key/value groups on this rank, head dim)``."""
+                 device: torch.device, positions: bool = False) -> None:
+        """``layers`` maps megatron's layer number to ``(key/value groups on this rank, head dim)``; ``positions``
+        also keeps each cell's sequence position (what ALiBi's bias is computed from)."""
         self.rows = rows
         self.length = length
         # Zeroed: masked weights are exactly 0, but 0 x NaN found in never-written memory would still be NaN.
         self.keys = {n: torch.zeros(rows, g, length, d, dtype=dtype, device=device) for n, (g, d) in layers.items()}
         self.values = {n: torch.zeros_like(k) for n, k in self.keys.items()}
         self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(rows, length, dtype=torch.long, device=device) if positions else None
+        """``[rows, length]``: the position in its own sequence of the token each cell holds (written with the keys)."""
 
     def move_rows(self, dst: Tensor, src: Tensor) -> None:
         """Copy rows ``src`` into rows ``dst`` (long tensors on the device): slot compaction, beam reordering."""
-        for buffer in (*self.keys.values(), *self.values.values(), self.valid):
+        extra = () if self.positions is None else (self.positions,)
+        for buffer in (*self.keys.values(), *self.values.values(), self.valid, *extra):
             buffer[dst] = buffer[src]
 
     def write(self, layer: int, window: AttentionWindow, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
@@ -76,7 +81,9 @@ def attend(query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, scale
     b, _, q, d = query.shape
     per_group = heads // groups
     folded = query.reshape(b, groups, per_group * q, d)
-    if q > 1:
+    if bias.shape[1] == heads:  # a bias per head (ALiBi) folds like the queries
+        bias = bias.reshape(b, groups, per_group * q, bias.shape[-1])
+    elif q > 1:
         bias = bias.repeat(1, 1, per_group, 1)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=bias, scale=scale)
     return out.reshape(b, heads, q, d)
@@ -92,11 +99,14 @@ class WindowOwner(Protocol):
 class CachedAttention(torch.nn.Module):
     """A ``core_attention`` for generation: reads the current :class:`AttentionWindow` from its owner."""
 
-    def __init__(self, owner: WindowOwner, layer_number: int, softmax_scale: float) -> None:
+    def __init__(self, owner: WindowOwner, layer_number: int, softmax_scale: float,
+                 alibi_slopes: tuple[float, ...] | None = None) -> None:
         super().__init__()
         self.owner = owner
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale
+        self.alibi_slopes = alibi_slopes
+        """The replaced core attention's ALiBi slopes (the owner adds ALiBi's bias to the window's)."""
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None = None,
                 attn_mask_type: object = None, attention_bias: Tensor | None = None,

@@ -28,7 +28,14 @@ from megatron.core.transformer.attention import Attention
 from torch import Tensor
 
 from lightning_megatron.generation.graphs import StepGraphs
-from lightning_megatron.generation.kv_cache import AttentionWindow, CachedAttention, KVCache, causal_bias
+from lightning_megatron.generation.kv_cache import (
+    AttentionWindow,
+    CachedAttention,
+    KVCache,
+    blocked_to_bias,
+    causal_bias,
+)
+from lightning_megatron.models.attention import alibi_bias
 from lightning_megatron.parallel import unwrap
 
 
@@ -83,6 +90,9 @@ class ModelRunner:
                         for model in self.models]
         modules = [module for model in self.models for module in model.modules()]
         self._attentions = [module for module in modules if isinstance(module, Attention)]
+        slopes = {getattr(module.core_attention, "alibi_slopes", None) for module in self._attentions}
+        self._alibi = None if slopes == {None} or not slopes else torch.tensor(slopes.pop(), device=self.device)
+        """ALiBi slopes of this rank's heads (every layer has the same), or ``None``."""
         # Everything that sequence parallelism switched on, to switch off while generating.
         switches = {(id(module), name): (module, name) for module in modules
                     for name in ("sequence_parallel", "reduce_scatter_embeddings") if getattr(module, name, None) is True}
@@ -125,7 +135,7 @@ class ModelRunner:
         """A zeroed key/value cache of ``rows`` sequences by ``length`` positions, and the rows' decode inputs."""
         layers = {module.layer_number: (module.num_query_groups_per_partition, module.hidden_size_per_attention_head)
                   for module in self._attentions}
-        self.cache = KVCache(layers, rows, length, self.dtype, self.device)
+        self.cache = KVCache(layers, rows, length, self.dtype, self.device, positions=self._alibi is not None)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         if self.use_graphs:
@@ -166,7 +176,8 @@ class ModelRunner:
         cores = [module.core_attention for module in self._attentions]
         for module in self._attentions:
             scale = module.config.softmax_scale or 1.0 / math.sqrt(module.hidden_size_per_attention_head)
-            module.core_attention = CachedAttention(self, module.layer_number, scale)
+            module.core_attention = CachedAttention(self, module.layer_number, scale,
+                                                    getattr(module.core_attention, "alibi_slopes", None))
         for owner, name in self._sequence_parallel:
             setattr(owner, name, False)
         for chunk in self.chunks:
@@ -189,11 +200,12 @@ class ModelRunner:
         No cache: ``attention_mask`` is ``[batch, 1, queries, keys]``, True where attention is blocked (``None``:
         causal). Other stages return ``None``.
         """
-        bias = None if attention_mask is None else torch.zeros(attention_mask.shape, dtype=self.dtype,
-                                                               device=self.device).masked_fill_(
-            attention_mask.to(self.device), float("-inf"))
-        self.window = AttentionWindow(bias)
-        return self._run(tokens.to(self.device), position_ids.to(self.device), last_only=False)
+        position_ids = position_ids.to(self.device)
+        if attention_mask is None and self._alibi is not None:
+            attention_mask = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool).triu(1)[None, None]
+        bias = None if attention_mask is None else blocked_to_bias(attention_mask.to(self.device), self.dtype)
+        self.window = AttentionWindow(self._with_alibi(bias, position_ids, position_ids))
+        return self._run(tokens.to(self.device), position_ids, last_only=False)
 
     def prefill(self, first_row: int, tokens: Tensor, position_ids: Tensor, starts: Sequence[int],
                 clock: int) -> Tensor | None:
@@ -231,6 +243,9 @@ class ModelRunner:
         self.cache.valid[rows] = (cells[None, :] >= starts[:, None]) & (cells[None, :] < clock)
         queries = torch.arange(clock - tokens.shape[1], clock, device=self.device)
         bias = causal_bias(self.cache.valid[rows], queries, clock, self.dtype)
+        if self._alibi is not None:
+            self.cache.positions[rows].index_copy_(1, queries, position_ids)
+            bias = self._with_alibi(bias, position_ids, self.cache.positions[rows, :clock])
         self.window = AttentionWindow(bias, rows, queries, clock)
         logits = self._run(tokens, position_ids, last_only=True)
         self.lengths[rows] = position_ids[:, -1] + 1
@@ -257,10 +272,20 @@ class ModelRunner:
         valid.index_fill_(1, self._position, True)
         bias = torch.zeros(batch, 1, 1, kv_length, dtype=self.dtype, device=self.device)
         bias.masked_fill_(~valid[:, None, None, :kv_length], float("-inf"))
-        self.window = AttentionWindow(bias, slice(0, batch), self._position, kv_length)
         position_ids = self.lengths[:batch, None].clamp(max=self.max_positions - 1)
+        if self._alibi is not None:
+            self.cache.positions[:batch].index_copy_(1, self._position, position_ids)
+            bias = self._with_alibi(bias, position_ids, self.cache.positions[:batch, :kv_length])
+        self.window = AttentionWindow(bias, slice(0, batch), self._position, kv_length)
         logits = self._run(self.tokens[:batch, None], position_ids, last_only=True)
         return None if logits is None else logits[:, -1]
+
+    def _with_alibi(self, bias: Tensor | None, query_positions: Tensor, key_positions: Tensor) -> Tensor | None:
+        """``bias`` ``[batch, 1, q, k]`` plus ALiBi's term for this rank's heads from each row's sequence positions
+        (``[batch, q]``, ``[batch, k]``): ``[batch, heads, q, k]``. Unchanged without ALiBi."""
+        if self._alibi is None:
+            return bias
+        return (bias + alibi_bias(self._alibi, query_positions, key_positions)).to(self.dtype)
 
     def _run(self, tokens: Tensor, position_ids: Tensor, last_only: bool) -> Tensor | None:
         """All local chunks in pipeline order, with the hidden states sent and received between stages."""

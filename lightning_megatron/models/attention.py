@@ -10,11 +10,16 @@ Under context parallelism each rank holds two of the ``2 x CP`` equal chunks of 
 ``2CP-1-r``, megatron's load-balanced layout produced by ``get_batch_on_this_cp_rank``), so every rank does about
 the same causal work. After the all-gather, keys are in rank order, and the causal mask is built from the global
 positions of the local queries and the gathered keys.
+
+With ``alibi=True`` (``GPTConfig(position_embedding_type="alibi")``) the scores get ALiBi's linear bias,
+``-slope_h * (query position - key position)``, from the global positions as well (so context parallelism keeps it
+exact); each tensor-parallel rank holds the slopes of its own heads. megatron-core has no ALiBi.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -54,6 +59,53 @@ def context_parallel_positions(local_length: int, cp_size: int, cp_rank: int, de
     return torch.cat([first, second])
 
 
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022, as BLOOM computes them) for any head count, float32 ``[heads]``.
+
+    For ``n`` heads, a power of two, the slopes are ``2^(-8/n), 2^(-16/n), ...``; otherwise the ``n'`` slopes of the
+    largest power of two ``n' < n`` come first, then every other slope of ``2n'`` heads (``2^(-4/n'), 2^(-12/n'), ...``).
+    """
+    if num_heads < 1:
+        raise ValueError(f"ALiBi needs at least one attention head, got {num_heads}")
+    closest = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = [2.0 ** (-8.0 * power / closest) for power in range(1, closest + 1)]
+    slopes += [2.0 ** (-4.0 * power / closest) for power in range(1, 2 * (num_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: Tensor, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+    """ALiBi's additive scores ``-slope_h * (query position - key position)``, float32.
+
+    Positions ``[q]``/``[k]`` give ``[heads, q, k]``; per-row positions ``[b, q]``/``[b, k]`` give ``[b, heads, q, k]``.
+    """
+    distance = (query_positions[..., :, None] - key_positions[..., None, :]).float()
+    return distance.unsqueeze(-3) * -slopes.float()[:, None, None]
+
+
+@functools.lru_cache(maxsize=8)
+def _slopes_on(slopes: tuple[float, ...], device: torch.device) -> Tensor:
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=4)
+def _causal_alibi(slopes: tuple[float, ...], queries: int, keys: int, cp_size: int, cp_rank: int,
+                  device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The causal ALiBi mask ``[heads, queries, keys]`` of one shape and rank, made once and shared by every layer
+    (each layer's backward keeps its mask)."""
+    query_positions, key_positions = _positions(queries, keys, cp_size, cp_rank, device)
+    bias = alibi_bias(_slopes_on(slopes, device), query_positions, key_positions)
+    return bias.masked_fill_(key_positions[None, :] > query_positions[:, None], float("-inf")).to(dtype)
+
+
+def _positions(queries: int, keys: int, cp_size: int, cp_rank: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Global sequence positions of a rank's queries and of the keys it attends over (under context parallelism,
+    every rank's keys in rank order)."""
+    if cp_size == 1:
+        return torch.arange(queries, device=device), torch.arange(keys, device=device)
+    gathered = torch.cat([context_parallel_positions(queries, cp_size, r, device) for r in range(cp_size)])
+    return context_parallel_positions(queries, cp_size, cp_rank, device), gathered
+
+
 class SDPAttention(MegatronModule):
     """megatron-core ``core_attention`` over ``F.scaled_dot_product_attention``; supports CP without TE."""
 
@@ -67,6 +119,7 @@ class SDPAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection: object | None = None,
+        alibi: bool = False,
     ) -> None:
         super().__init__(config=config)
         tp = config.tensor_model_parallel_size
@@ -77,6 +130,11 @@ class SDPAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.cp_size = config.context_parallel_size
+        self.alibi_slopes: tuple[float, ...] | None = None
+        """ALiBi slopes of this rank's heads (tensor-parallel ranks hold consecutive heads); ``None``: no ALiBi."""
+        if alibi:
+            first = parallel_state.get_tensor_model_parallel_rank() * self.heads
+            self.alibi_slopes = tuple(alibi_slopes(config.num_attention_heads)[first : first + self.heads].tolist())
 
     def forward(
         self,
@@ -91,46 +149,47 @@ class SDPAttention(MegatronModule):
         """``query``: [sq, b, heads, d]; ``key``/``value``: [sk, b, groups, d]; returns [sq, b, heads * d]."""
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention supports neither packed sequences nor attention bias; use the TE spec")
-        mask_type = attn_mask_type or self.attn_mask_type
-        causal = mask_type == AttnMaskType.causal
+        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         blocked = attention_mask
+        cp_rank = 0
         if self.cp_size > 1:
             group = parallel_state.get_context_parallel_group()
+            cp_rank = parallel_state.get_context_parallel_rank()
             key = _AllGatherSequence.apply(key, group)
             value = _AllGatherSequence.apply(value, group)
-            blocked = self._context_parallel_mask(query.shape[0], query.device, blocked, causal)
-            causal = False
+            if blocked is not None:
+                # The batch's mask was cut along queries only; its key axis is still in sequence order.
+                _, keys = _positions(query.shape[0], key.shape[0], self.cp_size, cp_rank, query.device)
+                blocked = blocked.index_select(-1, keys)
         # [s, b, h, d] -> [b, h, s, d], the layout SDPA's kernels expect.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if self.groups != self.heads:
             k = k.repeat_interleave(self.heads // self.groups, dim=1)
             v = v.repeat_interleave(self.heads // self.groups, dim=1)
-        allowed = None if blocked is None else ~blocked
-        if allowed is not None and causal:
-            allowed = allowed & ~torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
-            causal = False
+        mask = self._mask(q.shape[2], k.shape[2], cp_rank, q.device, q.dtype, blocked, causal)
         dropout = self.dropout if self.training else 0.0
         with self._dropout_rng(dropout):
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None, scale=self.softmax_scale
             )
         return context.permute(2, 0, 1, 3).reshape(context.shape[2], context.shape[0], -1)
 
-    def _context_parallel_mask(
-        self, local_length: int, device: torch.device, blocked: Tensor | None, causal: bool
-    ) -> Tensor | None:
-        """The blocked-attention mask of local queries over keys gathered in rank order."""
-        rank = parallel_state.get_context_parallel_rank()
-        q_pos = context_parallel_positions(local_length, self.cp_size, rank, device)
-        k_pos = torch.cat([context_parallel_positions(local_length, self.cp_size, r, device)
-                           for r in range(self.cp_size)])
-        if blocked is not None:
-            # The batch's mask was cut along queries only; its key axis is still in sequence order.
-            blocked = blocked.index_select(-1, k_pos)
-        if not causal:
-            return blocked
-        causal_block = k_pos[None, :] > q_pos[:, None]
-        return causal_block if blocked is None else blocked | causal_block
+    def _mask(self, queries: int, keys: int, cp_rank: int, device: torch.device, dtype: torch.dtype,
+              blocked: Tensor | None, causal: bool) -> Tensor | None:
+        """SDPA's ``attn_mask``: ``None`` (no mask, or plain causal: fused kernels run), a boolean mask of what may be
+        attended, or with ALiBi the additive bias (``-inf`` where blocked). Positions are global under CP."""
+        if self.alibi_slopes is None and self.cp_size == 1 and blocked is None:
+            return None
+        if self.alibi_slopes is not None and causal and blocked is None:
+            return _causal_alibi(self.alibi_slopes, queries, keys, self.cp_size, cp_rank, device, dtype)
+        query_positions, key_positions = _positions(queries, keys, self.cp_size, cp_rank, device)
+        if causal:
+            future = key_positions[None, :] > query_positions[:, None]
+            blocked = future if blocked is None else blocked | future
+        if self.alibi_slopes is None:
+            return None if blocked is None else ~blocked
+        bias = alibi_bias(_slopes_on(self.alibi_slopes, device), query_positions, key_positions)
+        return (bias if blocked is None else bias.masked_fill(blocked, float("-inf"))).to(dtype)
 
     def _dropout_rng(self, dropout: float):
         """Attention dropout of TP ranks must differ (each holds other heads), as in megatron's own attention."""

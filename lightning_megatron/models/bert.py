@@ -22,7 +22,7 @@ from megatron.core import tensor_parallel
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from lightning_megatron.models.config import ModelConfig
-from lightning_megatron.models.layers import Norm, init_weights, post_ln_layer_spec
+from lightning_megatron.models.layers import Norm, add_embedding_norm, init_weights, post_ln_layer_spec
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
@@ -79,8 +79,7 @@ class Bert(MegatronModule):
         # Post-LN layers end normalised, so the block's final norm goes; BERT normalises the embeddings instead.
         model.encoder.final_layernorm = None
         if pre_process:
-            model.embedding.add_module("layernorm", Norm(config, c.hidden_size, eps=c.layernorm_epsilon))
-            model.embedding.register_forward_hook(lambda module, args, output: module.layernorm(output))
+            add_embedding_norm(model, config, c.layernorm_epsilon)
         if post_process:
             model.lm_head.layer_norm = Norm(config, c.hidden_size, eps=c.layernorm_epsilon)
         init_weights(model, config, c.seed, tied_output_name="embedding.word_embeddings.weight")

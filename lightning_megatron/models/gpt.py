@@ -8,7 +8,8 @@ omit it for plain causal attention).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields
 from typing import Any, Literal, Mapping
 
 import torch
@@ -18,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lightning_megatron.models.config import ModelConfig
 from lightning_megatron.models.layers import (
+    add_embedding_norm,
     gelu_tanh,
     gpt_block_spec,
     init_weights,
@@ -37,7 +39,8 @@ class GPTConfig(ModelConfig):
     num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; ``None`` means one per attention head."""
     seq_length: int = 1024
-    position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
+    position_embedding_type: Literal["learned_absolute", "rope", "alibi"] = "learned_absolute"
+    """``alibi``: no position embeddings; attention adds ALiBi's per-head linear bias (needs ``attention="sdpa"``)."""
     rotary_base: int = 10000
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
@@ -47,6 +50,16 @@ class GPTConfig(ModelConfig):
     attention: Literal["sdpa", "local"] = "sdpa"
     """Core attention: PyTorch SDPA (fused kernels, context parallel) or megatron-core's local one."""
     tie_embeddings: bool = True
+    embedding_layernorm: bool = False
+    """A norm right after the word embeddings (BLOOM's ``word_embeddings_layernorm``)."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in fields(self):
+            accepted = typing.get_args(hints[field.name]) if typing.get_origin(hints[field.name]) is Literal else ()
+            if accepted and getattr(self, field.name) not in accepted:
+                raise ValueError(f"GPTConfig.{field.name}={getattr(self, field.name)!r} is not supported; "
+                                 f"accepted: {', '.join(map(repr, accepted))}")
 
     @classmethod
     def tiny(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":
@@ -115,6 +128,15 @@ class GPTConfig(ModelConfig):
                                         **overrides})
 
     @classmethod
+    def bloom(cls, vocab_size: int = 250880, **overrides: Any) -> "GPTConfig":
+        """A BLOOM-style decoder: ALiBi, a LayerNorm after the embeddings, tanh GELU, biases, tied embeddings; sizes
+        of BLOOM-560m (24 layers, hidden 1024, 16 heads) unless ``overrides`` say otherwise."""
+        defaults = dict(vocab_size=vocab_size, num_layers=24, hidden_size=1024, num_attention_heads=16,
+                        seq_length=2048, position_embedding_type="alibi", embedding_layernorm=True,
+                        activation="gelu_tanh")
+        return cls(**{**defaults, **overrides})
+
+    @classmethod
     def mqa_tiny(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":
         """The tiny Llama with multi-query attention: one key/value head shared by all query heads."""
         return cls.llama_tiny(vocab_size, **{**dict(num_query_groups=1), **overrides})
@@ -149,18 +171,22 @@ class GPT(MegatronModule):
         self, config: TransformerConfig, pre_process: bool, post_process: bool, vp_stage: int | None
     ) -> GPTModel:
         c = self.config
+        alibi = c.position_embedding_type == "alibi"
         model = GPTModel(
             config=config,
-            transformer_layer_spec=gpt_block_spec(config, vp_stage, qk_layernorm=c.qk_layernorm, attention=c.attention),
+            transformer_layer_spec=gpt_block_spec(config, vp_stage, qk_layernorm=c.qk_layernorm, attention=c.attention,
+                                                  alibi=alibi),
             vocab_size=c.padded_vocab_size(config.tensor_model_parallel_size),
             max_sequence_length=c.seq_length,
             pre_process=pre_process,
             post_process=post_process,
             share_embeddings_and_output_weights=c.tie_embeddings,
-            position_embedding_type=c.position_embedding_type,
+            position_embedding_type="none" if alibi else c.position_embedding_type,
             rotary_base=c.rotary_base,
             vp_stage=vp_stage,
         )
+        if pre_process and c.embedding_layernorm:
+            add_embedding_norm(model, config, c.layernorm_epsilon)
         init_weights(model, config, c.seed, tied_output_name="embedding.word_embeddings.weight" if c.tie_embeddings else None)
         return model
 

@@ -66,22 +66,31 @@ class Norm:
         return norm
 
 
+def add_embedding_norm(model: torch.nn.Module, config: TransformerConfig, eps: float) -> None:
+    """Normalise the output of ``model.embedding`` with a :class:`Norm` registered as ``embedding.layernorm``."""
+    model.embedding.add_module("layernorm", Norm(config, config.hidden_size, eps=eps))
+    model.embedding.register_forward_hook(lambda module, args, output: module.layernorm(output))
+
+
 AttentionBackend = Literal["sdpa", "local"]
 """``sdpa``: :class:`~lightning_megatron.models.attention.SDPAttention` (fused kernels, context parallel);
 ``local``: megatron-core's ``DotProductAttention`` (explicit softmax, no context parallelism)."""
 
 
-def gpt_layer_spec(qk_layernorm: bool = False, attention: AttentionBackend = "sdpa") -> ModuleSpec:
-    """megatron-core's local GPT layer spec with :class:`Norm` in place of its norms and a choice of core attention."""
+def gpt_layer_spec(qk_layernorm: bool = False, attention: AttentionBackend = "sdpa", alibi: bool = False) -> ModuleSpec:
+    """megatron-core's local GPT layer spec with :class:`Norm` in place of its norms and a choice of core attention
+    (``alibi``: :class:`SDPAttention` adds ALiBi's linear bias)."""
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm)
     self_attention = spec.submodules.self_attention
     replaced: dict = {}
     if qk_layernorm:
         replaced.update(q_layernorm=Norm, k_layernorm=Norm)
     if attention == "sdpa":
-        replaced["core_attention"] = SDPAttention
+        replaced["core_attention"] = ModuleSpec(module=SDPAttention, params={"alibi": True}) if alibi else SDPAttention
     elif attention != "local":
         raise ValueError(f"attention={attention!r} is not one of 'sdpa', 'local'")
+    elif alibi:
+        raise ValueError("ALiBi needs attention='sdpa' (megatron-core's local attention takes no position bias)")
     self_attention = dataclasses.replace(
         self_attention, submodules=dataclasses.replace(self_attention.submodules, **replaced)
     )
@@ -92,12 +101,13 @@ def gpt_layer_spec(qk_layernorm: bool = False, attention: AttentionBackend = "sd
 
 
 def gpt_block_spec(
-    config: TransformerConfig, vp_stage: int | None, qk_layernorm: bool = False, attention: AttentionBackend = "sdpa"
+    config: TransformerConfig, vp_stage: int | None, qk_layernorm: bool = False, attention: AttentionBackend = "sdpa",
+    alibi: bool = False,
 ) -> TransformerBlockSubmodules:
     """The decoder block of one pipeline stage (or virtual stage): its layers and a final :class:`Norm`."""
     if attention == "local" and config.context_parallel_size > 1:
         raise ValueError("context parallelism needs attention='sdpa' (megatron-core's local attention refuses it)")
-    layer = gpt_layer_spec(qk_layernorm, attention)
+    layer = gpt_layer_spec(qk_layernorm, attention, alibi)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=Norm
     )

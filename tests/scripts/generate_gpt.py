@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--init-std", type=float, default=0.2)
-    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"])
+    parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "alibi"])
     parser.add_argument("--save-ckpt", help="also save the trained model as a Lightning checkpoint here")
     parser.add_argument("--predict-out", help="then run trainer.predict over PROMPTS, writing completions here")
     args = parser.parse_args()
@@ -74,6 +74,11 @@ def main() -> None:
     shape = dict(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=64)
     if args.arch == "llama":
         config = lm.GPTConfig.llama(vocab_size=4096, num_query_groups=2, init_method_std=args.init_std, **shape)
+    elif args.arch == "alibi":
+        # 6 heads: ALiBi's slopes for a head count that is not a power of two, 3 per TP rank. Wider weights: after
+        # the embedding norm, the default ones give one repeated token.
+        config = lm.GPTConfig.bloom(vocab_size=4096, init_method_std=max(args.init_std, 0.5),
+                                    **{**shape, "hidden_size": 96, "num_attention_heads": 6})
     else:
         config = lm.GPTConfig(vocab_size=4096, init_method_std=args.init_std, **shape)
     model = lm.GPT(config, lm.OptimConfig(lr=3e-3, warmup_steps=1, decay_steps=args.steps))
