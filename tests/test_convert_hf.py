@@ -1,5 +1,5 @@
-"""GPT-2, Llama (GQA, MQA, tied), BERT (MLM, pretraining heads) and T5 (v1.0, v1.1) conversion: logits equal HF's
-in one process and under TP=2 / PP=2, exports
+"""GPT-2, Llama (GQA, MQA, tied), BLOOM, BERT (MLM, pretraining heads) and T5 (v1.0, v1.1) conversion: logits equal
+HF's in one process and under TP=2 / PP=2, exports
 load in ``transformers`` and round-trip to identical tensors, and bad input fails with a clear error."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from lightning_megatron.convert import (
     module_from_hf,
 )
 from lightning_megatron.checkpoint import CheckpointError
+from lightning_megatron.convert.bloom import Bloom
 from lightning_megatron.convert.command import main as convert_main
 from lightning_megatron.convert.consolidated import export_consolidated, gather_consolidated, import_consolidated
 from lightning_megatron.cpu import CPUEmulation
@@ -40,6 +41,7 @@ from lightning_megatron.schedule import run_schedule
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
 from convert_parity import logits_of, run  # noqa: E402
+from generate_hf import NEW_TOKENS, PROMPTS, greedy_tokens  # noqa: E402
 
 VOCAB = 300
 SEQ = 16
@@ -53,6 +55,12 @@ def make_hf(kind: str, path: Path) -> Path:
         config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = transformers.GPT2LMHeadModel(config)
+    elif kind == "bloom":
+        # 6 heads: ALiBi slopes of a head count that is not a power of two, 3 per TP rank. Wide weights, or the
+        # greedy text is the last prompt token repeated.
+        config = transformers.BloomConfig(hidden_size=48, n_layer=2, n_head=6, vocab_size=VOCAB,
+                                          hidden_dropout=0.0, attention_dropout=0.0, initializer_range=0.4)
+        model = transformers.BloomForCausalLM(config)
     elif kind.startswith("t5"):
         config = transformers.T5Config(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, vocab_size=VOCAB,
                                        dropout_rate=0.0,
@@ -110,7 +118,7 @@ def hf_logits(path: Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output.prediction_logits
 
 
-KINDS = ("gpt2", "llama", "llama-mqa", "llama-tied", "bert", "bert-pretraining", "t5", "t5-gated")
+KINDS = ("gpt2", "llama", "llama-mqa", "llama-tied", "bloom", "bert", "bert-pretraining", "t5", "t5-gated")
 
 
 @pytest.fixture(scope="module")
@@ -260,28 +268,39 @@ def test_bad_input_errors(hf_dirs, tmp_path, one_rank, capsys):
         load_checkpoint(wide, ckpt)
     with pytest.raises(ConversionError, match="T5 does not support pipeline parallelism"):
         hf_to_checkpoint(hf_dirs["t5"], tmp_path / "o7", pipeline_model_parallel_size=2)
+    with pytest.raises(ConversionError, match="apply_residual_connection_post_layernorm=True is not supported"):
+        hf_to_checkpoint(_rewrite_config(hf_dirs["bloom"], tmp_path / "d", apply_residual_connection_post_layernorm=True),
+                         tmp_path / "o8")
+    with pytest.raises(ConversionError, match="not BLOOM shaped"):
+        Bloom().config_to_hf(dataclasses.replace(module_from_hf(hf_dirs["bloom"]).config, embedding_layernorm=False))
     with pytest.raises(ConversionError, match="exists and is not empty"):
         checkpoint_to_hf(ckpt, gpt2)
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_converted_model_generates_what_transformers_generates(hf_dirs, one_rank, kind):
-    from lightning_megatron.generation import SamplingParams, generate
-
-    path = hf_dirs[kind]
-    module = build_module(module_from_hf(path), one_rank)
-    for chunk in module.chunks:
-        chunk.eval()
-    load_hf(module, path)
-    prompts = [[5, 17, 42, 7, 99], [100, 3]]
-    ours = generate(module, prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
+def transformers_greedy(path: Path) -> list[list[int]]:
+    """What ``transformers`` generates greedily from each prompt of ``generate_hf.PROMPTS`` alone."""
     reference = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    for prompt, output in zip(prompts, ours):
+    tokens = []
+    for prompt in PROMPTS:
         with torch.no_grad():
-            expected = reference.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10,
-                                          do_sample=False, pad_token_id=0)
-        assert output.tokens == expected[0, len(prompt):].tolist()
+            expected = reference.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
+                                          min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        tokens.append(expected[0, len(prompt):].tolist())
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bloom"])
+def test_converted_model_generates_what_transformers_generates(hf_dirs, one_rank, kind):
+    expected = transformers_greedy(hf_dirs[kind])
+    assert greedy_tokens(str(hf_dirs[kind]), one_rank) == expected
+
+
+@pytest.mark.slow
+def test_bloom_generates_what_transformers_generates_under_tp2(hf_dirs, tmp_path):
+    path = str(hf_dirs["bloom"])
+    torchrun("generate_hf.py", 2, path, "--tp", 2, "--out", tmp_path / "tokens.json", timeout=400)
+    assert read_json(tmp_path / "tokens.json")[path] == transformers_greedy(hf_dirs["bloom"])
 
 
 CONSOLIDATED_MODELS = {

@@ -104,4 +104,5 @@ class GPT2(Architecture):
     def _is_gpt2(c: GPTConfig) -> bool:
         return (c.normalization == "LayerNorm" and c.position_embedding_type == "learned_absolute"
                 and c.activation in ("gelu", "gelu_tanh") and c.add_bias_linear and c.tie_embeddings
-                and not c.qk_layernorm and c.num_query_groups in (None, c.num_attention_heads))
+                and not c.qk_layernorm and not c.embedding_layernorm
+                and c.num_query_groups in (None, c.num_attention_heads))

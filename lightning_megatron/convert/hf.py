@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from lightning_megatron.convert.bert import Bert
+from lightning_megatron.convert.bloom import Bloom
 from lightning_megatron.convert.consolidated import (
     SafetensorsFiles,
     TensorDict,
@@ -31,7 +32,7 @@ from lightning_megatron.convert.t5 import T5
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
 
-ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bert(), T5())
+ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bloom(), Bert(), T5())
 """Every supported mapping."""
 
 METADATA = "lightning_megatron.json"

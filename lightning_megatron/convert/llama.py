@@ -85,4 +85,5 @@ class Llama(Architecture):
     def matches(self, module: MegatronModule) -> bool:
         c = getattr(module, "config", None)
         return (isinstance(module, GPT) and c.normalization == "RMSNorm" and c.position_embedding_type == "rope"
-                and c.activation == "swiglu" and not c.add_bias_linear and not c.qk_layernorm)
+                and c.activation == "swiglu" and not c.add_bias_linear and not c.qk_layernorm
+                and not c.embedding_layernorm)
