@@ -5,10 +5,13 @@ same engine decoding eagerly) and for ``GPT2LMHeadModel.generate`` (greedy, ``mi
 time to first token (prefill + one token) and decode tokens/s at each batch size, plus the fraction of the
 memory-bandwidth bound the decode reaches (each decode step must read every weight and the key/value cache once:
 bound = batch x bandwidth / bytes read per step; the bandwidth is measured in this script with a large device
-copy). Both models have random weights of the same shape.
+copy). Both models have random weights of the same shape. The ``int8`` engines run after the others on the same
+model with its linear weights quantized to int8 (weight-only, per-output-channel scales); the script prints the
+bytes of the linear weights before and after, and which int8 matmul the device ran.
 
 GPU:        python benchmarks/generate.py                                   (GPT-2 124M shape, bf16, batch 1 and 64)
             python benchmarks/generate.py --preset gpt2_1_3b --batches 1    (the 1.3B preset)
+            python benchmarks/generate.py --batches 1 --engines graphs int8 int8-compile   (int8 against bf16)
 CPU smoke:  python benchmarks/generate.py --smoke                           (tiny shape, fp32, batch 1 and 4)
 """
 
@@ -21,10 +24,17 @@ import time
 from typing import Any, Callable
 
 import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from lightning_megatron.generation import SamplingParams, build_engine
+from lightning_megatron.generation import SamplingParams, build_engine, quantize_weights
 from lightning_megatron.generation.session import run_with_model
 from lightning_megatron.models.gpt import GPTConfig
+from lightning_megatron.parallel import unwrap
+
+
+NAMES = {"graphs": "lightning-megatron", "compile": "lightning-megatron (compiled)",
+         "eager": "lightning-megatron (eager)", "transformers": "transformers", "int8": "lightning-megatron int8",
+         "int8-compile": "lightning-megatron int8 (compiled)"}
 
 
 def _sync(device: torch.device) -> None:
@@ -68,6 +78,20 @@ def kv_bytes(config: GPTConfig, batch: int, context: int, element_bytes: int) ->
     return 2 * config.num_layers * batch * context * groups * head_dim * element_bytes
 
 
+def linear_layers(model: Any) -> list[torch.nn.Module]:
+    """The model's tensor-parallel linear layers that hold a weight of their own (not a tied output layer)."""
+    return [layer for chunk in model.chunks for layer in unwrap(chunk).modules()
+            if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) and layer.weight is not None
+            and not getattr(layer.weight, "shared_embedding", False)]
+
+
+def linear_weight_bytes(model: Any) -> int:
+    """Bytes of the linear layers' weights, with the scales of int8 ones."""
+    tensors = [t for layer in linear_layers(model) for t in (layer.weight, getattr(layer, "weight_scale", None))
+               if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, for a quick check")
@@ -77,8 +101,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", nargs="+", default=["graphs", "eager", "transformers"],
-                        choices=["graphs", "compile", "eager", "transformers"],
-                        help="compile: CUDA graphs of a torch.compile'd decode step")
+                        choices=["graphs", "compile", "eager", "transformers", "int8", "int8-compile"],
+                        help="compile: CUDA graphs of a torch.compile'd decode step; int8: the graphs engine with "
+                             "int8 weights (int8-compile: compiled), measured after the others")
     parser.add_argument("--out", help="append the results as a JSON line to this file")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
@@ -91,23 +116,32 @@ def main() -> None:
     batches = args.batches or ([1, 64] if cuda else [1, 4])
     prompt_tokens = args.prompt_tokens or (128 if cuda else 16)
     new_tokens = args.new_tokens or (128 if cuda else 16)
-    engines = [e for e in args.engines if cuda or e not in ("graphs", "compile")]
+    engines = [e for e in args.engines if cuda or e not in ("graphs", "compile", "int8-compile")]
+    engines.sort(key=lambda e: e.startswith("int8"))  # quantizing is in place: the float engines go first
     torch.manual_seed(0)
     prompts = torch.randint(0, config.vocab_size, (max(batches), prompt_tokens))
 
     def bench(model: Any, tokenizer: Any) -> dict[str, Any]:
         params = sum(p.numel() for p in model.parameters())
-        ours = {}
-        for name in ("graphs", "compile", "eager"):
-            if name not in engines:
-                continue
-            options = {"eager": dict(cuda_graphs=False) if cuda else {}, "graphs": {}, "compile": dict(compile=True)}
+        element = torch.finfo(dtype).bits // 8
+        memory = {"linear_weight_bytes": linear_weight_bytes(model)}
+        options = {"eager": dict(cuda_graphs=False) if cuda else {}, "graphs": {}, "compile": dict(compile=True),
+                   "int8": {}, "int8-compile": dict(compile=True)}
+
+        def ours(name: str) -> Callable[[int, int], None]:
+            if name.startswith("int8") and "int8_kernel" not in memory:
+                allocated = torch.cuda.memory_allocated(device) if cuda else 0
+                quantize_weights(model, "int8")
+                memory["int8_linear_weight_bytes"] = linear_weight_bytes(model)
+                memory["int8_kernel"] = linear_layers(model)[0].int8_kernel
+                if cuda:
+                    memory["quantize_freed_bytes"] = allocated - torch.cuda.memory_allocated(device)
             engine = build_engine(model, None, max_batch_size=max(batches), **options[name])
 
-            def run(size: int, tokens: int, engine=engine) -> None:
+            def run(size: int, tokens: int) -> None:
                 engine.generate([row.tolist() for row in prompts[:size]], SamplingParams(max_new_tokens=tokens))
 
-            ours[name] = run
+            return run
 
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -121,21 +155,22 @@ def main() -> None:
                             max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
 
         bandwidth = measured_bandwidth(device, 1024 if cuda else 256)
-        element = torch.finfo(dtype).bits // 8
-        names = {"graphs": "lightning-megatron", "compile": "lightning-megatron (compiled)",
-                 "eager": "lightning-megatron (eager)", "transformers": "transformers"}
         rows = []
-        for size in batches:
-            for engine in engines:
-                result = measure(theirs if engine == "transformers" else ours[engine], size, new_tokens, device,
-                                 args.repeats)
+        for engine in engines:
+            generate_n = theirs if engine == "transformers" else ours(engine)
+            weights = params * element
+            if engine.startswith("int8"):
+                weights += memory["int8_linear_weight_bytes"] - memory["linear_weight_bytes"]
+            for size in batches:
+                result = measure(generate_n, size, new_tokens, device, args.repeats)
                 context = prompt_tokens + new_tokens // 2
-                bound = size * bandwidth / (params * element + kv_bytes(config, size, context, element))
-                rows.append({"engine": names[engine], "batch": size, "params": params, **result,
+                bound = size * bandwidth / (weights + kv_bytes(config, size, context, element))
+                rows.append({"engine": NAMES[engine], "batch": size, "params": params, **result,
                              "bandwidth_bound_fraction": result["decode_tokens_per_s"] / bound})
         del hf
-        return {"rows": rows, "bandwidth_gb_s": bandwidth / 1e9}
+        return {"rows": rows, "bandwidth_gb_s": bandwidth / 1e9, **memory}
 
+    dtype_name = str(dtype).removeprefix("torch.")
     results = run_with_model(config, bench, tokenizer=None, accelerator="gpu" if cuda else "cpu",
                              precision="bf16-mixed" if cuda else "32-true")
     if results is None:
@@ -158,6 +193,18 @@ def main() -> None:
             if ours and theirs:
                 print(f"batch {size}: {name} / transformers: decode {ours['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}x, "
                       f"TTFT {ours['ttft_ms'] / theirs['ttft_ms']:.2f}x")
+    if "int8_linear_weight_bytes" in results:
+        before, after = results["linear_weight_bytes"], results["int8_linear_weight_bytes"]
+        print(f"int8 ({results['int8_kernel']}): linear weights {before / 2**20:.1f} MiB ({dtype_name}) -> "
+              f"{after / 2**20:.1f} MiB (int8 + scales), {after / before:.2f}x")
+        if "quantize_freed_bytes" in results:
+            print(f"device memory freed by quantizing: {results['quantize_freed_bytes'] / 2**20:.1f} MiB")
+        for size in batches:
+            for int8, float_engine in (("int8", "graphs" if cuda else "eager"), ("int8-compile", "compile")):
+                quantized, unquantized = by_key.get((NAMES[int8], size)), by_key.get((NAMES[float_engine], size))
+                if quantized and unquantized:
+                    print(f"batch {size}: {NAMES[int8]} / {NAMES[float_engine]}: decode "
+                          f"{quantized['decode_tokens_per_s'] / unquantized['decode_tokens_per_s']:.2f}x")
     if args.out:
         with open(args.out, "a") as handle:
             handle.write(json.dumps({"benchmark": "generate", "hardware": hardware, "preset": args.preset,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from generation_helpers import ensure_parallel_state, tiny_gpt
-from lightning_megatron.generation import SamplingParams, build_engine
+from lightning_megatron.generation import SamplingParams, build_engine, quantize_weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -22,7 +22,7 @@ def models():
     torch.cuda.set_device(0)
     ensure_parallel_state()
     built = {}
-    for arch in ("gpt2", "llama"):
+    for arch in ("gpt2", "llama", "alibi"):
         model = tiny_gpt(arch, seq_length=256)
         model.chunks.cuda()
         built[arch] = model
@@ -36,7 +36,7 @@ def run(model, prompts, params, graphs, max_batch_size=4, **options):
     return outputs, engine
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "alibi"])
 def test_graphed_greedy_decoding_equals_eager(models, arch):
     params = SamplingParams(max_new_tokens=40, ignore_eos=True, logprobs=True)
     eager, _ = run(models[arch], PROMPTS, params, graphs=False)
@@ -69,3 +69,16 @@ def test_compiled_graphed_decoding_equals_eager(models):
     compiled, engine = run(models["llama"], PROMPTS, params, graphs=True, compile=True)
     assert engine.runner.graphs.failed is None
     assert [o.tokens for o in compiled] == [o.tokens for o in eager]
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled"])
+def test_int8_graphed_decoding_equals_eager(models, compile):
+    model = tiny_gpt("llama", seq_length=256)
+    model.chunks.cuda()
+    quantize_weights(model, "int8")
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    eager, _ = run(model, PROMPTS, params, graphs=False)
+    graphed, engine = run(model, PROMPTS, params, graphs=True, compile=compile)
+    kernel = model.chunks[0].decoder.layers[0].mlp.linear_fc1.int8_kernel
+    assert engine.runner.graphs.failed is None, (kernel, engine.runner.graphs.failed)
+    assert [o.tokens for o in graphed] == [o.tokens for o in eager], kernel

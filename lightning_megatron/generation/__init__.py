@@ -10,19 +10,24 @@ from typing import Any, Callable, Sequence
 
 from lightning_megatron.generation.engine import Engine, GenerationOutput
 from lightning_megatron.generation.params import SamplingParams
+from lightning_megatron.generation.quantize import quantize as quantize_weights
 from lightning_megatron.generation.runner import ModelRunner
 from lightning_megatron.generation.stream import TextStreamer, TextTracker, TokenEvent
 
 
 def build_engine(model: Any, tokenizer: Any | None = None, max_batch_size: int = 16, use_cache: bool = True,
-                 cuda_graphs: bool | None = None, compile: bool = False, **kwargs: Any) -> Engine:
+                 cuda_graphs: bool | None = None, compile: bool = False, quantize: str | None = None,
+                 **kwargs: Any) -> Engine:
     """An :class:`Engine` over a built GPT (``configure_model`` done, e.g. inside a Trainer run).
 
     ``cuda_graphs``/``compile``: see :class:`ModelRunner` (graphs default to on where one CUDA process holds the model).
+    ``quantize="int8"`` first quantizes the model's linear weights in place (:func:`.quantize.quantize`).
     """
     if model.chunks is None:
         raise RuntimeError("the model is not built yet: generate inside a Trainer run (fit/predict) or after "
                            "configure_model() with megatron's parallel state initialised")
+    if quantize is not None:
+        quantize_weights(model, quantize)
     runner = ModelRunner(model.chunks, model.config.vocab_size, cuda_graphs=cuda_graphs, compile=compile)
     return Engine(runner, model.config.seq_length, tokenizer=tokenizer, max_batch_size=max_batch_size,
                   use_cache=use_cache, **kwargs)
@@ -57,4 +62,5 @@ __all__ = [
     "TokenEvent",
     "build_engine",
     "generate",
+    "quantize_weights",
 ]

@@ -19,6 +19,7 @@ import yaml
 from lightning_megatron.data.tokenizer import Tokenizer
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.predict import PromptsDataModule
+from lightning_megatron.generation.quantize import MODES as QUANTIZE_MODES, quantize
 from lightning_megatron.models.gpt import GPT, GPTConfig
 from lightning_megatron.parallel import unwrap
 from lightning_megatron.strategy import MegatronStrategy
@@ -40,6 +41,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pp", type=int, default=1, help="pipeline_model_parallel_size")
     group.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
     group.add_argument("--precision", default="32-true", help="the precision the checkpoint was trained with")
+    group.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                       help="int8: store the linear weights as int8 with per-output-channel scales (weight-only)")
 
 
 def model_config(ckpt: str | None, config: str | None) -> tuple[GPTConfig, str | None]:
@@ -83,9 +86,10 @@ def load_weights(model: GPT, path: str) -> None:
 
 
 class _RunAfterWarmup(pl.Callback):
-    def __init__(self, fn: InferenceFn, weights: str | None) -> None:
+    def __init__(self, fn: InferenceFn, weights: str | None, quantize: str | None = None) -> None:
         self.fn = fn
         self.weights = weights
+        self.quantize = quantize
         self.result: Any = None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -93,6 +97,8 @@ class _RunAfterWarmup(pl.Callback):
             load_weights(pl_module, self.weights)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.quantize is not None:
+            quantize(pl_module, self.quantize)
         self.result = self.fn(pl_module, trainer.datamodule.tokenizer)
 
 
@@ -101,15 +107,16 @@ def run_inference(args: argparse.Namespace, fn: InferenceFn) -> Any:
     config, recipe_tokenizer = model_config(args.ckpt, args.config)
     return run_with_model(config, fn, ckpt=args.ckpt, tokenizer=args.tokenizer or recipe_tokenizer,
                           devices=args.devices, tp=args.tp, pp=args.pp, accelerator=args.accelerator,
-                          precision=args.precision)
+                          precision=args.precision, quantize=args.quantize)
 
 
 def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, tokenizer: str | None = None,
                    devices: int = 1, tp: int = 1, pp: int = 1, accelerator: str = "auto",
-                   precision: str = "32-true") -> Any:
+                   precision: str = "32-true", quantize: str | None = None) -> Any:
     """Build a GPT of ``config`` under TP x PP (weights from ``ckpt`` if given) and run ``fn`` on every rank.
 
-    Returns ``fn``'s value on global rank 0 (``None`` elsewhere).
+    ``quantize`` (``"int8"``) quantizes the loaded weights before ``fn`` runs (see :mod:`.quantize`). Returns
+    ``fn``'s value on global rank 0 (``None`` elsewhere).
     """
     if ckpt and not Path(ckpt).exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
@@ -122,7 +129,7 @@ def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, 
     data = PromptsDataModule(prompts=["Hello"], tokenizer=tokenizer, params=SamplingParams(max_new_tokens=1))
     # A Lightning .ckpt file is loaded here; anything else (a sharded checkpoint directory) by the strategy.
     lightning_file = bool(ckpt) and Path(ckpt).is_file()
-    run = _RunAfterWarmup(fn, ckpt if lightning_file else None)
+    run = _RunAfterWarmup(fn, ckpt if lightning_file else None, quantize)
     trainer = pl.Trainer(
         strategy=MegatronStrategy(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
         accelerator=accelerator, devices=devices, precision=precision, logger=False,
