@@ -88,4 +88,21 @@ def test_generate_cli_reproduces_the_trained_models_greedy_text(reference, tmp_p
     out_tp = tmp_path / "completions-tp2.jsonl"
     run_python(CLI, "generate", *[a if a != out else out_tp for a in args], "--devices", 2, "--tp", 2, timeout=400)
     assert [r["tokens"] for r in read_jsonl(out_tp)] == ref["cached"]
+    # Two data-parallel replicas share the three prompts (2 + 1): the same completions, in prompt order.
+    out_dp = tmp_path / "completions-dp2.jsonl"
+    run_python(CLI, "generate", *[a if a != out else out_dp for a in args], "--devices", 2, timeout=400)
+    records_dp = read_jsonl(out_dp)
+    without_logprob = [[{**r, "cumulative_logprob": None} for r in rs] for rs in (records_dp, records)]
+    assert without_logprob[0] == without_logprob[1]
+    # Smaller batches change float rounding, not tokens.
+    assert [r["cumulative_logprob"] for r in records_dp] == pytest.approx([r["cumulative_logprob"] for r in records])
+
+
+def test_generate_refuses_a_layout_that_cannot_split_the_devices():
+    result = run_python(CLI, "generate", "--config", REPO / "recipes" / "gpt-tiny.yaml", "--prompt", "x",
+                        "--devices", 3, "--tp", 2, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "lightning-megatron generate: error: --devices 3 is not a multiple of --tp x --pp = 2: each replica of the "
+        "model takes tp x pp processes")
 

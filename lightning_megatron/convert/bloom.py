@@ -59,7 +59,8 @@ class Bloom(Architecture):
         rules = [same("embedding.word_embeddings.weight", "transformer.word_embeddings.weight"),
                  same("embedding.layernorm.weight", "transformer.word_embeddings_layernorm.weight"),
                  same("embedding.layernorm.bias", "transformer.word_embeddings_layernorm.bias")]
-        pairs = [("input_layernorm", "input_layernorm"), ("self_attention.linear_qkv", "self_attention.query_key_value"),
+        pairs = [("input_layernorm", "input_layernorm"),
+                 ("self_attention.linear_qkv", "self_attention.query_key_value"),
                  ("self_attention.linear_proj", "self_attention.dense"),
                  ("pre_mlp_layernorm", "post_attention_layernorm"), ("mlp.linear_fc1", "mlp.dense_h_to_4h"),
                  ("mlp.linear_fc2", "mlp.dense_4h_to_h")]

@@ -3,6 +3,8 @@
     lightning-megatron generate --ckpt runs/gpt-tiny/.../last.ckpt --prompt "In the beginning" --stream
     lightning-megatron generate --ckpt ... --config recipes/gpt-tiny.yaml --prompts-file prompts.jsonl \\
         --output completions.jsonl --devices 2 --tp 2
+    lightning-megatron generate --ckpt ... --prompts-file prompts.jsonl --output completions.jsonl --devices 4 --tp 2
+        (two replicas of the TP=2 model share the prompts; completions are written in prompt order)
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch.distributed as dist
 from lightning_megatron.atomic import atomic_write
 from lightning_megatron.generation import SamplingParams, TextStreamer, build_engine
 from lightning_megatron.generation.predict import completion_record, read_prompts
-from lightning_megatron.generation.session import add_model_arguments, run_inference
+from lightning_megatron.generation.replicas import map_over_replicas
+from lightning_megatron.generation.session import add_model_arguments, check_layout, run_inference
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +68,7 @@ def main(argv: Sequence[str]) -> int:
     source.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     source.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
     args = parser.parse_args(list(argv))
+    check_layout(parser, args)
     try:
         params = sampling_params(args)
     except ValueError as error:
@@ -80,11 +84,16 @@ def main(argv: Sequence[str]) -> int:
     def complete(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
         engine = build_engine(model, tokenizer, max_batch_size=max(args.batch_size, params.beam_width))
         streamer = None
-        if args.stream and _is_rank_zero():
+        if args.stream and _is_rank_zero():  # rank 0's replica gets the first (here: the only) prompt
             sys.stdout.write(items[0]["prompt"])
             streamer = TextStreamer()
-        outputs = engine.generate([i["prompt"] for i in items], [i["params"] for i in items], streamer=streamer)
-        return [completion_record(i["id"], i["prompt"], o) for i, o in zip(items, outputs)]
+
+        def run(share: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            outputs = engine.generate([i["prompt"] for i in share], [i["params"] for i in share], streamer=streamer)
+            return [completion_record(i["id"], i["prompt"], o) for i, o in zip(share, outputs)]
+
+        # Data-parallel replicas (--devices > tp x pp) each complete their share of the prompts.
+        return map_over_replicas(items, run)
 
     records = run_inference(args, complete)
     if records is None:

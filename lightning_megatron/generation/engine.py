@@ -66,6 +66,7 @@ class _Request:
     tracker: TextTracker | None = None
     hypotheses: list[tuple[float, RowState]] = field(default_factory=list)
     output: GenerationOutput | None = None
+    replica: int = 0
 
     @property
     def width(self) -> int:
@@ -77,6 +78,8 @@ class Engine:
 
     Call :meth:`submit` with the same requests on every rank (or, with ``leader_submits=True``, on global rank 0
     only: its new requests are broadcast at the start of each step), then :meth:`step` until :attr:`busy` is false.
+    With data-parallel replicas and ``leader_submits``, every rank of every replica steps together; each engine takes
+    only the requests submitted for its ``replica``.
     """
 
     def __init__(
@@ -89,8 +92,10 @@ class Engine:
         use_cache: bool = True,
         leader_submits: bool = False,
         eod: int | None = None,
+        replica: int = 0,
     ) -> None:
         self.runner = runner
+        self.replica = replica
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
         self.max_batch_size = max_batch_size
@@ -122,8 +127,11 @@ class Engine:
         """Requests waiting for a slot."""
         return len(self.pending) + self._inbox.qsize()
 
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
-        """Queue a request (text or token ids); returns its id. Raises ``ValueError`` for input that cannot run."""
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, replica: int = 0) -> int:
+        """Queue a request (text or token ids) for the engine of data-parallel ``replica``; returns its id.
+
+        Raises ``ValueError`` for input that cannot run.
+        """
         params = params or SamplingParams()
         params.validate()
         if isinstance(prompt, str):
@@ -153,7 +161,7 @@ class Engine:
         bad_words = list(params.bad_word_ids)
         if params.bad_words:
             bad_words.extend(tuple(self.tokenizer.encode(word)) for word in params.bad_words)
-        request = _Request(next(self._ids), tokens, params, max_new, tuple(w for w in bad_words if w))
+        request = _Request(next(self._ids), tokens, params, max_new, tuple(w for w in bad_words if w), replica=replica)
         self._post("add", request)
         return request.id
 
@@ -186,7 +194,8 @@ class Engine:
         events = []
         for kind, item in messages:
             if kind == "add":
-                self.pending.append(item)
+                if item.replica == self.replica:
+                    self.pending.append(item)
             elif kind == "close":
                 self.closed = True
             else:

@@ -18,7 +18,7 @@ import torch
 
 from lightning_megatron.data.corpus import read_texts
 from lightning_megatron.generation.runner import ModelRunner
-from lightning_megatron.generation.session import add_model_arguments, run_inference
+from lightning_megatron.generation.session import add_model_arguments, check_layout, run_inference
 
 
 def _runner(model: Any) -> ModelRunner:
@@ -102,6 +102,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", help="also write the metrics to this JSON file")
     args = parser.parse_args(list(argv))
+    check_layout(parser, args)
     if not args.text and not args.lambada:
         parser.error("give --text and/or --lambada")
     texts = list(read_texts(args.text, args.json_key)) if args.text else []

@@ -36,13 +36,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", help="training recipe (YAML) naming the model config and the tokenizer; "
                                         "needed when the checkpoint does not carry the config")
     group.add_argument("--tokenizer", help="tokenizer.json or HF tokenizer dir (default: the recipe's, else bundled)")
-    group.add_argument("--devices", type=int, default=1, help="processes (tensor x pipeline parallel)")
+    group.add_argument("--devices", type=int, default=1,
+                       help="processes: a multiple of tp x pp (more make data-parallel replicas of the model)")
     group.add_argument("--tp", type=int, default=1, help="tensor_model_parallel_size")
     group.add_argument("--pp", type=int, default=1, help="pipeline_model_parallel_size")
     group.add_argument("--accelerator", default="auto", help="cpu, gpu or auto")
     group.add_argument("--precision", default="32-true", help="the precision the checkpoint was trained with")
     group.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                        help="int8: store the linear weights as int8 with per-output-channel scales (weight-only)")
+
+
+def check_layout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The number of model replicas ``--devices`` / (``--tp`` x ``--pp``); a layout that cannot work is a
+    command-line error naming the fix, before any process starts."""
+    per_replica = args.tp * args.pp
+    if min(args.devices, args.tp, args.pp) < 1 or args.devices % per_replica:
+        parser.error(f"--devices {args.devices} is not a multiple of --tp x --pp = {per_replica}: each replica of "
+                     f"the model takes tp x pp processes")
+    return args.devices // per_replica
 
 
 def model_config(ckpt: str | None, config: str | None) -> tuple[GPTConfig, str | None]:

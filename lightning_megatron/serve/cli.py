@@ -1,6 +1,7 @@
 """``lightning-megatron serve``: an OpenAI-compatible server for a trained GPT on 127.0.0.1.
 
     lightning-megatron serve --ckpt runs/gpt-tiny/.../last.ckpt --port 8000
+    lightning-megatron serve --ckpt ... --devices 4 --tp 2 --port 8000     (two TP=2 replicas share the requests)
     curl -N localhost:8000/v1/completions -d '{"prompt": "In the beginning", "max_tokens": 32, "stream": true}'
 """
 
@@ -11,7 +12,8 @@ import signal
 from typing import Any, Sequence
 
 from lightning_megatron.generation import build_engine
-from lightning_megatron.generation.session import add_model_arguments, run_inference
+from lightning_megatron.generation.replicas import replica
+from lightning_megatron.generation.session import add_model_arguments, check_layout, run_inference
 from lightning_megatron.serve.server import LOOPBACK, Server
 
 
@@ -29,12 +31,11 @@ def main(argv: Sequence[str]) -> int:
     group.add_argument("--model-name", default="lightning-megatron")
     group.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request omits it")
     args = parser.parse_args(list(argv))
-    if args.devices != args.tp * args.pp:
-        parser.error(f"the server runs one model replica: set --devices to tp x pp = {args.tp * args.pp}")
+    check_layout(parser, args)  # --devices / (tp x pp) replicas of the model share the requests
 
     def serve(model: Any, tokenizer: Any) -> None:
         engine = build_engine(model, tokenizer, max_batch_size=args.max_batch_size, leader_submits=True,
-                              cache_length=args.cache_length or 2 * model.config.seq_length)
+                              cache_length=args.cache_length or 2 * model.config.seq_length, replica=replica()[0])
         server = Server(engine, tokenizer, host=args.host, port=args.port, model_name=args.model_name,
                         default_max_tokens=args.default_max_tokens)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,6 +4,10 @@ Global rank 0 answers HTTP (aiohttp, in a background thread, loopback only) and 
 :class:`~lightning_megatron.generation.Engine`; every rank runs :meth:`Server.serve_forever`, the engine loop, in
 its main thread, so requests arriving while others decode join the running batch at the next step.
 
+With data-parallel replicas of the model (``--devices`` a multiple of TP x PP), each request goes to the replica
+with the fewest requests in flight; every rank of every replica steps together (rank 0 broadcasts the new requests,
+each replica's engine takes its own), and after each step the first rank of each replica sends its events to rank 0.
+
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``"stream": true`` for server-sent events),
 ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text: requests, tokens/s, queue depth).
 """
@@ -20,7 +24,8 @@ from typing import Any
 import torch.distributed as dist
 from aiohttp import web
 
-from lightning_megatron.generation import Engine, GenerationOutput, TokenEvent
+from lightning_megatron.generation import Engine, GenerationOutput, SamplingParams, TokenEvent
+from lightning_megatron.generation.replicas import gather_to_leader, replica
 from lightning_megatron.serve.protocol import ParsedRequest, RequestError, chunk, parse_request, response
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -59,7 +64,7 @@ class Metrics:
 
 
 class Server:
-    """Serves one model replica (all ranks of it); only global rank 0 listens on ``host:port``."""
+    """Serves the model (every rank of every data-parallel replica); only global rank 0 listens on ``host:port``."""
 
     def __init__(self, engine: Engine, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
                  model_name: str = "lightning-megatron", max_queue: int = 256, default_max_tokens: int = 16) -> None:
@@ -78,6 +83,16 @@ class Server:
         self.default_max_tokens = default_max_tokens
         self.metrics = Metrics()
         self.leader = not dist.is_initialized() or dist.get_rank() == 0
+        index, self.replicas = replica()
+        if engine.replica != index:
+            raise ValueError(f"this rank belongs to model replica {index}, its engine was built for replica "
+                             f"{engine.replica}; build it with replica=parallel_state.get_data_parallel_rank()")
+        self.in_flight = [0] * self.replicas
+        """Requests submitted to each replica and not finished yet (rank 0)."""
+        self.routed = [0] * self.replicas
+        """Requests each replica has been given (rank 0)."""
+        self._owners: dict[int, int] = {}
+        self._waiting_elsewhere = 0
         self._lock = threading.Lock()
         self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -92,12 +107,18 @@ class Server:
         try:
             with self.engine.runner.inference_mode():
                 while not self.engine.closed:
-                    if self.leader:
+                    # Rank 0 idles only while no replica has work (the others wait in the engine's broadcast).
+                    if self.leader and not any(self.in_flight[1:]):
                         self.engine.wait(timeout=1.0)
                     events = self.engine.step()
+                    results = [(e, self.engine.finished.pop(e.request_id, None) if e.finished else None)
+                               for e in events]
+                    step = (results, sum(r.width for r in self.engine.active), len(self.engine.pending))
+                    replicas = gather_to_leader(step) if self.replicas > 1 else [step]
                     if self.leader:
-                        self.metrics.record_batch(sum(r.width for r in self.engine.active))
-                        self._dispatch(events)
+                        self.metrics.record_batch(sum(batch for _, batch, _ in replicas))
+                        self._waiting_elsewhere = sum(waiting for _, _, waiting in replicas[1:])
+                        self._dispatch([result for results, _, _ in replicas for result in results])
         finally:
             if self.leader:
                 self._stop_http()
@@ -106,14 +127,30 @@ class Server:
         """Stop serving on every rank (the engine broadcasts the request at its next step)."""
         self.engine.close()
 
-    def _dispatch(self, events: list[TokenEvent]) -> None:
-        self.metrics.record_tokens(sum(1 for e in events if e.token is not None))
-        for event in events:
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a slot, in every replica (rank 0)."""
+        return self.engine.queue_depth + self._waiting_elsewhere
+
+    def submit(self, prompt: str | list[int], params: SamplingParams) -> int:
+        """Queue a request on the replica with the fewest requests in flight (rank 0); returns its id."""
+        target = min(range(self.replicas), key=lambda r: (self.in_flight[r], r))
+        request_id = self.engine.submit(prompt, params, replica=target)
+        self._owners[request_id] = target
+        self.in_flight[target] += 1
+        self.routed[target] += 1
+        return request_id
+
+    def _dispatch(self, results: list[tuple[TokenEvent, GenerationOutput | None]]) -> None:
+        self.metrics.record_tokens(sum(1 for event, _ in results if event.token is not None))
+        for event, output in results:
             with self._lock:
                 listener = self._listeners.get(event.request_id)
                 if event.finished:
                     self._listeners.pop(event.request_id, None)
-            output = self.engine.finished.pop(event.request_id, None) if event.finished else None
+                    owner = self._owners.pop(event.request_id, None)
+                    if owner is not None:
+                        self.in_flight[owner] -= 1
             if listener is not None:
                 loop, events_queue = listener
                 loop.call_soon_threadsafe(events_queue.put_nowait, (event, output))
@@ -190,7 +227,12 @@ class Server:
             "# TYPE lightning_megatron_peak_batch_size gauge",
             f"lightning_megatron_peak_batch_size {m.peak_batch_size}",
             "# TYPE lightning_megatron_queue_depth gauge",
-            f"lightning_megatron_queue_depth {self.engine.queue_depth}",
+            f"lightning_megatron_queue_depth {self.queue_depth}",
+            "# TYPE lightning_megatron_replica_requests_total counter",
+            *(f'lightning_megatron_replica_requests_total{{replica="{r}"}} {n}' for r, n in enumerate(self.routed)),
+            "# TYPE lightning_megatron_replica_running_requests gauge",
+            *(f'lightning_megatron_replica_running_requests{{replica="{r}"}} {n}'
+              for r, n in enumerate(self.in_flight)),
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
@@ -209,8 +251,8 @@ class Server:
             raise RequestError("the request body is not valid JSON") from None
         try:
             parsed = parse_request(body, chat, self.model_name, self.default_max_tokens)
-            if self.engine.queue_depth + len(parsed.prompts) > self.max_queue:
-                raise RequestError(f"the server is busy ({self.engine.queue_depth} requests queued); retry later",
+            if self.queue_depth + len(parsed.prompts) > self.max_queue:
+                raise RequestError(f"the server is busy ({self.queue_depth} requests queued); retry later",
                                    status=503)
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
@@ -218,7 +260,7 @@ class Server:
             with self._lock:
                 try:
                     for prompt in parsed.prompts:
-                        ids.append(self.engine.submit(prompt, parsed.params))
+                        ids.append(self.submit(prompt, parsed.params))
                         self._listeners[ids[-1]] = (loop, queue)
                 except ValueError as error:
                     for request_id in ids:
