@@ -56,21 +56,18 @@ class Bloom(Architecture):
         }
 
     def rules(self, config: GPTConfig) -> list[Rule]:
-        rules = [same("embedding.word_embeddings.weight", "transformer.word_embeddings.weight"),
-                 same("embedding.layernorm.weight", "transformer.word_embeddings_layernorm.weight"),
-                 same("embedding.layernorm.bias", "transformer.word_embeddings_layernorm.bias")]
-        pairs = [("input_layernorm", "input_layernorm"),
+        kinds = ("weight", "bias")
+        layer = [("input_layernorm", "input_layernorm"),
                  ("self_attention.linear_qkv", "self_attention.query_key_value"),
                  ("self_attention.linear_proj", "self_attention.dense"),
                  ("pre_mlp_layernorm", "post_attention_layernorm"), ("mlp.linear_fc1", "mlp.dense_h_to_4h"),
                  ("mlp.linear_fc2", "mlp.dense_4h_to_h")]
-        for i in range(config.num_layers):
-            for ours, theirs in pairs:
-                for kind in ("weight", "bias"):
-                    rules.append(same(f"decoder.layers.{i}.{ours}.{kind}", f"transformer.h.{i}.{theirs}.{kind}"))
-        rules += [same("decoder.final_layernorm.weight", "transformer.ln_f.weight"),
-                  same("decoder.final_layernorm.bias", "transformer.ln_f.bias")]
-        return rules
+        names = [("embedding.word_embeddings.weight", "transformer.word_embeddings.weight")]
+        names += [(f"embedding.layernorm.{k}", f"transformer.word_embeddings_layernorm.{k}") for k in kinds]
+        names += [(f"decoder.layers.{i}.{ours}.{k}", f"transformer.h.{i}.{theirs}.{k}")
+                  for i in range(config.num_layers) for ours, theirs in layer for k in kinds]
+        names += [(f"decoder.final_layernorm.{k}", f"transformer.ln_f.{k}") for k in kinds]
+        return [same(ours, theirs) for ours, theirs in names]
 
     def module(self, config: GPTConfig) -> MegatronModule:
         return GPT(config)

@@ -8,6 +8,7 @@ rank, JSON {dir: max |logits - reference|} to --out; global rank 0 exports each 
 import argparse
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,8 @@ def run(dirs: list[str], layout: ParallelConfig, tag: str) -> dict[str, float]:
     return diffs
 
 
-def main() -> None:
+def main(collect: Callable[[list[str], ParallelConfig, str], dict] = run) -> None:
+    """Set up the layout of the command line and write what ``collect(dirs, layout, tag)`` returns on the last rank."""
     parser = argparse.ArgumentParser()
     parser.add_argument("dirs", nargs="+")
     parser.add_argument("--tp", type=int, default=1)
@@ -58,10 +60,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     with CPUEmulation():
         parallel.initialize(layout, seed=1)
-        diffs = run(args.dirs, layout, f"tp{args.tp}pp{args.pp}")
+        results = collect(args.dirs, layout, f"tp{args.tp}pp{args.pp}")
         parallel.destroy()
     if dist.get_rank() == dist.get_world_size() - 1:
-        Path(args.out).write_text(json.dumps(diffs))
+        Path(args.out).write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
