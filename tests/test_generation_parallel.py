@@ -98,6 +98,18 @@ def test_generate_cli_reproduces_the_trained_models_greedy_text(reference, tmp_p
     assert [r["cumulative_logprob"] for r in records_dp] == pytest.approx([r["cumulative_logprob"] for r in records])
 
 
+@pytest.mark.slow
+def test_a_bad_prompt_in_one_replica_stops_every_replica():
+    # The second prompt (too long for the model) goes to replica 1; replica 0 raises its error too, instead of
+    # waiting for its results (NCCL: until a timeout; gloo: until the connection to the failed process drops).
+    result = run_python(CLI, "generate", "--config", REPO / "recipes" / "gpt-tiny.yaml", "--prompt", "In the",
+                        "--prompt", "word " * 300, "--max-new-tokens", 4, "--devices", 2, "--accelerator", "cpu",
+                        check=False, timeout=300)
+    assert result.returncode != 0
+    assert "the model reads at most 127 to leave room for one new token" in result.stderr
+    assert "[rank0]: ValueError: the prompt has" in result.stderr and "Connection closed" not in result.stderr
+
+
 def test_generate_refuses_a_layout_that_cannot_split_the_devices():
     result = run_python(CLI, "generate", "--config", REPO / "recipes" / "gpt-tiny.yaml", "--prompt", "x",
                         "--devices", 3, "--tp", 2, check=False)

@@ -26,16 +26,24 @@ def replica() -> tuple[int, int]:
 
 def map_over_replicas(items: Sequence[Item], fn: Callable[[list[Item]], list[Result]]) -> list[Result]:
     """Replica ``r`` of ``n`` applies ``fn`` to items ``r, r + n, r + 2n, ...`` (all its ranks together; a replica
-    may get none); returns every result, in the order of ``items``, on every rank."""
+    may get none); returns every result, in the order of ``items``, on every rank.
+
+    An exception in any replica is raised on every rank (rather than leaving the others waiting for its results).
+    """
     index, count = replica()
-    mine = list(range(index, len(items), count))
-    results = fn([items[i] for i in mine])
     if count == 1:
-        return results
+        return fn(list(items))
+    mine = list(range(index, len(items), count))
+    try:
+        results, error = fn([items[i] for i in mine]), None
+    except Exception as caught:
+        results, error = [], caught
     gathered: list[Any] = [None] * count
-    dist.all_gather_object(gathered, (mine, results), group=parallel_state.get_data_parallel_group())
+    dist.all_gather_object(gathered, (mine, results, error), group=parallel_state.get_data_parallel_group())
     ordered: list[Any] = [None] * len(items)
-    for positions, values in gathered:
+    for positions, values, failure in gathered:
+        if failure is not None:
+            raise failure
         for position, value in zip(positions, values):
             ordered[position] = value
     return ordered
