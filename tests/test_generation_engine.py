@@ -198,3 +198,63 @@ def test_generate_takes_the_model(gpt, tokenizer):
     ids = generate(gpt, [tokenizer.encode("And")], SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert ids[0].text is None and ids[0].length == 4
     assert torch.is_grad_enabled() and all(chunk.training for chunk in gpt.chunks)
+
+
+def complete(engine, prompt, params, session=None):
+    with engine.runner.inference_mode():
+        request_id = engine.submit(prompt, params, session_id=session)
+        while request_id not in engine.finished:
+            engine.step()
+    return engine.finished.pop(request_id)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_session_continues_from_its_cache_exactly_as_the_whole_conversation(models, tokenizer, arch):
+    ensure_parallel_state()
+    gpt = models[arch]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine = build_engine(gpt, tokenizer, max_batch_size=2)
+    first = complete(engine, PROMPTS[0], params, session="chat")
+    follow_up = tokenizer.encode(" And the earth")
+    # Another conversation runs beside it, so the follow-up joins a running batch at another cache position.
+    other = engine.submit(PROMPTS[2], params.replace(max_new_tokens=12))
+    with engine.runner.inference_mode():
+        engine.step()
+    second = complete(engine, follow_up, params, session="chat")
+    whole = tokenizer.encode(PROMPTS[0]) + first.tokens + follow_up
+    assert second.prompt_tokens == whole
+    assert second.cached_tokens == len(whole) - len(follow_up) - 1  # all but the last generated token
+    assert second.tokens == generate(gpt, whole, params, tokenizer=tokenizer)[0].tokens
+    third = complete(engine, tokenizer.encode(" was"), params, session="chat")
+    assert third.cached_tokens == len(whole) + len(second.tokens) - 1
+    assert third.tokens == generate(gpt, whole + second.tokens + tokenizer.encode(" was"), params)[0].tokens
+    with engine.runner.inference_mode():
+        while other not in engine.finished:
+            engine.step()
+
+
+def test_sessions_end_explicitly_by_idle_time_and_by_memory(gpt, tokenizer):
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    engine = build_engine(gpt, tokenizer, max_batch_size=2, session_tokens=12)
+    complete(engine, PROMPTS[0], params, session="a")
+    assert complete(engine, "And", params, session="a").cached_tokens > 0
+    engine.end_session("a")
+    assert complete(engine, "And", params, session="a").cached_tokens == 0  # ended: a new conversation
+    complete(engine, PROMPTS[2], params, session="b")  # a and b together exceed 12 cached tokens: a goes
+    assert set(engine.sessions) == {"b"}
+    engine.session_ttl = 0.0
+    with engine.runner.inference_mode():
+        engine.step()
+        engine.step()
+    assert not engine.sessions
+
+
+def test_a_busy_session_and_beam_sessions_are_refused(gpt, tokenizer):
+    engine = build_engine(gpt, tokenizer)
+    engine.submit("In the beginning", SamplingParams(max_new_tokens=4), session_id="s")
+    with pytest.raises(ValueError, match="has a request running"):
+        engine.submit("And", SamplingParams(max_new_tokens=4), session_id="s")
+    with pytest.raises(ValueError, match="beam search cannot continue a session"):
+        engine.submit("And", SamplingParams(max_new_tokens=4, beam_width=2), session_id="t")
+    with pytest.raises(ValueError, match="need the engine's cache"):
+        build_engine(gpt, tokenizer, use_cache=False).submit("And", session_id="u")

@@ -8,7 +8,8 @@ from launch import REPO, read_json, run_python, torchrun
 
 CLI = REPO / "lightning_megatron" / "cli.py"
 
-KEYS = ["cached", "recomputed", "sampled_alone", "sampled_together", "beam1", "beam3", "beam3_recomputed", "sample"]
+KEYS = ["cached", "recomputed", "sampled_alone", "sampled_together", "beam1", "beam3", "beam3_recomputed", "sample",
+        "session", "session_cached"]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,8 @@ def check_internal(result):
     assert result["beam1"] == result["cached"], "beam width 1 differs from greedy"
     assert result["beam3"] == result["beam3_recomputed"]
     assert result["sampled_alone"] == result["sampled_together"], "a seeded sample depends on its batch"
+    assert result["session"] == result["session_whole"], "a session's follow-up differs from the whole conversation"
+    assert result["session_cached"] > 0
     assert len({t for tokens in result["cached"] for t in tokens}) > 8
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -46,6 +47,9 @@ class GenerationOutput:
     logprobs: list[float] | None
     """The model's log probability of each generated token (when ``SamplingParams.logprobs``)."""
     cumulative_logprob: float
+    cached_tokens: int = 0
+    """Prompt tokens whose keys/values came from the request's session instead of being computed again."""
+    session_id: str | None = None
 
     @property
     def length(self) -> int:
@@ -66,10 +70,29 @@ class _Request:
     tracker: TextTracker | None = None
     hypotheses: list[tuple[float, RowState]] = field(default_factory=list)
     output: GenerationOutput | None = None
+    session_id: str | None = None
+    cached: int = 0
+    """Leading prompt tokens whose keys/values the session holds."""
 
     @property
     def width(self) -> int:
         return self.params.beam_width
+
+
+@dataclass
+class _Session:
+    """A conversation whose keys/values outlive its requests, so a follow-up computes only its new tokens."""
+
+    tokens: list[int] = field(default_factory=list)
+    """Every token of the conversation so far (prompts and generated tokens)."""
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Keys/values of ``tokens[:cached]`` per layer of this rank."""
+    cached: int = 0
+    busy: bool = False
+    ending: bool = False
+    """Ended while a request ran: forgotten once that request finishes."""
+    used_step: int = 0
+    used_time: float = 0.0
 
 
 class Engine:
@@ -77,6 +100,12 @@ class Engine:
 
     Call :meth:`submit` with the same requests on every rank (or, with ``leader_submits=True``, on global rank 0
     only: its new requests are broadcast at the start of each step), then :meth:`step` until :attr:`busy` is false.
+
+    A request with a ``session_id`` continues that conversation: its prompt holds only the new text, the keys and
+    values of the earlier turns (prompts and generated tokens) are reused, and the result is what the whole
+    conversation as one prompt gives. Sessions end with :meth:`end_session`, after ``session_ttl`` idle seconds, or,
+    least recently used first, when the sessions together hold more than ``session_tokens`` cached tokens (default:
+    as many as the cache has cells).
     """
 
     def __init__(
@@ -89,6 +118,8 @@ class Engine:
         use_cache: bool = True,
         leader_submits: bool = False,
         eod: int | None = None,
+        session_ttl: float = 600.0,
+        session_tokens: int | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -110,6 +141,11 @@ class Engine:
         self.finished: dict[int, GenerationOutput] = {}
         self.closed = False
         self._prefilled = False
+        self.sessions: dict[str, _Session] = {}
+        self.session_ttl = session_ttl
+        self.session_tokens = session_tokens if session_tokens is not None else max_batch_size * self.cache_length
+        self._session_lock = threading.Lock()
+        self._steps = 0
 
     # ------------------------------------------------------------------ requests
     @property
@@ -122,8 +158,12 @@ class Engine:
         """Requests waiting for a slot."""
         return len(self.pending) + self._inbox.qsize()
 
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
-        """Queue a request (text or token ids); returns its id. Raises ``ValueError`` for input that cannot run."""
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               session_id: str | None = None) -> int:
+        """Queue a request (text or token ids); returns its id. Raises ``ValueError`` for input that cannot run.
+
+        With ``session_id`` the prompt continues that session's conversation (a new id starts one).
+        """
         params = params or SamplingParams()
         params.validate()
         if isinstance(prompt, str):
@@ -134,6 +174,18 @@ class Engine:
             tokens = [int(t) for t in prompt]
         if not tokens:
             raise ValueError("the prompt is empty; give at least one token")
+        cached = 0
+        if session_id is not None:
+            if not self.use_cache:
+                raise ValueError("sessions keep keys/values: they need the engine's cache (use_cache=True)")
+            if params.beam_width > 1:
+                raise ValueError("beam search cannot continue a session; set beam_width to 1 or drop session_id")
+            with self._session_lock:
+                session = self.sessions.get(session_id)
+                if session is not None and session.busy:
+                    raise ValueError(f"session {session_id!r} has a request running; wait for its answer")
+                if session is not None:
+                    tokens, cached = session.tokens + tokens, session.cached
         vocab = self.runner.vocab_size
         if min(tokens) < 0 or max(tokens) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
@@ -153,7 +205,11 @@ class Engine:
         bad_words = list(params.bad_word_ids)
         if params.bad_words:
             bad_words.extend(tuple(self.tokenizer.encode(word)) for word in params.bad_words)
-        request = _Request(next(self._ids), tokens, params, max_new, tuple(w for w in bad_words if w))
+        request = _Request(next(self._ids), tokens, params, max_new, tuple(w for w in bad_words if w),
+                           session_id=session_id, cached=cached)
+        if session_id is not None:
+            with self._session_lock:
+                self.sessions.setdefault(session_id, _Session()).busy = True
         self._post("add", request)
         return request.id
 
@@ -164,6 +220,19 @@ class Engine:
     def close(self) -> None:
         """Ask every rank to stop serving: :attr:`closed` becomes true at the next step."""
         self._post("close", None)
+
+    def end_session(self, session_id: str) -> None:
+        """Forget a session and free its cached keys/values (once a request of it running now finishes)."""
+        self._drop_session(session_id)
+        self._post("end_session", session_id)  # the other ranks drop it at their next intake
+
+    def _drop_session(self, session_id: str) -> None:
+        with self._session_lock:
+            session = self.sessions.get(session_id)
+            if session is not None and session.busy:
+                session.ending = True
+            elif session is not None:
+                del self.sessions[session_id]
 
     def wait(self, timeout: float) -> None:
         """Block until a request arrives or ``timeout`` seconds pass (returns at once while busy)."""
@@ -186,9 +255,13 @@ class Engine:
         events = []
         for kind, item in messages:
             if kind == "add":
+                if item.session_id is not None:  # the leader marked it busy when it was submitted; the others now
+                    self.sessions.setdefault(item.session_id, _Session()).busy = True
                 self.pending.append(item)
             elif kind == "close":
                 self.closed = True
+            elif kind == "end_session":
+                self._drop_session(item)
             else:
                 events.extend(self._cancel(item))
         return events
@@ -208,6 +281,8 @@ class Engine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests (prefill) or advance every running sequence by one token (decode)."""
+        self._steps += 1
+        self._expire_sessions()
         events = self._intake()
         self._retire()
         # After a prefill the running sequences decode once before more requests are let in, so a steady stream of
@@ -255,6 +330,10 @@ class Engine:
             request.slot, request.start = slot, self.clock - len(request.prompt)
             slot += request.width
             request.rows = [self._row(request) for _ in range(request.width)]
+            if request.cached:
+                session = self.sessions[request.session_id]
+                self.runner.restore_row(request.slot, session.saved, request.start)
+                session.saved = None  # the row holds these keys/values until the request finishes
             if self.sampler is not None:
                 self.sampler.reset(request.slot, request.rows)
             if self.tokenizer is not None and request.width == 1:
@@ -308,9 +387,9 @@ class Engine:
         if not self.use_cache:
             return self._recompute(rows)
         # A fresh batch fills positions [0, clock) (the clock may be padded for a graphed prefill); a batch joining
-        # running sequences writes only as far back as its longest prompt.
-        fresh = admitted[0].slot == 0
-        width = self.clock if fresh else max(len(r.prompt) for r in admitted)
+        # running sequences, or continuing sessions, computes only as far back as its longest uncached prompt.
+        fresh = admitted[0].slot == 0 and not any(r.cached for r in admitted)
+        width = self.clock if fresh else max(len(r.prompt) - r.cached for r in admitted)
         tokens, positions = self._layout(rows, self.clock - width, self.clock)
         return self.runner.prefill(admitted[0].slot, tokens, positions, [request.start for request, _ in rows],
                                    self.clock)
@@ -426,8 +505,39 @@ class Engine:
         if self.tokenizer is not None:
             text = request.tracker.text if request.tracker is not None else self.tokenizer.decode(tokens)
         request.output = GenerationOutput(request.id, request.prompt, tokens, text, reason,
-                                          logprobs if request.params.logprobs else None, float(sum(logprobs)))
+                                          logprobs if request.params.logprobs else None, float(sum(logprobs)),
+                                          request.cached, request.session_id)
         self.finished[request.id] = request.output
+        if request.session_id is not None:
+            self._keep_session(request, row)
+
+    # ------------------------------------------------------------------ sessions
+    def _keep_session(self, request: _Request, row: RowState | None) -> None:
+        """Save a finished request's keys/values (its cache row's cells) as its session's."""
+        session = self.sessions[request.session_id]
+        if row is not None and request.slot >= 0:
+            # Every token but the last generated one has its keys/values in cells [start, clock).
+            session.tokens = request.prompt + row.generated
+            session.cached = self.clock - request.start
+            session.saved = self.runner.save_row(request.slot, request.start, self.clock)
+        session.busy = False
+        session.used_step, session.used_time = self._steps, time.monotonic()
+        if session.ending:
+            del self.sessions[request.session_id]
+        idle = sorted((s.used_step, key) for key, s in self.sessions.items() if not s.busy)
+        while sum(s.cached for s in self.sessions.values() if s.saved is not None) > self.session_tokens and idle:
+            del self.sessions[idle.pop(0)[1]]
+
+    def _expire_sessions(self) -> None:
+        """On the rank that takes requests: end sessions idle for longer than ``session_ttl`` (all ranks follow)."""
+        leader = not (self.runner.distributed and dist.get_world_size() > 1) or (
+            self.leader_submits and dist.get_rank() == 0)
+        if not leader or not self.sessions:
+            return
+        now = time.monotonic()
+        for key, session in list(self.sessions.items()):
+            if not session.busy and now - session.used_time > self.session_ttl:
+                self.end_session(key)
 
     def _retire(self) -> None:
         """Free the slots of finished requests and close the gaps (copying cache rows down)."""

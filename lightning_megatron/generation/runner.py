@@ -152,6 +152,14 @@ class ModelRunner:
         for buffer in (self.tokens, self.lengths):
             buffer[dst_index] = buffer[src_index]
 
+    def save_row(self, row: int, start: int, end: int) -> dict[int, tuple[Tensor, Tensor]]:
+        """A copy of cache row ``row``'s keys/values at positions ``[start, end)`` (a session's history)."""
+        return self.cache.save(row, start, end)
+
+    def restore_row(self, row: int, saved: dict[int, tuple[Tensor, Tensor]], start: int) -> None:
+        """Write keys/values from :meth:`save_row` into cache row ``row`` from position ``start`` on."""
+        self.cache.restore(row, saved, start)
+
     def set_tokens(self, first: int, tokens: Sequence[int]) -> None:
         """Make ``tokens`` the next inputs of rows ``first, first + 1, ...`` (ranks that did not sample them)."""
         if self.tokens is not None and tokens:

@@ -15,7 +15,7 @@ import torch
 import lightning_megatron as lm
 from lightning_megatron.callbacks import SampleText
 from lightning_megatron.data import TextDataModule
-from lightning_megatron.generation import SamplingParams, generate
+from lightning_megatron.generation import SamplingParams, build_engine, generate
 from lightning_megatron.generation.predict import CompletionsWriter, PromptsDataModule
 
 PROMPTS = ["In the beginning God", "And the LORD said unto Moses,", "Blessed"]
@@ -40,7 +40,19 @@ class Probe(L.Callback):
         beam3 = generate(pl_module, PROMPTS[0], SamplingParams(max_new_tokens=8, beam_width=3), tokenizer=tokenizer)
         beam3_recomputed = generate(pl_module, PROMPTS[0], SamplingParams(max_new_tokens=8, beam_width=3),
                                     tokenizer=tokenizer, use_cache=False)
+        engine = build_engine(pl_module, tokenizer, max_batch_size=4)
+        turns = []
+        with engine.runner.inference_mode():
+            for text in (PROMPTS[0], " and the earth"):
+                request = engine.submit(text, greedy, session_id="chat")
+                while request not in engine.finished:
+                    engine.step()
+                turns.append(engine.finished.pop(request))
+        whole = generate(pl_module, turns[1].prompt_tokens, greedy, tokenizer=tokenizer)
         self.results = {
+            "session": turns[1].tokens,
+            "session_whole": whole[0].tokens,
+            "session_cached": turns[1].cached_tokens,
             "cached": [o.tokens for o in cached],
             "recomputed": [o.tokens for o in recomputed],
             "cached_text": [o.text for o in cached],
