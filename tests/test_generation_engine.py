@@ -258,3 +258,15 @@ def test_a_busy_session_and_beam_sessions_are_refused(gpt, tokenizer):
         engine.submit("And", SamplingParams(max_new_tokens=4, beam_width=2), session_id="t")
     with pytest.raises(ValueError, match="need the engine's cache"):
         build_engine(gpt, tokenizer, use_cache=False).submit("And", session_id="u")
+
+
+def test_beam_diversity_spreads_the_beams_over_their_parents():
+    from lightning_megatron.generation.sampling import beam_step
+
+    logprobs = torch.log_softmax(torch.tensor([[5.0, 4.9, 4.8, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0],
+                                               [1.0, 0.0, 0.0, 0.0, 0.0]]), dim=-1)
+    plain = beam_step(logprobs, [0.0, -1.0, -1.5], frozenset(), 3)
+    diverse = beam_step(logprobs, [0.0, -1.0, -1.5], frozenset(), 3, diversity_rate=10.0)
+    assert plain.parents == [0, 0, 0] and plain.tokens == [0, 1, 2]
+    assert diverse.parents == [0, 1, 2] and diverse.tokens == [0, 0, 0]
+    assert diverse.scores[1] == pytest.approx(logprobs[1, 0].item() - 1.0)  # penalties order, never score

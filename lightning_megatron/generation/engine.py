@@ -426,7 +426,8 @@ class Engine:
                 cumulative = ([sum(row.logprobs) for row in request.rows] if request.rows[0].generated
                               else [0.0] + [float("-inf")] * (request.width - 1))
                 beam_logprobs = choice.constrained[span].log_softmax(dim=-1)
-                step = beam_step(beam_logprobs, cumulative, request.rows[0].end_ids, request.width)
+                step = beam_step(beam_logprobs, cumulative, request.rows[0].end_ids, request.width,
+                                 request.params.diversity_rate)
                 decision["beams"][request.id] = {
                     "parents": step.parents, "tokens": step.tokens,
                     "logprobs": [beam_logprobs[p, t].item() for p, t in zip(step.parents, step.tokens)],

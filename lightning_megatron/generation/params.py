@@ -48,6 +48,9 @@ class SamplingParams:
     """Beam search with this many beams when > 1 (deterministic; temperature/top-k/top-p are ignored)."""
     length_penalty: float = 1.0
     """Beam scores are cumulative log probabilities divided by ``length ** length_penalty``."""
+    diversity_rate: float = 0.0
+    """Beam search: the k-th best continuation of each beam ranks as if ``k * diversity_rate`` lower, so the beams
+    spread over more parents (FasterTransformer's ``beam_search_diversity_rate``)."""
     logprobs: bool = False
     """Return the log probability of every generated token (always computed; this only keeps them)."""
 
@@ -83,6 +86,7 @@ class SamplingParams:
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]")
         check(self.beam_width >= 1, "beam_width must be >= 1")
+        check(self.diversity_rate >= 0.0, "diversity_rate must be >= 0 (0 disables it)")
         check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         check(all(len(w) > 0 for w in self.bad_word_ids), "bad_word_ids entries must be non-empty")
         if self.beam_width > 1:
