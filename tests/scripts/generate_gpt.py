@@ -2,7 +2,8 @@
 
 Run under torchrun (or plain python for one process). Writes JSON to --out on global rank 0 with the greedy tokens
 of a mixed-length batch decoded with the KV cache and by recomputation, seeded samples (alone and batched), beam
-results, and the SampleText callback's text; --save-ckpt also saves the model for the CLI tools.
+results, prompt log probabilities with their top tokens, and the SampleText callback's text; --save-ckpt also saves
+the model for the CLI tools.
 """
 
 import argparse
@@ -40,7 +41,15 @@ class Probe(L.Callback):
         beam3 = generate(pl_module, PROMPTS[0], SamplingParams(max_new_tokens=8, beam_width=3), tokenizer=tokenizer)
         beam3_recomputed = generate(pl_module, PROMPTS[0], SamplingParams(max_new_tokens=8, beam_width=3),
                                     tokenizer=tokenizer, use_cache=False)
+        scoring = SamplingParams(max_new_tokens=4, logprobs=True, top_logprobs=2, prompt_logprobs=2)
+        scored = generate(pl_module, PROMPTS, scoring, tokenizer=tokenizer)
+        scored_recomputed = generate(pl_module, PROMPTS, scoring, tokenizer=tokenizer, use_cache=False)
         self.results = {
+            "scored": [o.tokens for o in scored],
+            "prompt_logprobs": [o.prompt_logprobs[1:] for o in scored],
+            "prompt_logprobs_recomputed": [o.prompt_logprobs[1:] for o in scored_recomputed],
+            "prompt_top": [[list(top) for top in o.prompt_top_logprobs[1:]] for o in scored],
+            "generated_top": [[list(top) for top in o.top_logprobs] for o in scored],
             "cached": [o.tokens for o in cached],
             "recomputed": [o.tokens for o in recomputed],
             "cached_text": [o.text for o in cached],
