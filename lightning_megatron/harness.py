@@ -99,8 +99,8 @@ class LightningMegatronLM(TemplateLM):
                  max_gen_toks: int = 256, batch_size: int | str = 16, max_batch_size: int | None = None,
                  device: str | None = None) -> None:
         super().__init__()
-        if device is not None and accelerator == "auto":
-            accelerator = "cpu" if str(device).startswith("cpu") else "gpu"
+        # lm-eval passes its --device, "cuda:0" unless told otherwise: the accelerator comes from model_args.
+        del device
         size = int(batch_size) if str(batch_size).isdigit() else (max_batch_size or 16)  # "auto": our default
         argv = ["--devices", str(tp * pp), "--tp", str(tp), "--pp", str(pp), "--accelerator", accelerator,
                 "--precision", str(precision)]
