@@ -4,12 +4,8 @@ TP=2. Both report the accuracy, log-likelihoods and generations that ``evaluate`
 process for the same texts."""
 
 import json
-import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -142,26 +138,9 @@ def test_lm_eval_with_the_lightning_megatron_model_under_tp2(reference):
 @pytest.mark.slow
 def test_lm_eval_local_completions_against_serve(reference):
     root, expected, env = reference
-    log = open(root / "serve.log", "w+")
-    server = subprocess.Popen([sys.executable, str(CLI), "serve", "--config", str(RECIPE), "--accelerator", "cpu",
-                               "--port", "0"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=launch.REPO,
-                              start_new_session=True)
-    try:
-        port = None
-        deadline = time.monotonic() + 300
-        while port is None and time.monotonic() < deadline and server.poll() is None:
-            time.sleep(1)
-            match = re.search(r"Serving \S+ on http://127\.0\.0\.1:(\d+)", Path(log.name).read_text())
-            port = int(match.group(1)) if match else None
-        assert port is not None, Path(log.name).read_text()[-3000:]
-        out = root / "served"
+    out = root / "served"
+    with launch.serving(["--config", RECIPE, "--accelerator", "cpu"], open(root / "serve.log", "w+"), env) as (_, port):
         run([sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args",
              f"base_url=http://127.0.0.1:{port}/v1/completions,model=lightning-megatron,max_length=128",
              *lm_eval_args(root, out)], env)
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
     check(*read_results(out), expected)
