@@ -161,7 +161,8 @@ class Server:
             web.post("/detokenize", self._detokenize),
         ])
         app.middlewares.append(_json_errors)
-        runner = web.AppRunner(app, access_log=None)
+        # A client that goes away cancels its handler, and so its generation (streamed or not).
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         try:
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, self.host, self.port)
@@ -278,8 +279,7 @@ class Server:
             outputs = await self._collect(ids, queue)
             return web.json_response(response(parsed, name, outputs, self.tokenizer))
         except (asyncio.CancelledError, ConnectionResetError):
-            for request_id in ids:
-                self.engine.cancel(request_id)
+            self._abandon(name, ids)
             raise
 
     async def _collect(self, ids: list[int], queue: asyncio.Queue) -> list[GenerationOutput]:
@@ -296,11 +296,15 @@ class Server:
         try:
             await reply.prepare(http)
             await self._send_events(reply, parsed, name, ids, queue)
-        except ConnectionResetError:  # the client went away: one line in the log, not aiohttp's tracebacks
-            for request_id in ids:
-                self.engine.cancel(request_id)
-            log.warning("%s: the client disconnected; its generation was cancelled", name)
+        except ConnectionResetError:  # a write found the client gone: one line in the log, not aiohttp's tracebacks
+            self._abandon(name, ids)
         return reply
+
+    def _abandon(self, name: str, ids: list[int]) -> None:
+        for request_id in ids:
+            self.engine.cancel(request_id)
+        if not self.engine.closed:
+            log.warning("%s: the client disconnected; its generation was cancelled", name)
 
     async def _send_events(self, reply: web.StreamResponse, parsed: ParsedRequest, name: str, ids: list[int],
                            queue: asyncio.Queue) -> None:
