@@ -1,11 +1,6 @@
 """`lightning-megatron serve` with tensor parallelism over two real processes, answering concurrent HTTP streams."""
 
-import os
-import re
 import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,18 +32,8 @@ def expected_texts(max_tokens):
 @pytest.mark.slow
 def test_serve_tp2_answers_concurrent_streams_and_shuts_down(tmp_path):
     log = open(tmp_path / "serve.log", "w+")
-    process = subprocess.Popen(
-        [sys.executable, str(launch.REPO / "lightning_megatron" / "cli.py"), "serve", "--config", str(RECIPE),
-         "--devices", "2", "--tp", "2", "--accelerator", "cpu", "--port", "0", "--max-batch-size", "4"],
-        stdout=log, stderr=subprocess.STDOUT, env=launch.child_env(), cwd=launch.REPO, start_new_session=True)
-    try:
-        port = None
-        deadline = time.monotonic() + 300
-        while port is None and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(1)
-            match = re.search(r"Serving \S+ on http://127\.0\.0\.1:(\d+)", Path(log.name).read_text())
-            port = int(match.group(1)) if match else None
-        assert port is not None, Path(log.name).read_text()[-3000:]
+    with launch.serving(["--config", RECIPE, "--devices", 2, "--tp", 2, "--accelerator", "cpu", "--max-batch-size", 4],
+                        log) as (process, port):
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             answers = list(pool.map(lambda p: request(port, "POST", "/v1/completions", {
                 "prompt": p, "max_tokens": 10, "temperature": 0, "stream": True}), PROMPTS))
@@ -56,9 +41,6 @@ def test_serve_tp2_answers_concurrent_streams_and_shuts_down(tmp_path):
         health = request(port, "GET", "/health")
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0, Path(log.name).read_text()[-3000:]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
     texts = ["".join(e["choices"][0]["text"] for e in events) for _, events, _ in answers]
     assert texts == expected_texts(10)
     assert bad[0] == 400 and "top_k" in bad[1]["error"]["message"]

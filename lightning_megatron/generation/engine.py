@@ -29,6 +29,7 @@ import torch.distributed as dist
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.runner import ModelRunner
 from lightning_megatron.generation.sampling import RowState, Sampler, beam_step, new_seed
+from lightning_megatron.generation.scoring import TokenScores, score_tokens, top_alternatives
 from lightning_megatron.generation.stream import TextTracker, TokenEvent
 
 
@@ -47,6 +48,13 @@ class GenerationOutput:
     logprobs: list[float] | None
     """The model's log probability of each generated token (when ``SamplingParams.logprobs``)."""
     cumulative_logprob: float
+    top_logprobs: list[dict[int, float]] | None = None
+    """The most likely tokens at each generated token (when ``SamplingParams.top_logprobs``)."""
+    prompt_logprobs: list[float | None] | None = None
+    """The model's log probability of each prompt token, ``None`` for the first (when
+    ``SamplingParams.prompt_logprobs`` is set)."""
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    """The most likely tokens at each prompt position, ``None`` for the first."""
     cached_tokens: int = 0
     """Prompt tokens whose keys/values came from the request's session instead of being computed again."""
     session_id: str | None = None
@@ -70,6 +78,8 @@ class _Request:
     tracker: TextTracker | None = None
     hypotheses: list[tuple[float, RowState]] = field(default_factory=list)
     output: GenerationOutput | None = None
+    prompt_scores: TokenScores | None = None
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
     session_id: str | None = None
     cached: int = 0
     """Leading prompt tokens whose keys/values the session holds."""
@@ -186,15 +196,19 @@ class Engine:
                     raise ValueError(f"session {session_id!r} has a request running; wait for its answer")
                 if session is not None:
                     tokens, cached = session.tokens + tokens, session.cached
+            if cached and params.prompt_logprobs is not None:
+                raise ValueError("prompt log probabilities need the whole prompt computed; they cannot continue a "
+                                 "session (drop session_id or prompt_logprobs)")
         vocab = self.runner.vocab_size
         if min(tokens) < 0 or max(tokens) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise ValueError("stop strings and bad words need a tokenizer; use stop_token_ids / bad_word_ids")
         room = self.max_sequence_length - len(tokens)
-        if room < 1:
+        if room < (params.max_new_tokens != 0):
             raise ValueError(f"the prompt has {len(tokens)} tokens; the model reads at most "
-                             f"{self.max_sequence_length - 1} to leave room for one new token")
+                             f"{self.max_sequence_length - 1} to leave room for one new token "
+                             f"({self.max_sequence_length} when only scoring it)")
         max_new = room if params.max_new_tokens is None else params.max_new_tokens
         if max_new > room:
             raise ValueError(f"prompt ({len(tokens)} tokens) + max_new_tokens ({max_new}) exceeds the model's "
@@ -297,7 +311,9 @@ class Engine:
             requests = self.active
         else:
             return events
-        decision = self.runner.broadcast(self._decide(logits, requests) if self.runner.is_source else None)
+        decision = self.runner.broadcast(self._with_top_logprobs(self._decide(logits, requests), logits, requests)
+                                         if self.runner.is_source else None)
+        self._keep_top_logprobs(decision, requests)
         events.extend(self._apply(decision, requests))
         self._retire()
         return events
@@ -365,8 +381,9 @@ class Engine:
         positions = (torch.arange(first, last)[None, :] - starts[:, None]).clamp(min=0)
         return tokens, positions
 
-    def _recompute(self, rows: list[tuple[_Request, RowState]]) -> torch.Tensor | None:
-        """Logits of the last position of every row, from the whole sequences (no cache).
+    def _recompute(self, rows: list[tuple[_Request, RowState]], all_positions: bool = False) -> torch.Tensor | None:
+        """Logits of the last position of every row (of every position with ``all_positions``), from the whole
+        sequences (no cache).
 
         A query sees the keys at or before it and not before its own sequence's start (older rows' leftovers); a
         padding query sees itself, so that no row of the attention is empty. When every sequence starts at 0 plain
@@ -380,19 +397,44 @@ class Engine:
             keys = queries[None, None, :]
             mask = (keys > queries[None, :, None]) | ((keys < starts[:, None, None]) & (keys != queries[None, :, None]))
             mask = mask[:, None]
-        return self._last(self.runner.forward(tokens, positions, mask))
+        logits = self.runner.forward(tokens, positions, mask)
+        return logits if all_positions else self._last(logits)
 
     def _prefill(self, admitted: list[_Request]) -> torch.Tensor | None:
         rows = self._rows(admitted)
+        scoring = any(r.params.prompt_logprobs is not None for r in admitted)
         if not self.use_cache:
-            return self._recompute(rows)
-        # A fresh batch fills positions [0, clock) (the clock may be padded for a graphed prefill); a batch joining
-        # running sequences, or continuing sessions, computes only as far back as its longest uncached prompt.
-        fresh = admitted[0].slot == 0 and not any(r.cached for r in admitted)
-        width = self.clock if fresh else max(len(r.prompt) - r.cached for r in admitted)
-        tokens, positions = self._layout(rows, self.clock - width, self.clock)
-        return self.runner.prefill(admitted[0].slot, tokens, positions, [request.start for request, _ in rows],
-                                   self.clock)
+            first = 0
+            logits = self._recompute(rows, all_positions=scoring)
+        else:
+            # A fresh batch fills positions [0, clock) (the clock may be padded for a graphed prefill); a batch
+            # joining running sequences, or continuing sessions, computes only as far back as its longest uncached
+            # prompt.
+            fresh = admitted[0].slot == 0 and not any(r.cached for r in admitted)
+            width = self.clock if fresh else max(len(r.prompt) - r.cached for r in admitted)
+            first = self.clock - width
+            tokens, positions = self._layout(rows, first, self.clock)
+            logits = self.runner.prefill(admitted[0].slot, tokens, positions, [request.start for request, _ in rows],
+                                         self.clock, all_positions=scoring)
+        if not scoring:
+            return logits
+        self._score_prompts(admitted, logits, first)
+        return self._last(logits)
+
+    def _score_prompts(self, admitted: list[_Request], logits: torch.Tensor | None, first: int) -> None:
+        """Every rank: the source scores the prompts of requests that asked (``logits`` cover cache positions from
+        ``first``) and sends the scores to all ranks, which keep them on their requests."""
+        scores: dict[int, TokenScores] | None = None
+        if self.runner.is_source:
+            scores, row = {}, 0
+            for request in admitted:
+                if request.params.prompt_logprobs is not None:
+                    positions = logits[row, request.start - first : self.clock - first - 1]
+                    scores[request.id] = score_tokens(positions, request.prompt[1:], request.params.prompt_logprobs)
+                row += request.width
+        scores = self.runner.broadcast(scores)
+        for request in admitted:
+            request.prompt_scores = scores.get(request.id)
 
     def _decode(self) -> torch.Tensor | None:
         rows = self._rows(self.active)
@@ -408,6 +450,25 @@ class Engine:
         return None if logits is None else logits[:, -1]
 
     # ------------------------------------------------------------------ choosing and applying tokens
+    def _with_top_logprobs(self, decision: dict[str, Any], logits: torch.Tensor, requests: list[_Request]
+                           ) -> dict[str, Any]:
+        """On the source rank: add the most likely tokens of the rows whose requests keep them to ``decision``."""
+        top: dict[int, dict[int, float]] = {}
+        row = 0
+        for request in requests:
+            if request.params.top_logprobs and request.max_new > 0:
+                top[request.id] = top_alternatives(logits[row : row + 1].log_softmax(dim=-1),
+                                                   request.params.top_logprobs)[0]
+            row += request.width
+        if top:
+            decision["top_logprobs"] = top
+        return decision
+
+    def _keep_top_logprobs(self, decision: dict[str, Any], requests: list[_Request]) -> None:
+        for request in requests:
+            if request.id in decision.get("top_logprobs", {}):
+                request.top_logprobs.append(decision["top_logprobs"][request.id])
+
     def _decide(self, logits: torch.Tensor, requests: list[_Request]) -> dict[str, Any]:
         """On the source rank: the next token of every sampled row, and each beam search's step."""
         rows = self._rows(requests)
@@ -454,6 +515,9 @@ class Engine:
 
     def _advance(self, request: _Request, token: int, logprob: float) -> TokenEvent:
         row = request.rows[0]
+        if request.max_new == 0:  # the prompt was only scored
+            self._finish(request, "length", row)
+            return TokenEvent(request.id, None, "", True, "length")
         row.advance(token, logprob)
         piece, stopped = ("", False)
         if request.tracker is not None:
@@ -467,7 +531,8 @@ class Engine:
             if request.tracker is not None:
                 piece += request.tracker.finish()
             self._finish(request, reason, row)
-        return TokenEvent(request.id, token, piece, reason is not None, reason)
+        top = request.top_logprobs[-1] if request.top_logprobs else None
+        return TokenEvent(request.id, token, piece, reason is not None, reason, logprob, top)
 
     def _advance_beams(self, request: _Request, step: dict[str, Any]) -> TokenEvent | None:
         alpha = request.params.length_penalty
@@ -505,9 +570,14 @@ class Engine:
         text = None
         if self.tokenizer is not None:
             text = request.tracker.text if request.tracker is not None else self.tokenizer.decode(tokens)
-        request.output = GenerationOutput(request.id, request.prompt, tokens, text, reason,
-                                          logprobs if request.params.logprobs else None, float(sum(logprobs)),
-                                          request.cached, request.session_id)
+        scores = request.prompt_scores
+        request.output = GenerationOutput(
+            request.id, request.prompt, tokens, text, reason, logprobs if request.params.logprobs else None,
+            float(sum(logprobs)), top_logprobs=request.top_logprobs if request.params.top_logprobs else None,
+            prompt_logprobs=None if scores is None else [None, *scores.logprobs],
+            prompt_top_logprobs=None if scores is None else [None, *scores.top],
+            cached_tokens=request.cached, session_id=request.session_id,
+        )
         self.finished[request.id] = request.output
         if request.session_id is not None:
             self._keep_session(request, row)

@@ -204,16 +204,18 @@ class ModelRunner:
         return self._run(tokens.to(self.device), position_ids.to(self.device), last_only=False)
 
     def prefill(self, first_row: int, tokens: Tensor, position_ids: Tensor, starts: Sequence[int],
-                clock: int) -> Tensor | None:
+                clock: int, all_positions: bool = False) -> Tensor | None:
         """Write prompts into cache rows ``first_row, ...`` at cache positions ``[clock - width, clock)``.
 
         ``tokens``/``position_ids`` are ``[rows, width]`` (each row's prompt right-aligned, padding before it);
         row ``i``'s own tokens start at cache position ``starts[i]``. Returns the logits ``[rows, vocab]`` of the
-        last position (last stage; ``None`` elsewhere) and makes each row's next decode position follow its prompt.
+        last position (``[rows, width, vocab]`` of every position with ``all_positions``; last stage, ``None``
+        elsewhere) and makes each row's next decode position follow its prompt.
         """
         assert self.cache is not None, "allocate() the cache first"
         count, width = tokens.shape
-        if self.graphs is not None and first_row == 0 and width == clock and self.graphs.length(width) == width:
+        if (self.graphs is not None and not all_positions and first_row == 0 and width == clock
+                and self.graphs.length(width) == width):
             batch = self.graphs.batch(count)
             self._prompt[:batch, :width] = 0
             self._prompt_positions[:batch, :width] = 0
@@ -225,7 +227,7 @@ class ModelRunner:
         else:
             logits = self._prefill_rows(slice(first_row, first_row + count), tokens.to(self.device),
                                         position_ids.to(self.device), torch.tensor(list(starts)).to(self.device),
-                                        clock)
+                                        clock, all_positions)
         return None if logits is None else logits[:count]
 
     def _prefill_step(self, batch: int, width: int) -> Tensor | None:
@@ -233,16 +235,18 @@ class ModelRunner:
         return self._prefill_rows(slice(0, batch), self._prompt[:batch, :width], self._prompt_positions[:batch, :width],
                                   self._starts[:batch], width)
 
-    def _prefill_rows(self, rows: slice, tokens: Tensor, position_ids: Tensor, starts: Tensor,
-                      clock: int) -> Tensor | None:
+    def _prefill_rows(self, rows: slice, tokens: Tensor, position_ids: Tensor, starts: Tensor, clock: int,
+                      all_positions: bool = False) -> Tensor | None:
         cells = torch.arange(self.cache.length, device=self.device)
         self.cache.valid[rows] = (cells[None, :] >= starts[:, None]) & (cells[None, :] < clock)
         queries = torch.arange(clock - tokens.shape[1], clock, device=self.device)
         bias = causal_bias(self.cache.valid[rows], queries, clock, self.dtype)
         self.window = AttentionWindow(bias, rows, queries, clock)
-        logits = self._run(tokens, position_ids, last_only=True)
+        logits = self._run(tokens, position_ids, last_only=not all_positions)
         self.lengths[rows] = position_ids[:, -1] + 1
-        return None if logits is None else logits[:, -1]
+        if logits is None or all_positions:
+            return logits
+        return logits[:, -1]
 
     def decode(self, count: int, clock: int) -> Tensor | None:
         """One token for rows ``[0, count)`` from their :attr:`tokens`, written at cache position ``clock``.
