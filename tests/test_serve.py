@@ -221,7 +221,8 @@ def test_echo_scores_the_prompt_as_a_forward_pass(served):
     for position, (token, top) in enumerate(zip(logprobs["tokens"][1:], logprobs["top_logprobs"][1:])):
         assert 2 <= len(top) <= 3 and token in top  # the two likeliest, and the prompt's own token
         assert max(top.values()) == pytest.approx(reference[position].max().item(), abs=1e-5)
-    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids),
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
     status, body, _ = harness
     assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1]
@@ -265,7 +266,7 @@ def test_streams_carry_logprobs_echo_and_a_final_usage_chunk(served):
     assert status == 200
     assert events[-1]["choices"] == [] and events[-1]["usage"] == {
         "prompt_tokens": len(tokenizer.encode(PROMPTS[0])), "completion_tokens": 5,
-        "total_tokens": len(tokenizer.encode(PROMPTS[0])) + 5}
+        "total_tokens": len(tokenizer.encode(PROMPTS[0])) + 5, "prompt_tokens_details": {"cached_tokens": 0}}
     assert all(e["usage"] is None for e in events[:-1])
     streamed = [lp for e in events[:-1] if e["choices"][0].get("logprobs")
                 for lp in e["choices"][0]["logprobs"]["token_logprobs"]]
@@ -429,3 +430,49 @@ def test_a_client_leaving_is_one_log_line_and_cancels_its_generation(served, cap
     assert len(lines) == 2 and all(r.levelno == logging.WARNING for r in lines)
     assert not [r for r in caplog.records if r.exc_info], "a disconnect logged a traceback"
     assert all(count < 50 for count in counts), f"an abandoned request was not cancelled: {counts} of 50 tokens"
+
+
+def test_sessions_reuse_the_conversation_and_equal_the_whole_conversation(served):
+    run, model, tokenizer = served
+    greedy = {"temperature": 0, "ignore_eos": True, "max_tokens": 6}
+
+    def work(port):
+        first = request(port, "POST", "/v1/completions", {"prompt": PROMPTS[0], "session_id": "s1", **greedy})
+        second = request(port, "POST", "/v1/completions", {"prompt": " And the earth", "session_id": "s1", **greedy})
+        chat = [request(port, "POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": text}], "session_id": "c1", **greedy}) for text in ("Hi", "Why")]
+        ended = request(port, "DELETE", "/v1/sessions/s1")
+        again = request(port, "DELETE", "/v1/sessions/s1")
+        fresh = request(port, "POST", "/v1/completions", {"prompt": " And the earth", "session_id": "s1", **greedy})
+        return first, second, chat, ended, again, fresh
+
+    (first, second, chat, ended, again, fresh), _ = run(work)
+    whole_ids = tokenizer.encode(PROMPTS[0])
+    whole_ids += generate(model, PROMPTS[0], SamplingParams(max_new_tokens=6, ignore_eos=True),
+                          tokenizer=tokenizer)[0].tokens
+    whole_ids += tokenizer.encode(" And the earth")
+    expected = generate(model, whole_ids, SamplingParams(max_new_tokens=6, ignore_eos=True), tokenizer=tokenizer)[0]
+    assert second[0] == 200 and second[1]["choices"][0]["text"] == expected.text
+    usage = second[1]["usage"]
+    assert usage["prompt_tokens"] == len(whole_ids)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == len(whole_ids) - len(tokenizer.encode(" And the earth")) - 1
+    assert first[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert chat[1][0] == 200 and chat[1][1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert ended[0] == 200 and ended[1]["deleted"] is True
+    assert again[0] == 404 and again[1]["error"]["param"] == "session_id"
+    assert fresh[1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_session_request_errors(served):
+    run, _, _ = served
+
+    def work(port):
+        return [request(port, "POST", "/v1/completions", body) for body in (
+            {"prompt": ["a", "b"], "session_id": "x"},
+            {"prompt": "a", "session_id": 5},
+            {"prompt": "a", "session_id": "y", "beam_width": 2, "temperature": 0},
+        )]
+
+    replies, _ = run(work)
+    assert [status for status, _, _ in replies] == [400, 400, 400]
+    assert [body["error"]["param"] for _, body, _ in replies] == ["session_id", "session_id", "beam_width"]

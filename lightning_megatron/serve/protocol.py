@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Container
 
 from lightning_megatron.generation import GenerationOutput, SamplingParams
 
@@ -55,6 +55,7 @@ _FIELDS: dict[str, tuple[str, tuple[type, ...]]] = {
     "bad_words": ("bad_words", (list,)),
     "beam_width": ("beam_width", (int,)),
     "length_penalty": ("length_penalty", _NUMBER),
+    "diversity_rate": ("diversity_rate", _NUMBER),
 }
 _IGNORED = {"user", "n", "logit_bias", "suffix", "best_of"}
 MAX_TOP_LOGPROBS = 20
@@ -77,12 +78,18 @@ class ParsedRequest:
     include_usage: bool = False
     bos: int | None = None
     """The token to put before every prompt (``add_bos``), else ``None``."""
+    session_id: str | None = None
+    """The conversation this request continues (its keys/values are kept between requests)."""
 
-    def engine_prompts(self, tokenizer: Any) -> list[str | list[int]]:
-        """The prompts as the engine gets them: with the BOS token in front when the request asked for it."""
+    def engine_prompts(self, tokenizer: Any, sessions: Container[str] = ()) -> list[str | list[int]]:
+        """The prompts as the engine gets them: with the BOS token in front when the request asked for it, and a
+        chat turn that continues one of ``sessions`` on its own line."""
+        prompts = list(self.prompts)
+        if self.chat and self.session_id in sessions:
+            prompts = ["\n" + prompt for prompt in prompts]
         if self.bos is None:
-            return list(self.prompts)
-        return [[self.bos, *(tokenizer.encode(p) if isinstance(p, str) else p)] for p in self.prompts]
+            return prompts
+        return [[self.bos, *(tokenizer.encode(p) if isinstance(p, str) else p)] for p in prompts]
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -120,7 +127,8 @@ def parse_request(body: Any, chat: bool, model: str, default_max_tokens: int = 1
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     own = {"messages", "top_logprobs"} if chat else {"prompt", "echo"}
-    allowed = set(_FIELDS) | _IGNORED | own | {"model", "stream", "stream_options", "stop", "logprobs", "add_bos"}
+    allowed = set(_FIELDS) | _IGNORED | own | {"model", "stream", "stream_options", "stop", "logprobs", "add_bos",
+                                               "session_id"}
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise RequestError(f"unknown field(s) {unknown}; supported: {sorted(allowed)}", unknown[0])
@@ -132,7 +140,12 @@ def parse_request(body: Any, chat: bool, model: str, default_max_tokens: int = 1
             raise RequestError(f"{name} must be 1 (use beam_width for beam search)", name)
     if body.get("logit_bias"):
         raise RequestError("logit_bias is not supported; use bad_words to block tokens", "logit_bias")
+    session_id = body.get("session_id")
+    if session_id is not None and (not isinstance(session_id, str) or not 0 < len(session_id) <= 256):
+        raise RequestError("session_id must be a string of 1 to 256 characters", "session_id")
     prompts = [chat_prompt(body.get("messages"))] if chat else _prompts(body.get("prompt"))
+    if session_id is not None and len(prompts) > 1:
+        raise RequestError("a session continues one conversation: send one prompt with session_id", "session_id")
     values: dict[str, Any] = {"max_new_tokens": default_max_tokens, "temperature": 1.0}
     for name, (field, types) in _FIELDS.items():
         if name not in body or body[name] is None:
@@ -179,7 +192,7 @@ def parse_request(body: Any, chat: bool, model: str, default_max_tokens: int = 1
         raise RequestError("the log probabilities of an echoed prompt are returned without streaming; set stream "
                            "to false", "stream")
     return ParsedRequest(prompts, params, stream, chat, model, top_logprobs, echo, include_usage,
-                         bos if add_bos else None)
+                         bos if add_bos else None, session_id)
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
@@ -305,11 +318,12 @@ class Scored:
                             for token, value, alternatives in zip(self.tokens, self.logprobs, self.top)]}
 
 
-def _usage(outputs: list[GenerationOutput]) -> dict[str, int]:
+def _usage(outputs: list[GenerationOutput]) -> dict[str, Any]:
     prompt_tokens = sum(len(o.prompt_tokens) for o in outputs)
     completion_tokens = sum(o.length for o in outputs)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in outputs)}}
 
 
 def echo_text(prompt: str | list[int], tokenizer: Any) -> str:

@@ -159,6 +159,7 @@ class Server:
             web.get("/tokenizer_info", self._tokenizer_info),
             web.post("/tokenize", self._tokenize),
             web.post("/detokenize", self._detokenize),
+            web.delete("/v1/sessions/{session_id}", self._end_session),
         ])
         app.middlewares.append(_json_errors)
         # A client that goes away cancels its handler, and so its generation (streamed or not).
@@ -241,6 +242,13 @@ class Server:
             raise RequestError("tokens must be a list of token ids", "tokens")
         return web.json_response({"prompt": self.tokenizer.decode(tokens)})
 
+    async def _end_session(self, request: web.Request) -> web.Response:
+        session_id = request.match_info["session_id"]
+        if session_id not in self.engine.sessions:
+            raise RequestError(f"no session {session_id!r} (it ended or expired)", "session_id", status=404)
+        self.engine.end_session(session_id)
+        return web.json_response({"id": session_id, "object": "session", "deleted": True})
+
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=False)
 
@@ -261,8 +269,8 @@ class Server:
             ids = []
             with self._lock:
                 try:
-                    for prompt in parsed.engine_prompts(self.tokenizer):
-                        ids.append(self.engine.submit(prompt, parsed.params))
+                    for prompt in parsed.engine_prompts(self.tokenizer, self.engine.sessions):
+                        ids.append(self.engine.submit(prompt, parsed.params, session_id=parsed.session_id))
                         self._listeners[ids[-1]] = (loop, queue)
                 except ValueError as error:
                     for request_id in ids:
