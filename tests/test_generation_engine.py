@@ -242,7 +242,7 @@ def test_sessions_end_explicitly_by_idle_time_and_by_memory(gpt, tokenizer):
     assert complete(engine, "And", params, session="a").cached_tokens == 0  # ended: a new conversation
     complete(engine, PROMPTS[2], params, session="b")  # a and b together exceed 12 cached tokens: a goes
     assert set(engine.sessions) == {"b"}
-    engine.session_ttl = 0.0
+    engine.sessions.ttl = 0.0
     with engine.runner.inference_mode():
         engine.step()
         engine.step()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.runner import ModelRunner
 from lightning_megatron.generation.sampling import RowState, Sampler, beam_step, new_seed
+from lightning_megatron.generation.sessions import SessionStore
 from lightning_megatron.generation.scoring import TokenScores, score_tokens, top_alternatives
 from lightning_megatron.generation.stream import TextTracker, TokenEvent
 
@@ -89,22 +89,6 @@ class _Request:
         return self.params.beam_width
 
 
-@dataclass
-class _Session:
-    """A conversation whose keys/values outlive its requests, so a follow-up computes only its new tokens."""
-
-    tokens: list[int] = field(default_factory=list)
-    """Every token of the conversation so far (prompts and generated tokens)."""
-    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    """Keys/values of ``tokens[:cached]`` per layer of this rank."""
-    cached: int = 0
-    busy: bool = False
-    ending: bool = False
-    """Ended while a request ran: forgotten once that request finishes."""
-    used_step: int = 0
-    used_time: float = 0.0
-
-
 class Engine:
     """Decodes many requests at once over a :class:`ModelRunner`; ranks of one model replica call it in lockstep.
 
@@ -151,10 +135,8 @@ class Engine:
         self.finished: dict[int, GenerationOutput] = {}
         self.closed = False
         self._prefilled = False
-        self.sessions: dict[str, _Session] = {}
-        self.session_ttl = session_ttl
-        self.session_tokens = session_tokens if session_tokens is not None else max_batch_size * self.cache_length
-        self._session_lock = threading.Lock()
+        self.sessions = SessionStore(session_ttl, max_batch_size * self.cache_length if session_tokens is None
+                                     else session_tokens)
         self._steps = 0
 
     # ------------------------------------------------------------------ requests
@@ -190,12 +172,7 @@ class Engine:
                 raise ValueError("sessions keep keys/values: they need the engine's cache (use_cache=True)")
             if params.beam_width > 1:
                 raise ValueError("beam search cannot continue a session; set beam_width to 1 or drop session_id")
-            with self._session_lock:
-                session = self.sessions.get(session_id)
-                if session is not None and session.busy:
-                    raise ValueError(f"session {session_id!r} has a request running; wait for its answer")
-                if session is not None:
-                    tokens, cached = session.tokens + tokens, session.cached
+            tokens, cached = self.sessions.begin(session_id, tokens)
             if cached and params.prompt_logprobs is not None:
                 raise ValueError("prompt log probabilities need the whole prompt computed; they cannot continue a "
                                  "session (drop session_id or prompt_logprobs)")
@@ -222,8 +199,7 @@ class Engine:
         request = _Request(next(self._ids), tokens, params, max_new, tuple(w for w in bad_words if w),
                            session_id=session_id, cached=cached)
         if session_id is not None:
-            with self._session_lock:
-                self.sessions.setdefault(session_id, _Session()).busy = True
+            self.sessions.hold(session_id)
         self._post("add", request)
         return request.id
 
@@ -237,16 +213,8 @@ class Engine:
 
     def end_session(self, session_id: str) -> None:
         """Forget a session and free its cached keys/values (once a request of it running now finishes)."""
-        self._drop_session(session_id)
-        self._post("end_session", session_id)  # the other ranks drop it at their next intake
-
-    def _drop_session(self, session_id: str) -> None:
-        with self._session_lock:
-            session = self.sessions.get(session_id)
-            if session is not None and session.busy:
-                session.ending = True
-            elif session is not None:
-                del self.sessions[session_id]
+        self.sessions.end(session_id)
+        self._post("end_session", session_id)  # the other ranks end it at their next intake
 
     def wait(self, timeout: float) -> None:
         """Block until a request arrives or ``timeout`` seconds pass (returns at once while busy)."""
@@ -269,13 +237,13 @@ class Engine:
         events = []
         for kind, item in messages:
             if kind == "add":
-                if item.session_id is not None:  # the leader marked it busy when it was submitted; the others now
-                    self.sessions.setdefault(item.session_id, _Session()).busy = True
+                if item.session_id is not None:  # the leader held it when it was submitted; the others now
+                    self.sessions.hold(item.session_id)
                 self.pending.append(item)
             elif kind == "close":
                 self.closed = True
             elif kind == "end_session":
-                self._drop_session(item)
+                self.sessions.end(item)
             else:
                 events.extend(self._cancel(item))
         return events
@@ -347,9 +315,7 @@ class Engine:
             slot += request.width
             request.rows = [self._row(request) for _ in range(request.width)]
             if request.cached:
-                session = self.sessions[request.session_id]
-                self.runner.restore_row(request.slot, session.saved, request.start)
-                session.saved = None  # the row holds these keys/values until the request finishes
+                self.runner.restore_row(request.slot, self.sessions.take(request.session_id), request.start)
             if self.sampler is not None:
                 self.sampler.reset(request.slot, request.rows)
             if self.tokenizer is not None and request.width == 1:
@@ -584,30 +550,19 @@ class Engine:
 
     # ------------------------------------------------------------------ sessions
     def _keep_session(self, request: _Request, row: RowState | None) -> None:
-        """Save a finished request's keys/values (its cache row's cells) as its session's."""
-        session = self.sessions[request.session_id]
-        if row is not None and request.slot >= 0:
-            # Every token but the last generated one has its keys/values in cells [start, clock).
-            session.tokens = request.prompt + row.generated
-            session.cached = self.clock - request.start
-            session.saved = self.runner.save_row(request.slot, request.start, self.clock)
-        session.busy = False
-        session.used_step, session.used_time = self._steps, time.monotonic()
-        if session.ending:
-            del self.sessions[request.session_id]
-        idle = sorted((s.used_step, key) for key, s in self.sessions.items() if not s.busy)
-        while sum(s.cached for s in self.sessions.values() if s.saved is not None) > self.session_tokens and idle:
-            del self.sessions[idle.pop(0)[1]]
+        """Save a finished request's keys/values (its row's cells: every token but the last generated one)."""
+        if row is None or request.slot < 0:
+            self.sessions.keep(request.session_id, None, None, self._steps)
+            return
+        saved = self.runner.save_row(request.slot, request.start, self.clock)
+        self.sessions.keep(request.session_id, request.prompt + row.generated, saved, self._steps)
 
     def _expire_sessions(self) -> None:
-        """On the rank that takes requests: end sessions idle for longer than ``session_ttl`` (all ranks follow)."""
+        """On the rank that takes requests: end sessions idle for longer than their time to live (all ranks follow)."""
         leader = not (self.runner.distributed and dist.get_world_size() > 1) or (
             self.leader_submits and dist.get_rank() == 0)
-        if not leader or not self.sessions:
-            return
-        now = time.monotonic()
-        for key, session in list(self.sessions.items()):
-            if not session.busy and now - session.used_time > self.session_ttl:
+        if leader:
+            for key in self.sessions.expired():
                 self.end_session(key)
 
     def _retire(self) -> None:
