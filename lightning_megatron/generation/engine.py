@@ -19,74 +19,18 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from lightning_megatron.generation.params import SamplingParams
+from lightning_megatron.generation.requests import GenerationOutput, Request, prompt_tokens, request_limits
 from lightning_megatron.generation.runner import ModelRunner
 from lightning_megatron.generation.sampling import RowState, Sampler, beam_step, new_seed
 from lightning_megatron.generation.sessions import SessionStore
 from lightning_megatron.generation.scoring import TokenScores, score_tokens, top_alternatives
 from lightning_megatron.generation.stream import TextTracker, TokenEvent
-
-
-@dataclass
-class GenerationOutput:
-    """The result of one request."""
-
-    request_id: int
-    prompt_tokens: list[int]
-    tokens: list[int]
-    """Generated tokens (an ending end-of-document or stop token included)."""
-    text: str | None
-    """Generated text without special tokens, cut before a stop string (``None`` without a tokenizer)."""
-    finish_reason: str
-    """``"stop"``, ``"length"`` or ``"cancelled"``."""
-    logprobs: list[float] | None
-    """The model's log probability of each generated token (when ``SamplingParams.logprobs``)."""
-    cumulative_logprob: float
-    top_logprobs: list[dict[int, float]] | None = None
-    """The most likely tokens at each generated token (when ``SamplingParams.top_logprobs``)."""
-    prompt_logprobs: list[float | None] | None = None
-    """The model's log probability of each prompt token, ``None`` for the first (when
-    ``SamplingParams.prompt_logprobs`` is set)."""
-    prompt_top_logprobs: list[dict[int, float] | None] | None = None
-    """The most likely tokens at each prompt position, ``None`` for the first."""
-    cached_tokens: int = 0
-    """Prompt tokens whose keys/values came from the request's session instead of being computed again."""
-    session_id: str | None = None
-
-    @property
-    def length(self) -> int:
-        """The number of generated tokens."""
-        return len(self.tokens)
-
-
-@dataclass
-class _Request:
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    max_new: int
-    bad_words: tuple[tuple[int, ...], ...] = ()
-    rows: list[RowState] = field(default_factory=list)
-    slot: int = -1
-    start: int = 0
-    tracker: TextTracker | None = None
-    hypotheses: list[tuple[float, RowState]] = field(default_factory=list)
-    output: GenerationOutput | None = None
-    prompt_scores: TokenScores | None = None
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)
-    session_id: str | None = None
-    cached: int = 0
-    """Leading prompt tokens whose keys/values the session holds."""
-
-    @property
-    def width(self) -> int:
-        return self.params.beam_width
 
 
 class Engine:
@@ -127,8 +71,8 @@ class Engine:
             runner.allocate(max_batch_size, self.cache_length)
         self.sampler = Sampler(max_batch_size, runner.vocab_size, runner.device) if runner.is_source else None
         self.clock = 0
-        self.active: list[_Request] = []
-        self.pending: list[_Request] = []
+        self.active: list[Request] = []
+        self.pending: list[Request] = []
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._ids = itertools.count()
         self._arrived = threading.Event()
@@ -158,14 +102,7 @@ class Engine:
         """
         params = params or SamplingParams()
         params.validate()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
-            tokens = self.tokenizer.encode(prompt)
-        else:
-            tokens = [int(t) for t in prompt]
-        if not tokens:
-            raise ValueError("the prompt is empty; give at least one token")
+        tokens = prompt_tokens(prompt, self.tokenizer)
         cached = 0
         if session_id is not None:
             if not self.use_cache:
@@ -176,28 +113,9 @@ class Engine:
             if cached and params.prompt_logprobs is not None:
                 raise ValueError("prompt log probabilities need the whole prompt computed; they cannot continue a "
                                  "session (drop session_id or prompt_logprobs)")
-        vocab = self.runner.vocab_size
-        if min(tokens) < 0 or max(tokens) >= vocab:
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        if (params.stop or params.bad_words) and self.tokenizer is None:
-            raise ValueError("stop strings and bad words need a tokenizer; use stop_token_ids / bad_word_ids")
-        room = self.max_sequence_length - len(tokens)
-        if room < (params.max_new_tokens != 0):
-            raise ValueError(f"the prompt has {len(tokens)} tokens; the model reads at most "
-                             f"{self.max_sequence_length - 1} to leave room for one new token "
-                             f"({self.max_sequence_length} when only scoring it)")
-        max_new = room if params.max_new_tokens is None else params.max_new_tokens
-        if max_new > room:
-            raise ValueError(f"prompt ({len(tokens)} tokens) + max_new_tokens ({max_new}) exceeds the model's "
-                             f"sequence length {self.max_sequence_length}; lower max_new_tokens to {room} or less")
-        if params.beam_width > self.max_batch_size:
-            raise ValueError(f"beam_width {params.beam_width} exceeds the engine's max_batch_size "
-                             f"{self.max_batch_size}")
-        bad_words = list(params.bad_word_ids)
-        if params.bad_words:
-            bad_words.extend(tuple(self.tokenizer.encode(word)) for word in params.bad_words)
-        request = _Request(next(self._ids), tokens, params, max_new, tuple(w for w in bad_words if w),
-                           session_id=session_id, cached=cached)
+        max_new, bad_words = request_limits(tokens, params, self.tokenizer, self.runner.vocab_size,
+                                            self.max_sequence_length, self.max_batch_size)
+        request = Request(next(self._ids), tokens, params, max_new, bad_words, session_id=session_id, cached=cached)
         if session_id is not None:
             self.sessions.hold(session_id)
         self._post("add", request)
@@ -286,10 +204,10 @@ class Engine:
         self._retire()
         return events
 
-    def _admit(self) -> list[_Request]:
+    def _admit(self) -> list[Request]:
         """Take waiting requests in arrival order while they fit the free slots and the cache."""
         free = self.max_batch_size - sum(r.width for r in self.active)
-        admitted: list[_Request] = []
+        admitted: list[Request] = []
         longest = 0
         for request in self.pending:
             if request.width > free:
@@ -323,7 +241,7 @@ class Engine:
         self.active.extend(admitted)
         return admitted
 
-    def _row(self, request: _Request) -> RowState:
+    def _row(self, request: Request) -> RowState:
         p = request.params
         end_ids = set(p.stop_token_ids)
         if self.eod is not None and not p.ignore_eos:
@@ -331,10 +249,10 @@ class Engine:
         return RowState(p, request.prompt, end_ids=frozenset(end_ids), bad_words=request.bad_words,
                         seed=new_seed(p.seed), top_p=p.top_p)
 
-    def _rows(self, requests: Sequence[_Request]) -> list[tuple[_Request, RowState]]:
+    def _rows(self, requests: Sequence[Request]) -> list[tuple[Request, RowState]]:
         return [(request, row) for request in requests for row in request.rows]
 
-    def _layout(self, rows: list[tuple[_Request, RowState]], first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layout(self, rows: list[tuple[Request, RowState]], first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and each sequence's own positions at cache positions ``[first, last)`` of ``rows`` (0 before a
         sequence's start)."""
         tokens = torch.zeros(len(rows), last - first, dtype=torch.long)
@@ -347,7 +265,7 @@ class Engine:
         positions = (torch.arange(first, last)[None, :] - starts[:, None]).clamp(min=0)
         return tokens, positions
 
-    def _recompute(self, rows: list[tuple[_Request, RowState]], all_positions: bool = False) -> torch.Tensor | None:
+    def _recompute(self, rows: list[tuple[Request, RowState]], all_positions: bool = False) -> torch.Tensor | None:
         """Logits of the last position of every row (of every position with ``all_positions``), from the whole
         sequences (no cache).
 
@@ -366,7 +284,7 @@ class Engine:
         logits = self.runner.forward(tokens, positions, mask)
         return logits if all_positions else self._last(logits)
 
-    def _prefill(self, admitted: list[_Request]) -> torch.Tensor | None:
+    def _prefill(self, admitted: list[Request]) -> torch.Tensor | None:
         rows = self._rows(admitted)
         scoring = any(r.params.prompt_logprobs is not None for r in admitted)
         if not self.use_cache:
@@ -387,7 +305,7 @@ class Engine:
         self._score_prompts(admitted, logits, first)
         return self._last(logits)
 
-    def _score_prompts(self, admitted: list[_Request], logits: torch.Tensor | None, first: int) -> None:
+    def _score_prompts(self, admitted: list[Request], logits: torch.Tensor | None, first: int) -> None:
         """Every rank: the source scores the prompts of requests that asked (``logits`` cover cache positions from
         ``first``) and sends the scores to all ranks, which keep them on their requests."""
         scores: dict[int, TokenScores] | None = None
@@ -416,7 +334,7 @@ class Engine:
         return None if logits is None else logits[:, -1]
 
     # ------------------------------------------------------------------ choosing and applying tokens
-    def _with_top_logprobs(self, decision: dict[str, Any], logits: torch.Tensor, requests: list[_Request]
+    def _with_top_logprobs(self, decision: dict[str, Any], logits: torch.Tensor, requests: list[Request]
                            ) -> dict[str, Any]:
         """On the source rank: add the most likely tokens of the rows whose requests keep them to ``decision``."""
         top: dict[int, dict[int, float]] = {}
@@ -430,12 +348,12 @@ class Engine:
             decision["top_logprobs"] = top
         return decision
 
-    def _keep_top_logprobs(self, decision: dict[str, Any], requests: list[_Request]) -> None:
+    def _keep_top_logprobs(self, decision: dict[str, Any], requests: list[Request]) -> None:
         for request in requests:
             if request.id in decision.get("top_logprobs", {}):
                 request.top_logprobs.append(decision["top_logprobs"][request.id])
 
-    def _decide(self, logits: torch.Tensor, requests: list[_Request]) -> dict[str, Any]:
+    def _decide(self, logits: torch.Tensor, requests: list[Request]) -> dict[str, Any]:
         """On the source rank: the next token of every sampled row, and each beam search's step."""
         rows = self._rows(requests)
         first = requests[0].slot
@@ -463,7 +381,7 @@ class Engine:
             offset += request.width
         return decision
 
-    def _apply(self, decision: dict[str, Any], requests: list[_Request]) -> list[TokenEvent]:
+    def _apply(self, decision: dict[str, Any], requests: list[Request]) -> list[TokenEvent]:
         if self.use_cache and not self.runner.is_source:
             self.runner.set_tokens(requests[0].slot, decision["tokens"])
         events = []
@@ -479,7 +397,7 @@ class Engine:
             offset += request.width
         return events
 
-    def _advance(self, request: _Request, token: int, logprob: float) -> TokenEvent:
+    def _advance(self, request: Request, token: int, logprob: float) -> TokenEvent:
         row = request.rows[0]
         if request.max_new == 0:  # the prompt was only scored
             self._finish(request, "length", row)
@@ -500,7 +418,7 @@ class Engine:
         top = request.top_logprobs[-1] if request.top_logprobs else None
         return TokenEvent(request.id, token, piece, reason is not None, reason, logprob, top)
 
-    def _advance_beams(self, request: _Request, step: dict[str, Any]) -> TokenEvent | None:
+    def _advance_beams(self, request: Request, step: dict[str, Any]) -> TokenEvent | None:
         alpha = request.params.length_penalty
         for parent, token, logprob in step["ended"]:
             hypothesis = request.rows[parent].fork()
@@ -530,7 +448,7 @@ class Engine:
         request.rows = new_rows
         return None
 
-    def _finish(self, request: _Request, reason: str, row: RowState | None) -> None:
+    def _finish(self, request: Request, reason: str, row: RowState | None) -> None:
         tokens = list(row.generated) if row is not None else []
         logprobs = list(row.logprobs) if row is not None else []
         text = None
@@ -549,7 +467,7 @@ class Engine:
             self._keep_session(request, row)
 
     # ------------------------------------------------------------------ sessions
-    def _keep_session(self, request: _Request, row: RowState | None) -> None:
+    def _keep_session(self, request: Request, row: RowState | None) -> None:
         """Save a finished request's keys/values (its row's cells: every token but the last generated one)."""
         if row is None or request.slot < 0:
             self.sessions.keep(request.session_id, None, None, self._steps)
