@@ -20,6 +20,7 @@ TOOLS: dict[str, str] = {
     "generate": "lightning_megatron.generation.cli:main",
     "serve": "lightning_megatron.serve.cli:main",
     "evaluate": "lightning_megatron.generation.evaluate:main",
+    "lm-eval": "lightning_megatron.harness:main",
     "convert": "lightning_megatron.convert.command:main",
     "checkpoint": "lightning_megatron.checkpoint_inspect:main",
 }

@@ -63,8 +63,8 @@ def transformer_fields(parallel_config: ParallelConfig, precision: MegatronPreci
         # send/recv (all four directions at once) pairs a gradient with an activation when PP=2 interleaves;
         # its unbatched path orders sends and receives by rank parity instead.
         "batch_p2p_comm": cuda,
-        # megatron-core's fused kernels (bias+GeLU/SwiGLU, bias+dropout+add, vocab-parallel cross entropy) are
-        # torch.compile/JIT fusions that pay off on GPUs only.
+        # megatron-core's fused kernels (bias+activation where the model's function survives fusion, bias+dropout+
+        # add, vocab-parallel cross entropy) are torch.compile/JIT fusions that pay off on GPUs only.
         **dict.fromkeys(("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion"), cuda),
     }
 

@@ -8,7 +8,8 @@ from launch import REPO, read_json, run_python, torchrun
 
 CLI = REPO / "lightning_megatron" / "cli.py"
 
-KEYS = ["cached", "recomputed", "sampled_alone", "sampled_together", "beam1", "beam3", "beam3_recomputed", "sample"]
+KEYS = ["cached", "recomputed", "sampled_alone", "sampled_together", "beam1", "beam3", "beam3_recomputed", "sample",
+        "session", "session_cached", "scored", "prompt_top", "generated_top"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,13 @@ def check_internal(result):
     assert result["beam1"] == result["cached"], "beam width 1 differs from greedy"
     assert result["beam3"] == result["beam3_recomputed"]
     assert result["sampled_alone"] == result["sampled_together"], "a seeded sample depends on its batch"
+    assert result["session"] == result["session_whole"], "a session's follow-up differs from the whole conversation"
+    assert result["session_cached"] > 0
     assert len({t for tokens in result["cached"] for t in tokens}) > 8
+    assert result["scored"] == [tokens[:4] for tokens in result["cached"]]  # scoring does not change what is generated
+    assert [top[0] for top in result["generated_top"][0]] == result["scored"][0]  # greedy: the likeliest token
+    for cached, recomputed in zip(result["prompt_logprobs"], result["prompt_logprobs_recomputed"]):
+        assert cached == pytest.approx(recomputed, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -44,6 +51,8 @@ def test_parallel_generation_matches_one_process(reference, tmp_path, layout):
     for key in KEYS:
         assert result[key] == ref[key], f"{layout}: {key} differs from one process"
     assert result["beam3_logprob"] == pytest.approx(ref["beam3_logprob"], abs=1e-3)
+    for ours, one_process in zip(result["prompt_logprobs"], ref["prompt_logprobs"]):
+        assert ours == pytest.approx(one_process, abs=1e-4)
     if layout == "pp2_vp2":  # trainer.predict over a prompts file: one record per prompt, in order, on rank 0
         records, expected = read_jsonl(tmp_path / "p.jsonl"), read_jsonl(ref_predicted)
         assert [r["id"] for r in records] == [0, 1, 2] and len(records[0]["tokens"]) == 12

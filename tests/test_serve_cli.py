@@ -1,13 +1,9 @@
 """`lightning-megatron serve` over two real processes (tensor parallel, or two data-parallel replicas sharing the
 requests), answering concurrent HTTP streams."""
 
-import os
-import re
 import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
+import re
 from pathlib import Path
 
 import pytest
@@ -35,28 +31,22 @@ def expected_texts(max_tokens):
                                          tokenizer=tokenizer)]
 
 
-def serve(tmp_path, *layout, work):
-    """Run ``serve`` on two CPU processes with ``layout`` flags, call ``work(port)``, stop it with SIGINT."""
+@pytest.mark.slow
+def test_serve_tp2_answers_concurrent_streams_and_shuts_down(tmp_path):
     log = open(tmp_path / "serve.log", "w+")
-    process = subprocess.Popen(
-        [sys.executable, str(launch.REPO / "lightning_megatron" / "cli.py"), "serve", "--config", str(RECIPE),
-         "--devices", "2", *layout, "--accelerator", "cpu", "--port", "0", "--max-batch-size", "4"],
-        stdout=log, stderr=subprocess.STDOUT, env=launch.child_env(), cwd=launch.REPO, start_new_session=True)
-    try:
-        port = None
-        deadline = time.monotonic() + 300
-        while port is None and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(1)
-            match = re.search(r"Serving \S+ on http://127\.0\.0\.1:(\d+)", Path(log.name).read_text())
-            port = int(match.group(1)) if match else None
-        assert port is not None, Path(log.name).read_text()[-3000:]
-        result = work(port)
+    with launch.serving(["--config", RECIPE, "--devices", 2, "--tp", 2, "--accelerator", "cpu", "--max-batch-size", 4],
+                        log) as (process, port):
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            answers = list(pool.map(lambda p: request(port, "POST", "/v1/completions", {
+                "prompt": p, "max_tokens": 10, "temperature": 0, "stream": True}), PROMPTS))
+        bad = request(port, "POST", "/v1/completions", {"prompt": "x", "top_k": -1})
+        health = request(port, "GET", "/health")
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0, Path(log.name).read_text()[-3000:]
-        return result
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    texts = ["".join(e["choices"][0]["text"] for e in events) for _, events, _ in answers]
+    assert texts == expected_texts(10)
+    assert bad[0] == 400 and "top_k" in bad[1]["error"]["message"]
+    assert health[0] == 200
 
 
 def concurrent_completions(port, prompts, stream):
@@ -66,29 +56,17 @@ def concurrent_completions(port, prompts, stream):
 
 
 @pytest.mark.slow
-def test_serve_tp2_answers_concurrent_streams_and_shuts_down(tmp_path):
-    def work(port):
-        answers = concurrent_completions(port, PROMPTS, stream=True)
-        return answers, request(port, "POST", "/v1/completions", {"prompt": "x", "top_k": -1}), \
-            request(port, "GET", "/health")
-
-    answers, bad, health = serve(tmp_path, "--tp", "2", work=work)
-    texts = ["".join(e["choices"][0]["text"] for e in events) for _, events, _ in answers]
-    assert texts == expected_texts(10)
-    assert bad[0] == 400 and "top_k" in bad[1]["error"]["message"]
-    assert health[0] == 200
-
-
-@pytest.mark.slow
 def test_serve_two_replicas_share_concurrent_requests(tmp_path):
     prompts = PROMPTS + PROMPTS[:1]
-
-    def work(port):
+    log = open(tmp_path / "serve.log", "w+")
+    # --devices 2 with TP = PP = 1: two replicas of the model.
+    with launch.serving(["--config", RECIPE, "--devices", 2, "--accelerator", "cpu", "--max-batch-size", 4],
+                        log) as (process, port):
         streamed = concurrent_completions(port, prompts, stream=True)
         whole = concurrent_completions(port, prompts, stream=False)
-        return streamed, whole, request(port, "GET", "/metrics")[1]
-
-    streamed, whole, metrics = serve(tmp_path, work=work)  # --devices 2, TP = PP = 1: two replicas
+        metrics = request(port, "GET", "/metrics")[1]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0, Path(log.name).read_text()[-3000:]
     expected = expected_texts(10)
     expected = expected + expected[:1]
     assert ["".join(e["choices"][0]["text"] for e in events) for _, events, _ in streamed] == expected

@@ -19,6 +19,8 @@ from lightning_megatron.atomic import atomic_write
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+BOS_TOKENS = ("<s>", "<|begin_of_text|>", "<bos>")
+"""Beginning-of-sequence tokens of common tokenizers (Llama 2, Llama 3, Gemma), looked up in this order."""
 BUNDLED_VOCAB_SIZE = 4096
 
 
@@ -50,6 +52,8 @@ class Tokenizer:
         self.eod: int = eod
         pad = self._find_token((PAD_TOKEN, "<pad>", "[PAD]"))
         self.pad: int = eod if pad is None else pad
+        self.bos: int | None = self._find_token(BOS_TOKENS)
+        """The beginning-of-sequence token, if the tokenizer has one (the bundled one does not)."""
         self.unique_identifiers = {"class": "Tokenizer", "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
 
     def _find_token(self, candidates: Sequence[str]) -> int | None:
@@ -77,9 +81,9 @@ class Tokenizer:
         """Token ids of many texts at once (parallel in Rust)."""
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``, special tokens dropped."""
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``, special tokens dropped unless ``skip_special_tokens`` is false."""
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def tokenize(self, text: str) -> list[int]:
         """Same as :meth:`encode` (the name megatron-core's tokenizer protocol uses)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from lightning_megatron.generation.engine import Engine, GenerationOutput
+from lightning_megatron.generation.engine import Engine
+from lightning_megatron.generation.requests import GenerationOutput
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.quantize import quantize as quantize_weights
 from lightning_megatron.generation.runner import ModelRunner

@@ -19,58 +19,18 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from lightning_megatron.generation.params import SamplingParams
+from lightning_megatron.generation.requests import GenerationOutput, Request, prompt_tokens, request_limits
 from lightning_megatron.generation.runner import ModelRunner
 from lightning_megatron.generation.sampling import RowState, Sampler, beam_step, new_seed
+from lightning_megatron.generation.sessions import SessionStore
+from lightning_megatron.generation.scoring import TokenScores, score_tokens, top_alternatives
 from lightning_megatron.generation.stream import TextTracker, TokenEvent
-
-
-@dataclass
-class GenerationOutput:
-    """The result of one request."""
-
-    request_id: int
-    prompt_tokens: list[int]
-    tokens: list[int]
-    """Generated tokens (an ending end-of-document or stop token included)."""
-    text: str | None
-    """Generated text without special tokens, cut before a stop string (``None`` without a tokenizer)."""
-    finish_reason: str
-    """``"stop"``, ``"length"`` or ``"cancelled"``."""
-    logprobs: list[float] | None
-    """The model's log probability of each generated token (when ``SamplingParams.logprobs``)."""
-    cumulative_logprob: float
-
-    @property
-    def length(self) -> int:
-        """The number of generated tokens."""
-        return len(self.tokens)
-
-
-@dataclass
-class _Request:
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    max_new: int
-    bad_words: tuple[tuple[int, ...], ...] = ()
-    rows: list[RowState] = field(default_factory=list)
-    slot: int = -1
-    start: int = 0
-    tracker: TextTracker | None = None
-    hypotheses: list[tuple[float, RowState]] = field(default_factory=list)
-    output: GenerationOutput | None = None
-    replica: int = 0
-
-    @property
-    def width(self) -> int:
-        return self.params.beam_width
 
 
 class Engine:
@@ -79,7 +39,13 @@ class Engine:
     Call :meth:`submit` with the same requests on every rank (or, with ``leader_submits=True``, on global rank 0
     only: its new requests are broadcast at the start of each step), then :meth:`step` until :attr:`busy` is false.
     With data-parallel replicas and ``leader_submits``, every rank of every replica steps together; each engine takes
-    only the requests submitted for its ``replica``.
+    only the requests submitted for its ``replica`` (sessions live in replica 0, the leader's).
+
+    A request with a ``session_id`` continues that conversation: its prompt holds only the new text, the keys and
+    values of the earlier turns (prompts and generated tokens) are reused, and the result is what the whole
+    conversation as one prompt gives. Sessions end with :meth:`end_session`, after ``session_ttl`` idle seconds, or,
+    least recently used first, when the sessions together hold more than ``session_tokens`` cached tokens (default:
+    as many as the cache has cells).
     """
 
     def __init__(
@@ -92,6 +58,8 @@ class Engine:
         use_cache: bool = True,
         leader_submits: bool = False,
         eod: int | None = None,
+        session_ttl: float = 600.0,
+        session_tokens: int | None = None,
         replica: int = 0,
     ) -> None:
         self.runner = runner
@@ -107,14 +75,17 @@ class Engine:
             runner.allocate(max_batch_size, self.cache_length)
         self.sampler = Sampler(max_batch_size, runner.vocab_size, runner.device) if runner.is_source else None
         self.clock = 0
-        self.active: list[_Request] = []
-        self.pending: list[_Request] = []
+        self.active: list[Request] = []
+        self.pending: list[Request] = []
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._ids = itertools.count()
         self._arrived = threading.Event()
         self.finished: dict[int, GenerationOutput] = {}
         self.closed = False
         self._prefilled = False
+        self.sessions = SessionStore(session_ttl, max_batch_size * self.cache_length if session_tokens is None
+                                     else session_tokens)
+        self._steps = 0
 
     # ------------------------------------------------------------------ requests
     @property
@@ -127,41 +98,35 @@ class Engine:
         """Requests waiting for a slot."""
         return len(self.pending) + self._inbox.qsize()
 
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, replica: int = 0) -> int:
-        """Queue a request (text or token ids) for the engine of data-parallel ``replica``; returns its id.
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               session_id: str | None = None, replica: int = 0) -> int:
+        """Queue a request (text or token ids) for the engine of data-parallel ``replica``; returns its id. Raises
+        ``ValueError`` for input that cannot run.
 
-        Raises ``ValueError`` for input that cannot run.
+        With ``session_id`` the prompt continues that session's conversation (a new id starts one); sessions run in
+        replica 0.
         """
+        if session_id is not None and replica != 0:
+            raise ValueError("sessions are kept by replica 0 (the leader's); submit session requests there")
         params = params or SamplingParams()
         params.validate()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
-            tokens = self.tokenizer.encode(prompt)
-        else:
-            tokens = [int(t) for t in prompt]
-        if not tokens:
-            raise ValueError("the prompt is empty; give at least one token")
-        vocab = self.runner.vocab_size
-        if min(tokens) < 0 or max(tokens) >= vocab:
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        if (params.stop or params.bad_words) and self.tokenizer is None:
-            raise ValueError("stop strings and bad words need a tokenizer; use stop_token_ids / bad_word_ids")
-        room = self.max_sequence_length - len(tokens)
-        if room < 1:
-            raise ValueError(f"the prompt has {len(tokens)} tokens; the model reads at most "
-                             f"{self.max_sequence_length - 1} to leave room for one new token")
-        max_new = room if params.max_new_tokens is None else params.max_new_tokens
-        if max_new > room:
-            raise ValueError(f"prompt ({len(tokens)} tokens) + max_new_tokens ({max_new}) exceeds the model's "
-                             f"sequence length {self.max_sequence_length}; lower max_new_tokens to {room} or less")
-        if params.beam_width > self.max_batch_size:
-            raise ValueError(f"beam_width {params.beam_width} exceeds the engine's max_batch_size "
-                             f"{self.max_batch_size}")
-        bad_words = list(params.bad_word_ids)
-        if params.bad_words:
-            bad_words.extend(tuple(self.tokenizer.encode(word)) for word in params.bad_words)
-        request = _Request(next(self._ids), tokens, params, max_new, tuple(w for w in bad_words if w), replica=replica)
+        tokens = prompt_tokens(prompt, self.tokenizer)
+        cached = 0
+        if session_id is not None:
+            if not self.use_cache:
+                raise ValueError("sessions keep keys/values: they need the engine's cache (use_cache=True)")
+            if params.beam_width > 1:
+                raise ValueError("beam search cannot continue a session; set beam_width to 1 or drop session_id")
+            tokens, cached = self.sessions.begin(session_id, tokens)
+            if cached and params.prompt_logprobs is not None:
+                raise ValueError("prompt log probabilities need the whole prompt computed; they cannot continue a "
+                                 "session (drop session_id or prompt_logprobs)")
+        max_new, bad_words = request_limits(tokens, params, self.tokenizer, self.runner.vocab_size,
+                                            self.max_sequence_length, self.max_batch_size)
+        request = Request(next(self._ids), tokens, params, max_new, bad_words, session_id=session_id, cached=cached,
+                          replica=replica)
+        if session_id is not None:
+            self.sessions.hold(session_id)
         self._post("add", request)
         return request.id
 
@@ -172,6 +137,11 @@ class Engine:
     def close(self) -> None:
         """Ask every rank to stop serving: :attr:`closed` becomes true at the next step."""
         self._post("close", None)
+
+    def end_session(self, session_id: str) -> None:
+        """Forget a session and free its cached keys/values (once a request of it running now finishes)."""
+        self.sessions.end(session_id)
+        self._post("end_session", session_id)  # the other ranks end it at their next intake
 
     def wait(self, timeout: float) -> None:
         """Block until a request arrives or ``timeout`` seconds pass (returns at once while busy)."""
@@ -194,10 +164,15 @@ class Engine:
         events = []
         for kind, item in messages:
             if kind == "add":
-                if item.replica == self.replica:
-                    self.pending.append(item)
+                if item.replica != self.replica:
+                    continue
+                if item.session_id is not None:  # the leader held it when it was submitted; the others now
+                    self.sessions.hold(item.session_id)
+                self.pending.append(item)
             elif kind == "close":
                 self.closed = True
+            elif kind == "end_session":
+                self.sessions.end(item)
             else:
                 events.extend(self._cancel(item))
         return events
@@ -217,6 +192,8 @@ class Engine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests (prefill) or advance every running sequence by one token (decode)."""
+        self._steps += 1
+        self._expire_sessions()
         events = self._intake()
         self._retire()
         # After a prefill the running sequences decode once before more requests are let in, so a steady stream of
@@ -231,15 +208,17 @@ class Engine:
             requests = self.active
         else:
             return events
-        decision = self.runner.broadcast(self._decide(logits, requests) if self.runner.is_source else None)
+        decision = self.runner.broadcast(self._with_top_logprobs(self._decide(logits, requests), logits, requests)
+                                         if self.runner.is_source else None)
+        self._keep_top_logprobs(decision, requests)
         events.extend(self._apply(decision, requests))
         self._retire()
         return events
 
-    def _admit(self) -> list[_Request]:
+    def _admit(self) -> list[Request]:
         """Take waiting requests in arrival order while they fit the free slots and the cache."""
         free = self.max_batch_size - sum(r.width for r in self.active)
-        admitted: list[_Request] = []
+        admitted: list[Request] = []
         longest = 0
         for request in self.pending:
             if request.width > free:
@@ -264,6 +243,8 @@ class Engine:
             request.slot, request.start = slot, self.clock - len(request.prompt)
             slot += request.width
             request.rows = [self._row(request) for _ in range(request.width)]
+            if request.cached:
+                self.runner.restore_row(request.slot, self.sessions.take(request.session_id), request.start)
             if self.sampler is not None:
                 self.sampler.reset(request.slot, request.rows)
             if self.tokenizer is not None and request.width == 1:
@@ -271,7 +252,7 @@ class Engine:
         self.active.extend(admitted)
         return admitted
 
-    def _row(self, request: _Request) -> RowState:
+    def _row(self, request: Request) -> RowState:
         p = request.params
         end_ids = set(p.stop_token_ids)
         if self.eod is not None and not p.ignore_eos:
@@ -279,10 +260,10 @@ class Engine:
         return RowState(p, request.prompt, end_ids=frozenset(end_ids), bad_words=request.bad_words,
                         seed=new_seed(p.seed), top_p=p.top_p)
 
-    def _rows(self, requests: Sequence[_Request]) -> list[tuple[_Request, RowState]]:
+    def _rows(self, requests: Sequence[Request]) -> list[tuple[Request, RowState]]:
         return [(request, row) for request in requests for row in request.rows]
 
-    def _layout(self, rows: list[tuple[_Request, RowState]], first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layout(self, rows: list[tuple[Request, RowState]], first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and each sequence's own positions at cache positions ``[first, last)`` of ``rows`` (0 before a
         sequence's start)."""
         tokens = torch.zeros(len(rows), last - first, dtype=torch.long)
@@ -295,8 +276,9 @@ class Engine:
         positions = (torch.arange(first, last)[None, :] - starts[:, None]).clamp(min=0)
         return tokens, positions
 
-    def _recompute(self, rows: list[tuple[_Request, RowState]]) -> torch.Tensor | None:
-        """Logits of the last position of every row, from the whole sequences (no cache).
+    def _recompute(self, rows: list[tuple[Request, RowState]], all_positions: bool = False) -> torch.Tensor | None:
+        """Logits of the last position of every row (of every position with ``all_positions``), from the whole
+        sequences (no cache).
 
         A query sees the keys at or before it and not before its own sequence's start (older rows' leftovers); a
         padding query sees itself, so that no row of the attention is empty. When every sequence starts at 0 plain
@@ -310,19 +292,44 @@ class Engine:
             keys = queries[None, None, :]
             mask = (keys > queries[None, :, None]) | ((keys < starts[:, None, None]) & (keys != queries[None, :, None]))
             mask = mask[:, None]
-        return self._last(self.runner.forward(tokens, positions, mask))
+        logits = self.runner.forward(tokens, positions, mask)
+        return logits if all_positions else self._last(logits)
 
-    def _prefill(self, admitted: list[_Request]) -> torch.Tensor | None:
+    def _prefill(self, admitted: list[Request]) -> torch.Tensor | None:
         rows = self._rows(admitted)
+        scoring = any(r.params.prompt_logprobs is not None for r in admitted)
         if not self.use_cache:
-            return self._recompute(rows)
-        # A fresh batch fills positions [0, clock) (the clock may be padded for a graphed prefill); a batch joining
-        # running sequences writes only as far back as its longest prompt.
-        fresh = admitted[0].slot == 0
-        width = self.clock if fresh else max(len(r.prompt) for r in admitted)
-        tokens, positions = self._layout(rows, self.clock - width, self.clock)
-        return self.runner.prefill(admitted[0].slot, tokens, positions, [request.start for request, _ in rows],
-                                   self.clock)
+            first = 0
+            logits = self._recompute(rows, all_positions=scoring)
+        else:
+            # A fresh batch fills positions [0, clock) (the clock may be padded for a graphed prefill); a batch
+            # joining running sequences, or continuing sessions, computes only as far back as its longest uncached
+            # prompt.
+            fresh = admitted[0].slot == 0 and not any(r.cached for r in admitted)
+            width = self.clock if fresh else max(len(r.prompt) - r.cached for r in admitted)
+            first = self.clock - width
+            tokens, positions = self._layout(rows, first, self.clock)
+            logits = self.runner.prefill(admitted[0].slot, tokens, positions, [request.start for request, _ in rows],
+                                         self.clock, all_positions=scoring)
+        if not scoring:
+            return logits
+        self._score_prompts(admitted, logits, first)
+        return self._last(logits)
+
+    def _score_prompts(self, admitted: list[Request], logits: torch.Tensor | None, first: int) -> None:
+        """Every rank: the source scores the prompts of requests that asked (``logits`` cover cache positions from
+        ``first``) and sends the scores to all ranks, which keep them on their requests."""
+        scores: dict[int, TokenScores] | None = None
+        if self.runner.is_source:
+            scores, row = {}, 0
+            for request in admitted:
+                if request.params.prompt_logprobs is not None:
+                    positions = logits[row, request.start - first : self.clock - first - 1]
+                    scores[request.id] = score_tokens(positions, request.prompt[1:], request.params.prompt_logprobs)
+                row += request.width
+        scores = self.runner.broadcast(scores)
+        for request in admitted:
+            request.prompt_scores = scores.get(request.id)
 
     def _decode(self) -> torch.Tensor | None:
         rows = self._rows(self.active)
@@ -338,7 +345,26 @@ class Engine:
         return None if logits is None else logits[:, -1]
 
     # ------------------------------------------------------------------ choosing and applying tokens
-    def _decide(self, logits: torch.Tensor, requests: list[_Request]) -> dict[str, Any]:
+    def _with_top_logprobs(self, decision: dict[str, Any], logits: torch.Tensor, requests: list[Request]
+                           ) -> dict[str, Any]:
+        """On the source rank: add the most likely tokens of the rows whose requests keep them to ``decision``."""
+        top: dict[int, dict[int, float]] = {}
+        row = 0
+        for request in requests:
+            if request.params.top_logprobs and request.max_new > 0:
+                top[request.id] = top_alternatives(logits[row : row + 1].log_softmax(dim=-1),
+                                                   request.params.top_logprobs)[0]
+            row += request.width
+        if top:
+            decision["top_logprobs"] = top
+        return decision
+
+    def _keep_top_logprobs(self, decision: dict[str, Any], requests: list[Request]) -> None:
+        for request in requests:
+            if request.id in decision.get("top_logprobs", {}):
+                request.top_logprobs.append(decision["top_logprobs"][request.id])
+
+    def _decide(self, logits: torch.Tensor, requests: list[Request]) -> dict[str, Any]:
         """On the source rank: the next token of every sampled row, and each beam search's step."""
         rows = self._rows(requests)
         first = requests[0].slot
@@ -356,7 +382,8 @@ class Engine:
                 cumulative = ([sum(row.logprobs) for row in request.rows] if request.rows[0].generated
                               else [0.0] + [float("-inf")] * (request.width - 1))
                 beam_logprobs = choice.constrained[span].log_softmax(dim=-1)
-                step = beam_step(beam_logprobs, cumulative, request.rows[0].end_ids, request.width)
+                step = beam_step(beam_logprobs, cumulative, request.rows[0].end_ids, request.width,
+                                 request.params.diversity_rate)
                 decision["beams"][request.id] = {
                     "parents": step.parents, "tokens": step.tokens,
                     "logprobs": [beam_logprobs[p, t].item() for p, t in zip(step.parents, step.tokens)],
@@ -365,7 +392,7 @@ class Engine:
             offset += request.width
         return decision
 
-    def _apply(self, decision: dict[str, Any], requests: list[_Request]) -> list[TokenEvent]:
+    def _apply(self, decision: dict[str, Any], requests: list[Request]) -> list[TokenEvent]:
         if self.use_cache and not self.runner.is_source:
             self.runner.set_tokens(requests[0].slot, decision["tokens"])
         events = []
@@ -381,8 +408,11 @@ class Engine:
             offset += request.width
         return events
 
-    def _advance(self, request: _Request, token: int, logprob: float) -> TokenEvent:
+    def _advance(self, request: Request, token: int, logprob: float) -> TokenEvent:
         row = request.rows[0]
+        if request.max_new == 0:  # the prompt was only scored
+            self._finish(request, "length", row)
+            return TokenEvent(request.id, None, "", True, "length")
         row.advance(token, logprob)
         piece, stopped = ("", False)
         if request.tracker is not None:
@@ -396,9 +426,10 @@ class Engine:
             if request.tracker is not None:
                 piece += request.tracker.finish()
             self._finish(request, reason, row)
-        return TokenEvent(request.id, token, piece, reason is not None, reason)
+        top = request.top_logprobs[-1] if request.top_logprobs else None
+        return TokenEvent(request.id, token, piece, reason is not None, reason, logprob, top)
 
-    def _advance_beams(self, request: _Request, step: dict[str, Any]) -> TokenEvent | None:
+    def _advance_beams(self, request: Request, step: dict[str, Any]) -> TokenEvent | None:
         alpha = request.params.length_penalty
         for parent, token, logprob in step["ended"]:
             hypothesis = request.rows[parent].fork()
@@ -428,15 +459,40 @@ class Engine:
         request.rows = new_rows
         return None
 
-    def _finish(self, request: _Request, reason: str, row: RowState | None) -> None:
+    def _finish(self, request: Request, reason: str, row: RowState | None) -> None:
         tokens = list(row.generated) if row is not None else []
         logprobs = list(row.logprobs) if row is not None else []
         text = None
         if self.tokenizer is not None:
             text = request.tracker.text if request.tracker is not None else self.tokenizer.decode(tokens)
-        request.output = GenerationOutput(request.id, request.prompt, tokens, text, reason,
-                                          logprobs if request.params.logprobs else None, float(sum(logprobs)))
+        scores = request.prompt_scores
+        request.output = GenerationOutput(
+            request.id, request.prompt, tokens, text, reason, logprobs if request.params.logprobs else None,
+            float(sum(logprobs)), top_logprobs=request.top_logprobs if request.params.top_logprobs else None,
+            prompt_logprobs=None if scores is None else [None, *scores.logprobs],
+            prompt_top_logprobs=None if scores is None else [None, *scores.top],
+            cached_tokens=request.cached, session_id=request.session_id,
+        )
         self.finished[request.id] = request.output
+        if request.session_id is not None:
+            self._keep_session(request, row)
+
+    # ------------------------------------------------------------------ sessions
+    def _keep_session(self, request: Request, row: RowState | None) -> None:
+        """Save a finished request's keys/values (its row's cells: every token but the last generated one)."""
+        if row is None or request.slot < 0:
+            self.sessions.keep(request.session_id, None, None, self._steps)
+            return
+        saved = self.runner.save_row(request.slot, request.start, self.clock)
+        self.sessions.keep(request.session_id, request.prompt + row.generated, saved, self._steps)
+
+    def _expire_sessions(self) -> None:
+        """On the rank that takes requests: end sessions idle for longer than their time to live (all ranks follow)."""
+        leader = not (self.runner.distributed and dist.get_world_size() > 1) or (
+            self.leader_submits and dist.get_rank() == 0)
+        if leader:
+            for key in self.sessions.expired():
+                self.end_session(key)
 
     def _retire(self) -> None:
         """Free the slots of finished requests and close the gaps (copying cache rows down)."""

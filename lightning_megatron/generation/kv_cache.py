@@ -61,6 +61,21 @@ class KVCache:
         for buffer in (*self.keys.values(), *self.values.values(), self.valid, *extra):
             buffer[dst] = buffer[src]
 
+    def save(self, row: int, start: int, end: int) -> dict[int, tuple[Tensor, Tensor]]:
+        """A copy of row ``row``'s keys/values at positions ``[start, end)``, per layer."""
+        return {n: (k[row, :, start:end].clone(), self.values[n][row, :, start:end].clone())
+                for n, k in self.keys.items()}
+
+    def restore(self, row: int, saved: dict[int, tuple[Tensor, Tensor]], start: int) -> None:
+        """Write keys/values from :meth:`save` into row ``row`` from position ``start`` on (a saved span begins at its
+        sequence's first token, so the cells hold sequence positions 0, 1, ...)."""
+        for n, (key, value) in saved.items():
+            end = start + key.shape[1]
+            self.keys[n][row, :, start:end] = key
+            self.values[n][row, :, start:end] = value
+            if self.positions is not None:
+                self.positions[row, start:end] = torch.arange(end - start, device=self.positions.device)
+
     def write(self, layer: int, window: AttentionWindow, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``key``/``value`` (``[queries, batch, groups, dim]``) in ``window``; return the keys/values to read."""
         keys, values = self.keys[layer][window.rows], self.values[layer][window.rows]

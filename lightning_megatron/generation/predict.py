@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_megatron.atomic import atomic_write
 from lightning_megatron.data.tokenizer import LazyTokenizer
 from lightning_megatron.generation import generate
-from lightning_megatron.generation.engine import GenerationOutput
+from lightning_megatron.generation.requests import GenerationOutput
 from lightning_megatron.generation.params import SamplingParams
 
 _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}

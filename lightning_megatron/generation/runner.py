@@ -162,6 +162,14 @@ class ModelRunner:
         for buffer in (self.tokens, self.lengths):
             buffer[dst_index] = buffer[src_index]
 
+    def save_row(self, row: int, start: int, end: int) -> dict[int, tuple[Tensor, Tensor]]:
+        """A copy of cache row ``row``'s keys/values at positions ``[start, end)`` (a session's history)."""
+        return self.cache.save(row, start, end)
+
+    def restore_row(self, row: int, saved: dict[int, tuple[Tensor, Tensor]], start: int) -> None:
+        """Write keys/values from :meth:`save_row` into cache row ``row`` from position ``start`` on."""
+        self.cache.restore(row, saved, start)
+
     def set_tokens(self, first: int, tokens: Sequence[int]) -> None:
         """Make ``tokens`` the next inputs of rows ``first, first + 1, ...`` (ranks that did not sample them)."""
         if self.tokens is not None and tokens:
@@ -208,16 +216,18 @@ class ModelRunner:
         return self._run(tokens.to(self.device), position_ids, last_only=False)
 
     def prefill(self, first_row: int, tokens: Tensor, position_ids: Tensor, starts: Sequence[int],
-                clock: int) -> Tensor | None:
+                clock: int, all_positions: bool = False) -> Tensor | None:
         """Write prompts into cache rows ``first_row, ...`` at cache positions ``[clock - width, clock)``.
 
         ``tokens``/``position_ids`` are ``[rows, width]`` (each row's prompt right-aligned, padding before it);
         row ``i``'s own tokens start at cache position ``starts[i]``. Returns the logits ``[rows, vocab]`` of the
-        last position (last stage; ``None`` elsewhere) and makes each row's next decode position follow its prompt.
+        last position (``[rows, width, vocab]`` of every position with ``all_positions``; last stage, ``None``
+        elsewhere) and makes each row's next decode position follow its prompt.
         """
         assert self.cache is not None, "allocate() the cache first"
         count, width = tokens.shape
-        if self.graphs is not None and first_row == 0 and width == clock and self.graphs.length(width) == width:
+        if (self.graphs is not None and not all_positions and first_row == 0 and width == clock
+                and self.graphs.length(width) == width):
             batch = self.graphs.batch(count)
             self._prompt[:batch, :width] = 0
             self._prompt_positions[:batch, :width] = 0
@@ -229,7 +239,7 @@ class ModelRunner:
         else:
             logits = self._prefill_rows(slice(first_row, first_row + count), tokens.to(self.device),
                                         position_ids.to(self.device), torch.tensor(list(starts)).to(self.device),
-                                        clock)
+                                        clock, all_positions)
         return None if logits is None else logits[:count]
 
     def _prefill_step(self, batch: int, width: int) -> Tensor | None:
@@ -237,8 +247,8 @@ class ModelRunner:
         return self._prefill_rows(slice(0, batch), self._prompt[:batch, :width], self._prompt_positions[:batch, :width],
                                   self._starts[:batch], width)
 
-    def _prefill_rows(self, rows: slice, tokens: Tensor, position_ids: Tensor, starts: Tensor,
-                      clock: int) -> Tensor | None:
+    def _prefill_rows(self, rows: slice, tokens: Tensor, position_ids: Tensor, starts: Tensor, clock: int,
+                      all_positions: bool = False) -> Tensor | None:
         cells = torch.arange(self.cache.length, device=self.device)
         self.cache.valid[rows] = (cells[None, :] >= starts[:, None]) & (cells[None, :] < clock)
         queries = torch.arange(clock - tokens.shape[1], clock, device=self.device)
@@ -247,9 +257,11 @@ class ModelRunner:
             self.cache.positions[rows].index_copy_(1, queries, position_ids)
             bias = self._with_alibi(bias, position_ids, self.cache.positions[rows, :clock])
         self.window = AttentionWindow(bias, rows, queries, clock)
-        logits = self._run(tokens, position_ids, last_only=True)
+        logits = self._run(tokens, position_ids, last_only=not all_positions)
         self.lengths[rows] = position_ids[:, -1] + 1
-        return None if logits is None else logits[:, -1]
+        if logits is None or all_positions:
+            return logits
+        return logits[:, -1]
 
     def decode(self, count: int, clock: int) -> Tensor | None:
         """One token for rows ``[0, count)`` from their :attr:`tokens`, written at cache position ``clock``.

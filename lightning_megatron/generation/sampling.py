@@ -236,21 +236,26 @@ class BeamChoice:
     """``(parent beam, final token, cumulative log probability)`` of hypotheses that ended at this step."""
 
 
-def beam_step(logprobs: Tensor, cumulative: list[float], end_ids: frozenset[int], width: int) -> BeamChoice:
+def beam_step(logprobs: Tensor, cumulative: list[float], end_ids: frozenset[int], width: int,
+              diversity_rate: float = 0.0) -> BeamChoice:
     """Expand ``width`` beams by their best continuations; candidates ending in ``end_ids`` become hypotheses.
 
-    ``logprobs`` is ``[beams, vocab]`` (already constrained). Of the best ``2 * width`` candidates in score order,
-    ending ones are set aside (only while they rank within the first ``width``), the rest fill the new beams.
+    ``logprobs`` is ``[beams, vocab]`` (already constrained). Each beam offers its best ``2 * width`` continuations,
+    the k-th ranked ``k * diversity_rate`` lower; of the best ``2 * width`` candidates in that order, ending ones are
+    set aside (only while they rank within the first ``width``), the rest fill the new beams. Scores are cumulative
+    log probabilities (the diversity penalty only orders).
     """
     scores = logprobs + torch.tensor(cumulative, device=logprobs.device)[:, None]
-    flat = scores.reshape(-1)
-    best = flat.topk(min(2 * width, flat.numel()))
-    vocab = logprobs.shape[-1]
+    offered = scores.topk(min(2 * width, scores.shape[-1]), dim=-1)
+    per_beam = offered.values.shape[-1]
+    ranked = offered.values - diversity_rate * torch.arange(per_beam, device=scores.device)[None, :]
+    best = ranked.reshape(-1).topk(min(2 * width, ranked.numel())).indices.tolist()
+    values, tokens = offered.values.reshape(-1).tolist(), offered.indices.reshape(-1).tolist()
     choice = BeamChoice([], [], [], [])
-    for rank, (score, index) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
+    for rank, index in enumerate(best):
+        score, token, parent = values[index], tokens[index], index // per_beam
         if score == float("-inf"):
             break
-        parent, token = divmod(index, vocab)
         if token in end_ids:
             if rank < width:
                 choice.ended.append((parent, token, score))

@@ -65,7 +65,9 @@ class Bert(MegatronModule):
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config
-        return TransformerConfig(**{**c.transformer_fields(), "activation_func": F.gelu, **fields})
+        # megatron's fused bias+GeLU is the tanh approximation, not BERT's GeLU: never fused.
+        return TransformerConfig(**{**c.transformer_fields(), "activation_func": F.gelu, **fields,
+                                    "bias_activation_fusion": False})
 
     def build_stage(self, config: TransformerConfig, pre_process: bool, post_process: bool,
                     vp_stage: int | None) -> BertModel:

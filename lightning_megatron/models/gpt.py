@@ -163,8 +163,10 @@ class GPT(MegatronModule):
             apply_rope_fusion=False,
         )
         merged = {**base, **fields}
-        if not (swiglu or c.add_bias_linear):
-            merged["bias_activation_fusion"] = False  # megatron fuses GeLU only together with a bias
+        if not swiglu:
+            # megatron's fused bias+GeLU is the tanh approximation (a different function from F.gelu) and fuses
+            # nothing else: only SwiGLU keeps its exact function when fused.
+            merged["bias_activation_fusion"] = False
         return TransformerConfig(**merged)
 
     def build_stage(

@@ -81,7 +81,8 @@ class T5(MegatronModule):
             normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=gated,
             activation_func=gelu_tanh if gated else F.relu, softmax_scale=1.0,
         )
-        config = TransformerConfig(**{**base, **fields})
+        # megatron fuses only GeLU (as its tanh approximation) and SwiGLU: T5's ReLU / gated tanh-GeLU stay unfused.
+        config = TransformerConfig(**{**base, **fields, "bias_activation_fusion": False})
         if config.pipeline_model_parallel_size > 1:
             raise ValueError("T5 does not support pipeline_model_parallel_size > 1 yet; use tensor or data "
                              "parallelism (see docs/models.md)")
