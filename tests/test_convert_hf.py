@@ -269,8 +269,8 @@ def test_bad_input_errors(hf_dirs, tmp_path, one_rank, capsys):
     with pytest.raises(ConversionError, match="T5 does not support pipeline parallelism"):
         hf_to_checkpoint(hf_dirs["t5"], tmp_path / "o7", pipeline_model_parallel_size=2)
     with pytest.raises(ConversionError, match="apply_residual_connection_post_layernorm=True is not supported"):
-        hf_to_checkpoint(_rewrite_config(hf_dirs["bloom"], tmp_path / "d", apply_residual_connection_post_layernorm=True),
-                         tmp_path / "o8")
+        post_ln = _rewrite_config(hf_dirs["bloom"], tmp_path / "d", apply_residual_connection_post_layernorm=True)
+        hf_to_checkpoint(post_ln, tmp_path / "o8")
     with pytest.raises(ConversionError, match="not BLOOM shaped"):
         Bloom().config_to_hf(dataclasses.replace(module_from_hf(hf_dirs["bloom"]).config, embedding_layernorm=False))
     with pytest.raises(ConversionError, match="exists and is not empty"):

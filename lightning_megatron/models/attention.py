@@ -63,7 +63,8 @@ def alibi_slopes(num_heads: int) -> Tensor:
     """ALiBi's per-head slopes (Press et al. 2022, as BLOOM computes them) for any head count, float32 ``[heads]``.
 
     For ``n`` heads, a power of two, the slopes are ``2^(-8/n), 2^(-16/n), ...``; otherwise the ``n'`` slopes of the
-    largest power of two ``n' < n`` come first, then every other slope of ``2n'`` heads (``2^(-4/n'), 2^(-12/n'), ...``).
+    largest power of two ``n' < n`` come first, then every other slope of ``2n'`` heads
+    (``2^(-4/n'), 2^(-12/n'), ...``).
     """
     if num_heads < 1:
         raise ValueError(f"ALiBi needs at least one attention head, got {num_heads}")
