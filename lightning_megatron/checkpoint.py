@@ -19,7 +19,9 @@ import argparse
 import io
 import json
 import os
+import pickle
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -29,10 +31,12 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from megatron.core import dist_checkpointing, parallel_state
+from torch.distributed.checkpoint import FileSystemReader
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
+from lightning_megatron.errors import UserError
 from lightning_megatron.parallel import unwrap
 
 FORMAT_VERSION = 1
@@ -43,7 +47,7 @@ OPTIMIZER_SHARDING = "dp_reshardable"
 """Distributed-optimizer sharding: the one that saves and loads on megatron-core 0.16.1 (reshards over DP only)."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit the model; the message says what to do."""
 
 
@@ -179,6 +183,23 @@ def load_optimizer_state(optimizer: Any, state: dict[str, Any] | None) -> None:
                 param_state["step"] = current.clone() if saved is None else torch.full_like(current, saved)
 
 
+def damaged_files(path: _PATH) -> list[str]:
+    """Files of a checkpoint cut short (an interrupted copy, a full disk): shards shorter than the metadata says,
+    unreadable ``.pt`` archives. Reads sizes and metadata only."""
+    path = Path(path)
+    problems = [f"{name} is truncated or corrupt" for name in ("common.pt", TRAINER_FILE)
+                if (path / name).is_file() and not zipfile.is_zipfile(path / name)]
+    ends: dict[str, int] = {}
+    for info in FileSystemReader(str(path)).read_metadata().storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size is None or size < end:
+            have = "is missing" if size is None else f"holds {size:,} bytes"
+            problems.append(f"shard {name} {have}, the metadata expects {end:,}")
+    return problems
+
+
 def mismatches(path: _PATH, template: dict[str, Any]) -> list[str]:
     """Tensors this rank would load whose key or shape the checkpoint lacks (reads metadata only, no collective)."""
     saved = dist_checkpointing.load_tensors_metadata(str(path))
@@ -286,7 +307,11 @@ class MegatronCheckpointIO(CheckpointIO):
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None) -> dict[str, Any]:
         """Lightning's state of a checkpoint (no tensors): what ``trainer.pt`` holds, plus ``layout``."""
         layout = read_layout(path)
-        state = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            raise CheckpointError(f"{Path(path) / TRAINER_FILE} is truncated or corrupt ({error}); copy the "
+                                  f"checkpoint again or resume from an earlier one") from None
         state["layout"] = asdict(layout)
         return state
 
@@ -294,8 +319,12 @@ class MegatronCheckpointIO(CheckpointIO):
         """Load the tensors of ``template`` (a sharded state dict) from ``path``; every rank, after validation."""
         problem = None
         try:
-            found = mismatches(path, template)
-            if found:
+            damaged = damaged_files(path)
+            found = [] if damaged else mismatches(path, template)
+            if damaged:
+                problem = (f"checkpoint {path} is damaged: {'; '.join(damaged)}; copy it again or resume from an "
+                           f"earlier checkpoint")
+            elif found:
                 problem = (f"checkpoint {path} does not fit this model ({len(found)} tensor(s)): "
                            + "; ".join(found[:5]) + ". Build the model with the configuration it was saved with")
         except Exception as error:  # unreadable metadata on one rank must not leave the others in a collective

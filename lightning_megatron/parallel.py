@@ -18,8 +18,10 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from lightning_megatron.errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError):
     """A parallel layout or batch size that cannot work; the message says what to change."""
 
 
@@ -49,9 +51,10 @@ class ParallelConfig:
                 raise LayoutError(f"{name} must be >= 1, got {getattr(self, name)}")
         if world_size % self.model_parallel_size:
             raise LayoutError(
-                f"tensor ({self.tensor_model_parallel_size}) x pipeline ({self.pipeline_model_parallel_size}) x "
-                f"context ({self.context_parallel_size}) parallel = {self.model_parallel_size} does not divide the "
-                f"{world_size} processes; set devices x num_nodes to a multiple of {self.model_parallel_size}"
+                f"tensor_model_parallel_size ({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
+                f"({self.pipeline_model_parallel_size}) x context_parallel_size ({self.context_parallel_size}) = "
+                f"{self.model_parallel_size} does not divide the {world_size} processes; set the Trainer's devices x "
+                f"num_nodes to a multiple of {self.model_parallel_size}"
             )
         vp = self.virtual_pipeline_model_parallel_size
         if vp is not None and vp > 1 and self.pipeline_model_parallel_size < 2:

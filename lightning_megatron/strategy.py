@@ -37,7 +37,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from lightning_megatron import parallel
+from lightning_megatron import parallel, preflight
 from lightning_megatron.backends import use_foreach_multi_tensor_kernels
 from lightning_megatron import checkpoint as ckpt
 from lightning_megatron.cpu import CPUEmulation
@@ -236,6 +236,7 @@ class MegatronStrategy(ParallelStrategy):
         if trainer.gradient_clip_val is not None:
             self._clip_grad = float(trainer.gradient_clip_val)
         datamodule = trainer.datamodule
+        preflight.check_model_fits_data(module, datamodule, self.parallel_config.context_parallel_size)
         if self.micro_batch_size is None:
             self.micro_batch_size = getattr(datamodule, "micro_batch_size", None)
         global_batch = getattr(datamodule, "global_batch_size", None)
@@ -338,11 +339,7 @@ class MegatronStrategy(ParallelStrategy):
         seq_length = module.sequence_length(batch)
         cp_size = self.parallel_config.context_parallel_size
         if cp_size > 1:
-            if seq_length % (2 * cp_size):
-                raise ValueError(
-                    f"sequence length {seq_length} does not split into 2 x context_parallel_size = {2 * cp_size} "
-                    f"equal chunks; choose a seq_length that is a multiple of {2 * cp_size}"
-                )
+            preflight.check_context_parallel_split(seq_length, cp_size)
             batch = get_batch_on_this_cp_rank(dict(batch))
         micro_batch_size = self.micro_batch_size or batch_size_of(batch)
         microbatches = split_microbatches(batch, micro_batch_size)
@@ -486,6 +483,10 @@ class MegatronStrategy(ParallelStrategy):
         io = self.checkpoint_io
         if isinstance(io, ckpt.MegatronCheckpointIO):
             io.finalize(blocking=False)
+        # Every batch is one optimizer step here, so the step that loggers see is the global step; Lightning's own
+        # count comes back one off after resuming from a checkpoint saved at validation.
+        trainer = self.lightning_module.trainer
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
         super().on_train_batch_start(batch, batch_idx)
 
     @classmethod

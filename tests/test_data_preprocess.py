@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from lightning_megatron.cli import TOOLS
+from lightning_megatron_cli import COMMANDS
 from lightning_megatron.data.corpus import BUNDLED_CORPUS, read_texts
 from lightning_megatron.data.indexed import check_vocab_size, inspect_indexed, max_token_id
 from lightning_megatron.data.preprocess import PreprocessConfig, main, preprocess, split_sentences
@@ -52,7 +52,7 @@ def test_round_trip_yields_the_tokenizers_ids_with_eod(prefix):
 
 
 def test_cli_plain_text_per_file_with_sentences(tmp_path, capsys):
-    assert TOOLS["preprocess"] == "lightning_megatron.data.preprocess:main"
+    assert COMMANDS["preprocess"][0] == "lightning_megatron.data.preprocess:main"
     docs = tmp_path / "docs"
     docs.mkdir()
     for i, text in enumerate(TEXTS[:3]):

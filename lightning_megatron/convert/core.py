@@ -30,13 +30,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lightning_megatron import parallel
+from lightning_megatron.errors import UserError
 from lightning_megatron.models.layers import _global_name
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
 from lightning_megatron.precision import MegatronPrecision
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint or config that cannot be converted; the message names the tensor or field at fault."""
 
 

@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_megatron.data.corpus import BUNDLED_CORPUS, read_texts
-from lightning_megatron.data.sampler import GlobalBatchSampler, GlobalBatchSizes
+from lightning_megatron.data.sampler import GlobalBatchLoader, GlobalBatchSampler, GlobalBatchSizes
 from lightning_megatron.data.tokenizer import Tokenizer, cache_dir, load_tokenizer
+from lightning_megatron.preflight import check_batch_sizes
 
 
 class TokenWindows(Dataset):
@@ -50,10 +51,7 @@ class MegatronDataModule(pl.LightningDataModule):
     def __init__(self, global_batch_size: int, micro_batch_size: int, seed: int = 1234, num_workers: int = 0,
                  rampup_batch_size: list[int] | None = None) -> None:
         super().__init__()
-        if global_batch_size % micro_batch_size:
-            raise ValueError(
-                f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size={micro_batch_size}"
-            )
+        check_batch_sizes(global_batch_size, micro_batch_size)
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.batch_sizes = GlobalBatchSizes(global_batch_size, rampup_batch_size)
@@ -95,7 +93,7 @@ class MegatronDataModule(pl.LightningDataModule):
             seed=self.seed,
             consumed_samples=self._consumed_samples if train else (lambda: 0),
         )
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers)
+        return GlobalBatchLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, "train", train=True)

@@ -8,11 +8,11 @@ sampler, so a resumed run continues with the exact next batch, ramp-up of the gl
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class GlobalBatchSizes:
@@ -144,3 +144,19 @@ class GlobalBatchSampler(Sampler[list[int]]):
             begin = start + self.dp_rank * local
             yield order[begin : begin + local].tolist()
 
+
+
+class GlobalBatchLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`GlobalBatchSampler`, resumable by construction.
+
+    Its position is the trainer's consumed samples, which the sampler reads at every pass, so it has no state of its
+    own to save; implementing Lightning's ``state_dict``/``load_state_dict`` says so (a run resumed mid-epoch reads
+    exactly the batches the uninterrupted run would have read).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the position comes from the trainer's step."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore (see :meth:`state_dict`)."""
