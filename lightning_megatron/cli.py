@@ -10,7 +10,6 @@ and the tools live in :mod:`lightning_megatron_cli`.
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -87,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The ``lightning-megatron`` command (also ``python -m lightning_megatron``); see :mod:`lightning_megatron_cli`."""
     from lightning_megatron_cli import main as command
 
-    command(sys.argv[1:] if argv is None else argv)
+    command(argv)
 
 
 if __name__ == "__main__":

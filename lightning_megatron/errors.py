@@ -26,8 +26,12 @@ from typing import Callable, NoReturn, Sequence
 DEBUG_ENV = "LIGHTNING_MEGATRON_DEBUG"
 """Set to 1 to print the traceback of user errors (what ``--debug`` does)."""
 GRACE_SECONDS = 3.0
-"""How long a rank other than 0 waits before reporting its error: a failure on every rank is reported once, by rank
-0, whose exit ends the others (Lightning's launcher and torchrun both stop the remaining ranks)."""
+"""How long an error that is probably not the first is held back: a user error on a rank other than 0 (every rank
+usually hits it, and rank 0 reports it), or a rank losing its connection to a peer that failed (the peer reports
+why). The first report ends the run (Lightning's launcher and torchrun stop the remaining ranks) before these print.
+"""
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted")
+"""Collective errors that mean another rank died: the consequence of a failure, not its cause."""
 
 
 class UserError(ValueError):
@@ -101,21 +105,30 @@ def report(error: BaseException, debug: bool) -> int:
     """Print ``error`` for the user (one line, or the traceback for bugs and ``--debug``); return the exit status."""
     user = is_user_error(error)
     rank = _global_rank()
-    if rank != 0:
-        time.sleep(GRACE_SECONDS)  # rank 0 reports an error every rank hit; its exit ends this process first
-    if debug or not user:
+    peer_lost = any(text in str(error) for text in PEER_LOST)
+    if peer_lost or (user and rank != 0):
+        time.sleep(GRACE_SECONDS)  # see GRACE_SECONDS: the first report usually ends this process meanwhile
+    prefix = "error: " if rank == 0 else f"error: rank {rank}: "
+    if peer_lost and not debug:
+        print(f"{prefix}lost the connection to another rank, which failed ({one_line(error)[:160]}); its error is "
+              f"reported above", file=sys.stderr)
+    elif debug or not user:
+        if rank != 0:
+            print(f"rank {rank}:", file=sys.stderr)
         traceback.print_exception(error)
     if user:
-        prefix = "error: " if rank == 0 else f"error: rank {rank}: "
         print(prefix + one_line(error), file=sys.stderr)
     return 2 if isinstance(error, argparse.ArgumentError) else 1
 
 
-def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str]) -> NoReturn:
+def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str], owns_process: bool = False,
+                exit_at_once: bool = False) -> NoReturn:
     """Run a command's ``main(argv)`` and exit with its status; report failures as :func:`report` does.
 
-    A failure also ends this process's child processes and exits at once, without waiting for threads or
-    collectives that will never finish.
+    ``owns_process`` (the console script, not a caller in Python): a failure also ends this process's child processes
+    and exits at once, without waiting for threads or collectives that will never finish; with ``exit_at_once`` a
+    success does too, skipping the interpreter's teardown of torch and megatron-core (seconds on a busy machine),
+    for commands whose results are on disk and on the terminal when ``main`` returns.
     """
     args = list(argv)
     debug = debug_requested(args)
@@ -126,11 +139,20 @@ def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str]) ->
     except BaseException as error:  # noqa: BLE001 - the top of the command: everything is reported
         if isinstance(error, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
-            code = 130
+            status = 130
         else:
-            code = report(error, debug)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        end_child_processes()
-        os._exit(code)
+            status = report(error, debug)
+        if owns_process:
+            _exit_now(status, end_children=True)
+        sys.exit(status)
+    if owns_process and exit_at_once:
+        _exit_now(status, end_children=False)
     sys.exit(status)
+
+
+def _exit_now(status: int, end_children: bool) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if end_children:
+        end_child_processes()
+    os._exit(status)

@@ -47,7 +47,12 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lightning-megatron`` console script; exits with the command's status."""
+    """Entry point of the ``lightning-megatron`` console script; exits with the command's status.
+
+    With ``argv`` given (a call from Python) it raises ``SystemExit`` like any command; without (the console script)
+    it owns the process, which then ends promptly, child processes included (see ``run_command``).
+    """
+    owns_process = argv is None
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(usage())
@@ -62,4 +67,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     module_name, _, function = COMMANDS[args[0]][0].partition(":")
     command = getattr(importlib.import_module(module_name), function)
-    run_command(command, args if args[0] in TRAINING else args[1:])
+    training = args[0] in TRAINING
+    # Training keeps Python's normal exit: loggers (W&B, ...) may finish their uploads at exit.
+    run_command(command, args if training else args[1:], owns_process=owns_process, exit_at_once=not training)

@@ -7,12 +7,24 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 from typing import Any, Sequence
 
 from lightning_megatron.generation import build_engine
 from lightning_megatron.generation.session import add_model_arguments, run_inference
 from lightning_megatron.serve.server import LOOPBACK, Server
+
+
+class _DisconnectsInOneLine(logging.Filter):
+    """A client that goes away mid-stream is routine for a server: one line, not aiohttp's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ConnectionResetError):
+            record.msg, record.args = f"{record.getMessage()}: the client disconnected ({error})", ()
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def main(argv: Sequence[str]) -> int:
@@ -29,6 +41,7 @@ def main(argv: Sequence[str]) -> int:
     group.add_argument("--model-name", default="lightning-megatron")
     group.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request omits it")
     args = parser.parse_args(list(argv))
+    logging.getLogger("aiohttp.server").addFilter(_DisconnectsInOneLine())
     if args.devices != args.tp * args.pp:
         parser.error(f"the server runs one model replica: set --devices to tp x pp = {args.tp * args.pp}")
 
