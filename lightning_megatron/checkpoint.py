@@ -189,8 +189,12 @@ def damaged_files(path: _PATH) -> list[str]:
     path = Path(path)
     problems = [f"{name} is truncated or corrupt" for name in ("common.pt", TRAINER_FILE)
                 if (path / name).is_file() and not zipfile.is_zipfile(path / name)]
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception:  # noqa: BLE001 - any failure to read it means the same to the user
+        return [*problems, ".metadata is truncated or corrupt"]
     ends: dict[str, int] = {}
-    for info in FileSystemReader(str(path)).read_metadata().storage_data.values():
+    for info in storage.values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
     for name, end in sorted(ends.items()):
         size = (path / name).stat().st_size if (path / name).is_file() else None
@@ -307,11 +311,15 @@ class MegatronCheckpointIO(CheckpointIO):
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None) -> dict[str, Any]:
         """Lightning's state of a checkpoint (no tensors): what ``trainer.pt`` holds, plus ``layout``."""
         layout = read_layout(path)
+        damaged = damaged_files(path)
+        if damaged:
+            raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(damaged)}; copy it again or resume from "
+                                  f"an earlier checkpoint")
         try:
             state = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False)
         except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-            raise CheckpointError(f"{Path(path) / TRAINER_FILE} is truncated or corrupt ({error}); copy the "
-                                  f"checkpoint again or resume from an earlier one") from None
+            raise CheckpointError(f"{Path(path) / TRAINER_FILE} is unreadable ({error}); copy the checkpoint again "
+                                  f"or resume from an earlier one") from None
         state["layout"] = asdict(layout)
         return state
 
@@ -319,12 +327,8 @@ class MegatronCheckpointIO(CheckpointIO):
         """Load the tensors of ``template`` (a sharded state dict) from ``path``; every rank, after validation."""
         problem = None
         try:
-            damaged = damaged_files(path)
-            found = [] if damaged else mismatches(path, template)
-            if damaged:
-                problem = (f"checkpoint {path} is damaged: {'; '.join(damaged)}; copy it again or resume from an "
-                           f"earlier checkpoint")
-            elif found:
+            found = mismatches(path, template)
+            if found:
                 problem = (f"checkpoint {path} does not fit this model ({len(found)} tensor(s)): "
                            + "; ".join(found[:5]) + ". Build the model with the configuration it was saved with")
         except Exception as error:  # unreadable metadata on one rank must not leave the others in a collective
