@@ -63,3 +63,40 @@ def test_serve_tp2_answers_concurrent_streams_and_shuts_down(tmp_path):
     assert texts == expected_texts(10)
     assert bad[0] == 400 and "top_k" in bad[1]["error"]["message"]
     assert health[0] == 200
+
+
+@pytest.mark.slow
+def test_serve_logs_a_client_that_goes_away_in_one_line_and_stops_at_once_on_sigterm(tmp_path):
+    import json
+    import socket
+
+    log = open(tmp_path / "serve.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lightning_megatron", "serve", "--config", str(RECIPE), "--port", "0"],
+        stdout=log, stderr=subprocess.STDOUT, env=launch.child_env(), cwd=launch.REPO, start_new_session=True)
+    try:
+        port = None
+        deadline = time.monotonic() + 300
+        while port is None and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(1)
+            match = re.search(r"Serving \S+ on http://127\.0\.0\.1:(\d+)", Path(log.name).read_text())
+            port = int(match.group(1)) if match else None
+        assert port is not None, Path(log.name).read_text()[-3000:]
+        body = json.dumps({"prompt": "In the beginning", "max_tokens": 100, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as client:  # reads the first event, then hangs up
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            client.recv(256)
+        time.sleep(2)
+        assert request(port, "GET", "/health")[0] == 200  # still serving
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        stopped = time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = Path(log.name).read_text()
+    assert "Traceback" not in output, output[-3000:]
+    assert len([line for line in output.splitlines() if "the client disconnected" in line]) == 1, output[-3000:]
+    assert stopped < 2.0, f"{stopped:.2f} s from SIGTERM to exit"
