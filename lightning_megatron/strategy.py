@@ -41,6 +41,7 @@ from lightning_megatron import parallel, preflight
 from lightning_megatron.backends import use_foreach_multi_tensor_kernels
 from lightning_megatron import checkpoint as ckpt
 from lightning_megatron.cpu import CPUEmulation
+from lightning_megatron.errors import UserError
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
 from lightning_megatron.parallel import LayoutError, ParallelConfig
@@ -107,7 +108,7 @@ class MegatronStrategy(ParallelStrategy):
         self.overlap_grad_reduce = overlap_grad_reduce
         self.overlap_param_gather = overlap_param_gather
         if recompute_granularity == "full" and (recompute_method is None or recompute_num_layers is None):
-            raise ValueError(
+            raise UserError(
                 "recompute_granularity='full' needs recompute_method ('uniform' or 'block') and recompute_num_layers"
             )
         self.recompute = {
@@ -503,7 +504,7 @@ def _to_megatron_precision(plugin: Any) -> MegatronPrecision:
     name = getattr(plugin, "precision", None)
     if type(plugin).__name__ in ("Precision", "MixedPrecision", "HalfPrecision") or name in ("32-true", "32"):
         return MegatronPrecision(str(name or "32-true"))
-    raise ValueError(
+    raise UserError(
         f"the megatron strategy cannot honour the precision plugin {type(plugin).__name__}; pass "
         f"precision='32-true', 'bf16-mixed', '16-mixed' or 'fp8-mixed', or a lightning_megatron.MegatronPrecision"
     )

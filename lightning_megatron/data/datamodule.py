@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_megatron.data.corpus import BUNDLED_CORPUS, read_texts
 from lightning_megatron.data.sampler import GlobalBatchLoader, GlobalBatchSampler, GlobalBatchSizes
 from lightning_megatron.data.tokenizer import Tokenizer, cache_dir, load_tokenizer
+from lightning_megatron.errors import UserError
 from lightning_megatron.preflight import check_batch_sizes
 
 
@@ -77,9 +78,9 @@ class MegatronDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None or len(dataset) == 0:
-            raise ValueError(f"the {split} split of {self.data_description()} is empty; add data or change the split")
+            raise UserError(f"the {split} split of {self.data_description()} is empty; add data or change the split")
         if len(dataset) < self.global_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"the {split} split of {self.data_description()} holds {len(dataset)} samples, fewer than one global "
                 f"batch of {self.global_batch_size}; add data, change the split or use a smaller global_batch_size"
             )
@@ -132,7 +133,7 @@ class TextDataModule(MegatronDataModule):
         self.json_key = json_key
         self.seq_length = seq_length
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+            raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
         self.val_fraction = val_fraction
         self._tokenizer: Tokenizer | None = None
 
@@ -169,7 +170,7 @@ class TextDataModule(MegatronDataModule):
                 return saved["train"], saved["held_out"]
         documents = list(read_texts(self.path, self.json_key))
         if len(documents) < 2:
-            raise ValueError(f"{self.path} holds {len(documents)} document(s); need at least 2 to hold one out")
+            raise UserError(f"{self.path} holds {len(documents)} document(s); need at least 2 to hold one out")
         split = max(1, int(len(documents) * (1.0 - self.val_fraction)))
         encoded = self.tokenizer.encode_batch(documents)
         eod = self.tokenizer.eod

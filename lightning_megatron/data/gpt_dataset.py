@@ -12,6 +12,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 
 from lightning_megatron.data.megatron_datasets import IndexedDataModule
 from lightning_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from lightning_megatron.errors import UserError
 
 
 class MegatronGPTDataModule(IndexedDataModule):
@@ -42,7 +43,7 @@ class MegatronGPTDataModule(IndexedDataModule):
         num_workers: int = 0,
     ) -> None:
         if (paths is None) != mock:
-            raise ValueError("pass data paths (the --output-prefix of `lightning-megatron preprocess`) or mock=True")
+            raise UserError("pass data paths (the --output-prefix of `lightning-megatron preprocess`) or mock=True")
         super().__init__(
             paths, weights, split, seq_length, tokenizer, global_batch_size, micro_batch_size, seed,
             index_cache_dir, num_samples, eval_samples, check_vocab, num_workers,

@@ -14,6 +14,8 @@ import torch
 from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
 from torch.utils.data import DataLoader, Sampler
 
+from lightning_megatron.errors import UserError
+
 
 class GlobalBatchSizes:
     """The global batch size as a function of consumed samples: fixed, or ramped up the way Megatron-LM does.
@@ -27,10 +29,10 @@ class GlobalBatchSizes:
         self._ramp = None
         if rampup_batch_size is not None:
             if len(rampup_batch_size) != 3:
-                raise ValueError("rampup_batch_size is [start, increment, ramp-up samples], e.g. [8, 8, 100000]")
+                raise UserError("rampup_batch_size is [start, increment, ramp-up samples], e.g. [8, 8, 100000]")
             start, increment, samples = (int(v) for v in rampup_batch_size)
             if not 0 < start <= global_batch_size or increment <= 0 or (global_batch_size - start) % increment:
-                raise ValueError(
+                raise UserError(
                     f"rampup_batch_size={list(rampup_batch_size)} must start at or below global_batch_size="
                     f"{global_batch_size} and reach it in whole increments"
                 )
@@ -81,9 +83,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
             global_batch_size)
         for size in sizes.sizes():
             if size % dp_size:
-                raise ValueError(f"global batch size {size} is not divisible by the data parallel size {dp_size}")
+                raise UserError(f"global batch size {size} is not divisible by the data parallel size {dp_size}")
         if num_samples < sizes.global_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"the dataset holds {num_samples} samples, fewer than one global batch of "
                 f"{sizes.global_batch_size}; use more data or a smaller global_batch_size"
             )

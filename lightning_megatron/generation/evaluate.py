@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from lightning_megatron.data.corpus import read_texts
+from lightning_megatron.errors import UserError
 from lightning_megatron.generation.runner import ModelRunner
 from lightning_megatron.generation.session import add_model_arguments, run_inference
 
@@ -37,7 +38,7 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int
     windows = [stream[i : i + length + 1] for i in range(0, max(len(stream) - 1, 1), length)]
     windows = [w for w in windows if len(w) > 1]
     if not windows:
-        raise ValueError("the text holds fewer than 2 tokens; nothing to score")
+        raise UserError("the text holds fewer than 2 tokens; nothing to score")
     runner = _runner(model)
     total = torch.zeros(2, dtype=torch.float64)
     with runner.inference_mode():
@@ -67,7 +68,7 @@ def last_word_accuracy(model: Any, tokenizer: Any, texts: Sequence[str], batch_s
     for text in texts:
         context, _, word = text.strip().rpartition(" ")
         if not context:
-            raise ValueError(f"a LAMBADA example needs a context and a last word: {text[:80]!r}")
+            raise UserError(f"a LAMBADA example needs a context and a last word: {text[:80]!r}")
         target = tokenizer.encode(" " + word)
         ids = (tokenizer.encode(context) + target)[-(length + 1):]
         examples.append((ids, len(target)))

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.data import Dataset
 
 from lightning_megatron.data.datamodule import TextDataModule, TokenWindows
+from lightning_megatron.errors import UserError
 from lightning_megatron.models.gpt import gelu_tanh
 from lightning_megatron.models.layers import VocabPadding, init_weights, t5_block_specs, token_losses_collecting_logits
 from lightning_megatron.module import MegatronModule
@@ -96,7 +97,7 @@ class T5(MegatronModule):
         )
         config = TransformerConfig(**{**base, **fields})
         if config.pipeline_model_parallel_size > 1:
-            raise ValueError("T5 does not support pipeline_model_parallel_size > 1 yet; use tensor or data "
+            raise UserError("T5 does not support pipeline_model_parallel_size > 1 yet; use tensor or data "
                              "parallelism (see docs/models.md)")
         return config
 
