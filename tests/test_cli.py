@@ -4,6 +4,7 @@ that end promptly on every rank when one fails."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +34,11 @@ def with_test_callbacks(**extra: str) -> dict:
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def warning_lines(text: str) -> list[str]:
+    """Python warnings as Lightning and the warnings module print them: ``<file>.py:<line>: <message>``."""
+    return [line for line in text.splitlines() if re.search(r"\.py:\d+: ", line)]
 
 
 def metrics(root: Path, version: int) -> dict[int, float]:
@@ -167,6 +173,10 @@ def test_resume_last_continues_the_run_with_the_same_losses_and_steps(tmp_path):
     for step, loss in continued.items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step
     assert json.loads((last / "layout.json").read_text())["global_step"] == 6
+    assert not warning_lines(resumed.stdout + resumed.stderr), warning_lines(resumed.stdout + resumed.stderr)
+    generated = cli("generate", "--ckpt", str(last), "--prompt", "In the beginning", "--max-new-tokens", "4")
+    assert generated.returncode == 0 and generated.stdout.startswith("In the beginning"), generated.stderr[-3000:]
+    assert not warning_lines(generated.stderr), warning_lines(generated.stderr)
 
     # A checkpoint cut short (an interrupted copy) names the file instead of failing deep in torch.
     shard = min(last.glob("*.distcp"))
@@ -203,7 +213,7 @@ def test_recipe_trains_with_tensor_parallel_override_and_prints_a_sample(tmp_pat
     output = result.stdout + result.stderr
     assert "Sample: In the beginning" in output
     assert "tokens_per_s=" in output
-    assert "Warning" not in output and "💡" not in output, output[-3000:]
+    assert not warning_lines(output) and "💡" not in output, warning_lines(output)
     # Two ranks share the cores instead of each taking all of them.
     cores = len(os.sched_getaffinity(0))
     for rank in (0, 1):

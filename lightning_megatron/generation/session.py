@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -159,5 +160,8 @@ def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, 
         accelerator=accelerator, devices=devices, precision=precision, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[run],
     )
-    trainer.predict(model, datamodule=data, ckpt_path=None if load else ckpt, return_predictions=False)
+    with warnings.catch_warnings():
+        # Lightning asks for the training run's callbacks to restore their state; inference needs none of them.
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
+        trainer.predict(model, datamodule=data, ckpt_path=None if load else ckpt, return_predictions=False)
     return run.result if trainer.is_global_zero else None
