@@ -47,7 +47,7 @@ from lightning_megatron.optim import OptimConfig, build_optimizer, build_schedul
 from lightning_megatron.parallel import LayoutError, ParallelConfig
 from lightning_megatron.precision import MegatronPrecision
 from lightning_megatron.schedule import StepResult, batch_size_of, run_schedule, split_microbatches
-from lightning_megatron.threads import share_cores
+from lightning_megatron.threads import set_threads
 
 
 class MegatronStrategy(ParallelStrategy):
@@ -182,7 +182,7 @@ class MegatronStrategy(ParallelStrategy):
         """Validate everything that could hang a collective, then create the process groups."""
         super().setup_environment()
         self._set_world_ranks()
-        share_cores(self.num_processes)
+        set_threads(self.num_processes, self.root_device.type)
         self._validate()
         if self.root_device.type == "cpu":
             self._cpu.__enter__()

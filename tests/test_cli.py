@@ -214,10 +214,9 @@ def test_recipe_trains_with_tensor_parallel_override_and_prints_a_sample(tmp_pat
     assert "Sample: In the beginning" in output
     assert "tokens_per_s=" in output
     assert not warning_lines(output) and "💡" not in output, warning_lines(output)
-    # Two ranks share the cores instead of each taking all of them.
-    cores = len(os.sched_getaffinity(0))
+    # One thread per CPU rank (Lightning's launcher gives its children torch's default, one per core).
     for rank in (0, 1):
-        assert json.loads((report / f"rank{rank}.json").read_text())["threads"] == max(1, cores // 2)
+        assert json.loads((report / f"rank{rank}.json").read_text()) == {"threads": 1, "omp": "1"}
 
 
 @pytest.mark.slow
