@@ -70,7 +70,7 @@ def model_config(ckpt: str | None, config: str | None) -> tuple[GPTConfig, str |
         data = (recipe.get("data") or {}).get("init_args", {})
         if "config" not in model:
             raise UserError(f"{config} has no model.init_args.config; pass a training recipe such as "
-                             f"recipes/gpt-tiny.yaml")
+                            f"recipes/gpt-tiny.yaml")
         return GPTConfig(**model["config"]), data.get("tokenizer")
     # A sharded checkpoint directory keeps Lightning's state (hyper-parameters included) in trainer.pt.
     state_file = Path(ckpt) / "trainer.pt" if ckpt and Path(ckpt).is_dir() else Path(ckpt) if ckpt else None

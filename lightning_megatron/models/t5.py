@@ -98,7 +98,7 @@ class T5(MegatronModule):
         config = TransformerConfig(**{**base, **fields})
         if config.pipeline_model_parallel_size > 1:
             raise UserError("T5 does not support pipeline_model_parallel_size > 1 yet; use tensor or data "
-                             "parallelism (see docs/models.md)")
+                            "parallelism (see docs/models.md)")
         return config
 
     def build_stage(self, config: TransformerConfig, pre_process: bool, post_process: bool,
