@@ -14,7 +14,7 @@ from lightning_megatron.errors import UserError  # noqa: E402
 from lightning_megatron.models.gpt import GPT, GPTConfig  # noqa: E402
 from lightning_megatron.module import MegatronModule  # noqa: E402
 from lightning_megatron.optim import OptimConfig  # noqa: E402
-from lightning_megatron.parallel import LayoutError, ParallelConfig  # noqa: E402
+from lightning_megatron.parallel import DDPConfig, LayoutError, ParallelConfig, RecomputeConfig  # noqa: E402
 from lightning_megatron.precision import MegatronPrecision  # noqa: E402
 from lightning_megatron.strategy import MegatronStrategy  # noqa: E402
 
@@ -23,6 +23,7 @@ if MegatronStrategy.strategy_name not in StrategyRegistry:
 
 __version__ = "0.1.0"
 __all__ = [
+    "DDPConfig",
     "GPT",
     "GPTConfig",
     "LayoutError",
@@ -31,5 +32,6 @@ __all__ = [
     "MegatronStrategy",
     "OptimConfig",
     "ParallelConfig",
+    "RecomputeConfig",
     "UserError",
 ]

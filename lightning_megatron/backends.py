@@ -17,15 +17,6 @@ def _importable(name: str) -> bool:
 HAVE_TE: bool = _importable("transformer_engine")
 """Transformer Engine is installed (fp8, TE layer specs, ring attention for context parallelism)."""
 
-HAVE_APEX: bool = _importable("apex") and _importable("apex.normalization")
-"""NVIDIA Apex is installed (the PyPI package named ``apex`` is unrelated and is not counted)."""
-
-
-def have_cuda() -> bool:
-    """A CUDA device is usable by this process."""
-    return torch.cuda.is_available()
-
-
 def _foreach_l2_norm(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list, per_tensor: bool, *args):
     norms = torch._foreach_norm(tensor_lists[0])
     return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
@@ -41,6 +32,9 @@ def use_foreach_multi_tensor_kernels() -> None:
     Without Apex or Transformer Engine, megatron-core's fallback gradient norm reads every tensor's norm back to the
     host (one device sync per parameter) and scales tensors one by one; on small and medium models that leaves the
     GPU idle for much of each step. Apex's and TE's fused kernels, when present, are left alone.
+
+    The patch is process-wide and stays for the life of the process (megatron's module attributes are replaced,
+    for every model in it); calling it again changes nothing.
     """
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer

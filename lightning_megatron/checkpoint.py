@@ -15,7 +15,6 @@ the rename happens when a later step (or teardown) finds every rank done.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -24,7 +23,7 @@ import shutil
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,9 +34,11 @@ from torch.distributed.checkpoint import FileSystemReader
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from typing_extensions import override
 
+from lightning_megatron.atomic import atomic_write
 from lightning_megatron.errors import UserError
-from lightning_megatron.parallel import unwrap
+from lightning_megatron.parallel import ParallelConfig, unwrap
 
 FORMAT_VERSION = 1
 LAYOUT_FILE = "layout.json"
@@ -57,10 +58,7 @@ class CheckpointLayout:
 
     global_step: int
     epoch: int
-    tensor_model_parallel_size: int
-    pipeline_model_parallel_size: int
-    virtual_pipeline_model_parallel_size: int | None
-    context_parallel_size: int
+    parallel: ParallelConfig
     data_parallel_size: int
     world_size: int
     distributed_optimizer: bool
@@ -72,15 +70,28 @@ class CheckpointLayout:
     @property
     def model_parallel(self) -> tuple[int, int, int | None, int]:
         """(TP, PP, VP, CP): what the distributed optimizer's state cannot be resharded across."""
-        return (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
-                self.virtual_pipeline_model_parallel_size or None, self.context_parallel_size)
+        p = self.parallel
+        return p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.vp, p.context_parallel_size
 
     def describe(self) -> str:
         """One line for logs and errors: ``TP2 PP1 VP- CP1 DP2 (4 ranks), step 5``."""
-        vp = self.virtual_pipeline_model_parallel_size or "-"
-        return (f"TP{self.tensor_model_parallel_size} PP{self.pipeline_model_parallel_size} VP{vp} "
-                f"CP{self.context_parallel_size} DP{self.data_parallel_size} ({self.world_size} ranks), "
+        p = self.parallel
+        return (f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size} VP{p.vp or '-'} "
+                f"CP{p.context_parallel_size} DP{self.data_parallel_size} ({self.world_size} ranks), "
                 f"step {self.global_step}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``layout.json`` form: one flat object, the parallel sizes among the other fields."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "parallel"}
+        return {**flat, **asdict(self.parallel)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CheckpointLayout:
+        """The layout of a ``layout.json`` object (unknown keys, from later versions, are ignored)."""
+        own = {f.name for f in fields(cls)} - {"parallel"}
+        parallel_fields = {f.name for f in fields(ParallelConfig)}
+        return cls(**{k: v for k, v in data.items() if k in own},
+                   parallel=ParallelConfig(**{k: v for k, v in data.items() if k in parallel_fields}))
 
 
 def read_layout(path: _PATH) -> CheckpointLayout:
@@ -102,8 +113,7 @@ def read_layout(path: _PATH) -> CheckpointLayout:
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {data.get('format_version')}, this version of "
                               f"lightning_megatron reads version {FORMAT_VERSION}")
-    known = {f.name for f in fields(CheckpointLayout)}
-    return CheckpointLayout(**{k: v for k, v in data.items() if k in known})
+    return CheckpointLayout.from_dict(data)
 
 
 def check_compatible(path: _PATH, saved: CheckpointLayout, current: CheckpointLayout, load_optimizer: bool) -> None:
@@ -232,8 +242,8 @@ def sharded_tensors(state: Any, name: str = "") -> Iterator[tuple[str, ShardedTe
             yield from sharded_tensors(value, name)
 
 
-def raise_on_any_rank(problem: str | None) -> None:
-    """Raise :class:`CheckpointError` on every rank if any rank found a problem, so no rank enters a collective alone."""
+def raise_on_any_rank(problem: str | None, error: type[Exception] = CheckpointError) -> None:
+    """Raise ``error`` on every rank if any rank found a problem, so that no rank enters a collective alone."""
     problems = [problem]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         problems = [None] * dist.get_world_size()
@@ -241,7 +251,7 @@ def raise_on_any_rank(problem: str | None) -> None:
     found = [(rank, p) for rank, p in enumerate(problems) if p]
     if found:
         rank, text = found[0]
-        raise CheckpointError(f"rank {rank}: {text}")
+        raise error(f"rank {rank}: {text}")
 
 
 class MegatronCheckpointIO(CheckpointIO):
@@ -258,6 +268,7 @@ class MegatronCheckpointIO(CheckpointIO):
         self._queue: AsyncCallsQueue | None = None
 
     # ------------------------------------------------------------------ save
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         """Write this rank's shards under ``<path>.partial`` and publish ``path`` once every rank has finished."""
         if storage_options is not None:
@@ -308,6 +319,7 @@ class MegatronCheckpointIO(CheckpointIO):
             self._queue.maybe_finalize_async_calls(blocking=blocking)
 
     # ------------------------------------------------------------------ load
+    @override
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None) -> dict[str, Any]:
         """Lightning's state of a checkpoint (no tensors): what ``trainer.pt`` holds, plus ``layout``."""
         layout = read_layout(path)
@@ -320,7 +332,7 @@ class MegatronCheckpointIO(CheckpointIO):
         except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
             raise CheckpointError(f"{Path(path) / TRAINER_FILE} is unreadable ({error}); copy the checkpoint again "
                                   f"or resume from an earlier one") from None
-        state["layout"] = asdict(layout)
+        state["layout"] = layout.to_dict()
         return state
 
     def load_sharded(self, path: _PATH, template: dict[str, Any]) -> dict[str, Any]:
@@ -337,6 +349,7 @@ class MegatronCheckpointIO(CheckpointIO):
         return dist_checkpointing.load(template, str(path))
 
     # ------------------------------------------------------------------ remove, teardown
+    @override
     def remove_checkpoint(self, path: _PATH) -> None:
         """Delete a checkpoint directory (call on one rank only)."""
         path = Path(path)
@@ -345,6 +358,7 @@ class MegatronCheckpointIO(CheckpointIO):
         elif path.exists():
             path.unlink()
 
+    @override
     def teardown(self) -> None:
         """Wait for and publish every background save."""
         self.finalize(blocking=True)
@@ -368,10 +382,8 @@ def _publish(partial: Path, path: Path, layout: dict[str, Any], trainer_state: b
     if _rank() == 0:
         assert trainer_state is not None
         (partial / TRAINER_FILE).write_bytes(trainer_state)
-        marker = partial / LAYOUT_FILE
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(layout, indent=2))
-        os.replace(tmp, marker)
+        with atomic_write(partial / LAYOUT_FILE) as tmp:
+            tmp.write_text(json.dumps(layout, indent=2))
         if path.exists():
             # Directories cannot be renamed over each other: move the old one aside, publish, then delete it.
             old = path.with_name(path.name + ".replaced")
@@ -385,68 +397,11 @@ def _publish(partial: Path, path: Path, layout: dict[str, Any], trainer_state: b
     _barrier()
 
 
-# ---------------------------------------------------------------------------------------------- inspect tool
-def describe(path: _PATH) -> str:
-    """A human-readable summary of a checkpoint: layout, step, files, and every tensor's global shape and size."""
-    layout = read_layout(path)
-    path = Path(path)
-    tensors = dist_checkpointing.load_tensors_metadata(str(path))
-    lines = [f"checkpoint  {path}", f"layout      {layout.describe()}",
-             f"module      {layout.module}, params {layout.params_dtype}, "
-             f"{'distributed ' if layout.distributed_optimizer else ''}optimizer "
-             f"{'saved' if layout.has_optimizer else 'not saved'}",
-             f"epoch       {layout.epoch}"]
-    disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    lines.append(f"on disk     {_size(disk)} in {sum(1 for f in path.rglob('*') if f.is_file())} files")
-    groups = {"model": [], "optimizer": []}
-    for key, tensor in sorted(tensors.items()):
-        groups["optimizer" if key.startswith("optimizer") else "model"].append((key, tensor))
-    for name, items in groups.items():
-        total = sum(_numel(t.global_shape) for _, t in items)
-        lines.append(f"\n{name}: {len(items)} tensors, {total:,} elements")
-        for key, tensor in items:
-            numel = _numel(tensor.global_shape)
-            lines.append(f"  {key:<64} {str(tuple(tensor.global_shape)):<20} {str(tensor.dtype).replace('torch.', ''):<9}"
-                         f" {_size(numel * tensor.dtype.itemsize)}")
-    return "\n".join(lines)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    total = 1
-    for size in shape:
-        total *= int(size)
-    return total
-
-
-def _size(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if num_bytes < 1024 or unit == "GiB":
-            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
-        num_bytes /= 1024
-    return f"{num_bytes:.1f} GiB"
-
-
-def main(argv: Sequence[str]) -> int:
-    """``lightning-megatron checkpoint inspect PATH``: print a checkpoint's layout, step, tensor shapes and sizes."""
-    parser = argparse.ArgumentParser(prog="lightning-megatron checkpoint", description=main.__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="print layout, step, tensor shapes and sizes")
-    inspect.add_argument("path")
-    args = parser.parse_args(list(argv))
-    try:
-        print(describe(args.path))
-    except (FileNotFoundError, CheckpointError) as error:
-        print(f"error: {error}")
-        return 1
-    return 0
-
-
 __all__ = [
     "CheckpointError",
     "CheckpointLayout",
     "check_compatible",
     "MegatronCheckpointIO",
-    "describe",
     "model_sharded_state_dict",
     "optimizer_sharded_state_dict",
     "read_layout",

@@ -29,8 +29,6 @@ from typing import Any, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-CHECKED_MEGATRON_CORE = "0.16"
-
 
 class CPURNGStatesTracker:
     """megatron's named RNG states (data-parallel, model-parallel, expert) kept as CPU generator states."""

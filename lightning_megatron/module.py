@@ -11,13 +11,17 @@ A module subclasses :class:`MegatronModule` and implements three methods:
 
 Everything else - splitting batches into microbatches, running megatron's pipeline schedule, reducing the loss over
 microbatches and data-parallel ranks, the optimizer step - is the strategy's job. ``training_step`` and
-``validation_step`` are provided and log ``train_loss`` / ``val_loss``; override them to log more.
+``validation_step`` are provided and log ``train_loss`` / ``val_loss``; override them to log more. The module keeps
+its architecture ``config`` (a dataclass) and ``optim`` as hyper-parameters; ``configure_optimizers`` returns
+``optim``. ``predict_step`` hands each batch to the datamodule's ``predict(module, batch)``, so that a model does not
+depend on how predictions are made (e.g. :class:`~lightning_megatron.generation.predict.PromptsDataModule`).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import asdict
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
@@ -32,9 +36,17 @@ from lightning_megatron.schedule import LossFn, StepResult, batch_size_of
 class MegatronModule(pl.LightningModule, ABC):
     """Base class of LightningModules trained with megatron-core's parallelism."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: Any = None, optim: OptimConfig | None = None) -> None:
         super().__init__()
+        self.config = config
+        """The model's architecture, a dataclass saved with the hyper-parameters (``None`` if the module has none)."""
+        self.optim = optim or OptimConfig()
+        if config is not None:
+            self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
         self.chunks: torch.nn.ModuleList | None = None
+        self.collected_logits: list[torch.Tensor] | None = None
+        """Set to a list to have ``forward_step`` append each microbatch's ``[batch, seq, vocab_size]`` logits,
+        gathered over tensor parallelism, on the last pipeline stage (GPT, BERT and T5 honour it)."""
 
     @abstractmethod
     def transformer_config(self, **fields: Any) -> TransformerConfig:
@@ -50,9 +62,10 @@ class MegatronModule(pl.LightningModule, ABC):
     def forward_step(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, LossFn]:
         """Run ``model`` (one chunk) on one microbatch; return its output and the loss function for it."""
 
+    # Lightning's annotation lists torch optimizers; under the strategy this returns the config it builds one from.
     def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
-        """The optimizer and learning-rate schedule; the strategy builds megatron's optimizer from it."""
-        return OptimConfig()
+        """The optimizer and learning-rate schedule (:attr:`optim`); the strategy builds megatron's optimizer."""
+        return self.optim
 
     @property
     def megatron_config(self) -> TransformerConfig:
@@ -62,10 +75,14 @@ class MegatronModule(pl.LightningModule, ABC):
         return parallel.unwrap(self.chunks[0]).config
 
     def configure_model(self) -> None:
-        """Build this rank's model chunks (idempotent); megatron's parallel state must be initialised."""
-        if self.chunks is not None:
-            return
-        fields = self._strategy_fields()
+        """Build this rank's model chunks with the strategy's fields (idempotent); see :meth:`build`."""
+        if self.chunks is None:
+            self.build(self._strategy_fields())
+
+    def build(self, fields: Mapping[str, Any]) -> None:
+        """Build this rank's model chunks from ``transformer_config(**fields)``: the one way chunks are built, by
+        the strategy (:meth:`configure_model`) and outside a Trainer (``convert.build_module``). megatron's
+        parallel state must be initialised."""
         config = self.transformer_config(**fields)
         self.chunks = torch.nn.ModuleList(
             parallel.build_chunks(lambda pre, post, vp: self.build_stage(config, pre, post, vp))
@@ -122,6 +139,16 @@ class MegatronModule(pl.LightningModule, ABC):
         self.log(f"{stage}_loss", result.loss, prog_bar=True, batch_size=result.num_tokens)
         self.log(f"{stage}_ppl", math.exp(min(result.loss.item(), 50.0)), batch_size=result.num_tokens)
         return result.loss
+
+    def predict_step(self, batch: Any, batch_idx: int = 0) -> Any:
+        """What the datamodule's ``predict(module, batch)`` makes of ``batch`` (e.g. completions of prompts)."""
+        predict = getattr(self.trainer.datamodule, "predict", None)
+        if predict is None:
+            raise TypeError(
+                f"trainer.predict with a {type(self).__name__} needs a datamodule with a predict(module, batch) method, "
+                f"e.g. lightning_megatron.generation.predict.PromptsDataModule"
+            )
+        return predict(self, batch)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any = None) -> None:
         """Advance megatron's scheduler by one optimizer step."""

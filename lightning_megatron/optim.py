@@ -7,7 +7,7 @@ over every model chunk, and megatron's ``OptimizerParamScheduler`` for warmup an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, Sequence
 
 import torch
@@ -43,18 +43,11 @@ def build_optimizer(
     **extra: Any,
 ):
     """megatron-core's optimizer over all model chunks of this rank."""
+    # OptimConfig's fields keep OptimizerConfig's names; the schedule's (warmup, decay) go to build_scheduler.
+    known = {f.name for f in fields(OptimizerConfig)}
+    shared = {f.name: getattr(config, f.name) for f in fields(config) if f.name in known}
     megatron_config = OptimizerConfig(
-        optimizer=config.optimizer,
-        lr=config.lr,
-        min_lr=config.min_lr,
-        weight_decay=config.weight_decay,
-        adam_beta1=config.adam_beta1,
-        adam_beta2=config.adam_beta2,
-        adam_eps=config.adam_eps,
-        clip_grad=config.clip_grad,
-        use_distributed_optimizer=use_distributed_optimizer,
-        **precision_fields,
-        **extra,
+        **shared, use_distributed_optimizer=use_distributed_optimizer, **precision_fields, **extra
     )
     return get_megatron_optimizer(megatron_config, list(chunks))
 

@@ -7,8 +7,9 @@ instead of hanging in a collective.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -36,6 +37,29 @@ class ParallelConfig:
     sequence_parallel: bool = False
 
     @property
+    def vp(self) -> int | None:
+        """The virtual pipeline size megatron is given: ``None`` unless it actually interleaves (> 1)."""
+        vp = self.virtual_pipeline_model_parallel_size
+        return vp if vp is not None and vp > 1 else None
+
+    @property
+    def seq_len_divisor(self) -> int:
+        """What every sequence length must be a multiple of: context parallelism cuts a sequence into 2 x CP
+        chunks, and sequence parallelism splits each rank's tokens over TP."""
+        cp = self.context_parallel_size
+        return cp * math.lcm(2 if cp > 1 else 1, self.tensor_model_parallel_size if self.sequence_parallel else 1)
+
+    def check_sequence_length(self, seq_length: int) -> None:
+        """Raise :class:`LayoutError` if sequences of ``seq_length`` tokens cannot be split over this layout."""
+        divisor = self.seq_len_divisor
+        if seq_length % divisor:
+            raise LayoutError(
+                f"sequence length {seq_length} does not split over context_parallel_size="
+                f"{self.context_parallel_size} (2 x CP chunks) and sequence_parallel={self.sequence_parallel} (TP "
+                f"parts); choose a seq_length that is a multiple of {divisor}"
+            )
+
+    @property
     def model_parallel_size(self) -> int:
         """Processes that hold one replica of the model."""
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
@@ -56,8 +80,7 @@ class ParallelConfig:
                 f"{self.model_parallel_size} does not divide the {world_size} processes; set the Trainer's devices x "
                 f"num_nodes to a multiple of {self.model_parallel_size}"
             )
-        vp = self.virtual_pipeline_model_parallel_size
-        if vp is not None and vp > 1 and self.pipeline_model_parallel_size < 2:
+        if self.vp is not None and self.pipeline_model_parallel_size < 2:
             raise LayoutError(
                 "virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size >= 2; "
                 "unset it or raise the pipeline size"
@@ -78,7 +101,7 @@ class ParallelConfig:
                 f"num_query_groups={num_query_groups} is not divisible by tensor_model_parallel_size={tp}; "
                 f"choose a TP size that divides the number of key/value heads"
             )
-        stages = self.pipeline_model_parallel_size * (self.virtual_pipeline_model_parallel_size or 1)
+        stages = self.pipeline_model_parallel_size * (self.vp or 1)
         if num_layers % stages:
             raise LayoutError(
                 f"num_layers={num_layers} does not split into pipeline ({self.pipeline_model_parallel_size}) x "
@@ -88,14 +111,52 @@ class ParallelConfig:
 
     def transformer_fields(self) -> dict[str, Any]:
         """The fields of megatron's ``TransformerConfig`` that this layout determines."""
-        vp = self.virtual_pipeline_model_parallel_size
         return {
             "tensor_model_parallel_size": self.tensor_model_parallel_size,
             "pipeline_model_parallel_size": self.pipeline_model_parallel_size,
-            "virtual_pipeline_model_parallel_size": vp if vp and vp > 1 else None,
+            "virtual_pipeline_model_parallel_size": self.vp,
             "context_parallel_size": self.context_parallel_size,
             "sequence_parallel": self.sequence_parallel,
         }
+
+
+@dataclass(frozen=True)
+class RecomputeConfig:
+    """Activation recomputation: ``selective`` recomputes core attention in backward; ``full`` recomputes whole
+    layers (``method`` ``uniform`` or ``block``, over ``num_layers``)."""
+
+    granularity: Literal["selective", "full"] | None = None
+    method: Literal["uniform", "block"] | None = None
+    num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.granularity == "full" and (self.method is None or self.num_layers is None):
+            raise UserError(
+                "recompute_granularity='full' needs recompute_method ('uniform' or 'block') and recompute_num_layers"
+            )
+
+    def transformer_fields(self) -> dict[str, Any]:
+        """The fields of megatron's ``TransformerConfig`` that recomputation determines."""
+        full = self.granularity == "full"
+        return {
+            "recompute_granularity": self.granularity,
+            "recompute_method": self.method if full else None,
+            "recompute_num_layers": self.num_layers if full else None,
+        }
+
+
+@dataclass(frozen=True)
+class DDPConfig:
+    """How gradients and parameters are synchronised across data-parallel ranks (megatron's DDP and optimizer)."""
+
+    use_distributed_optimizer: bool = False
+    """Shard the fp32 main parameters and optimizer state across data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+    def megatron(self) -> DistributedDataParallelConfig:
+        """megatron's DDP config: these options, gradients reduced in fp32."""
+        return DistributedDataParallelConfig(grad_reduce_in_fp32=True, **asdict(self))
 
 
 def initialize(config: ParallelConfig, seed: int) -> None:
@@ -104,11 +165,10 @@ def initialize(config: ParallelConfig, seed: int) -> None:
     Groups left by an earlier run in this process (kept so that it can still save after ``fit`` returns) are
     replaced."""
     destroy()
-    vp = config.virtual_pipeline_model_parallel_size
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=vp if vp and vp > 1 else None,
+        virtual_pipeline_model_parallel_size=config.vp,
         context_parallel_size=config.context_parallel_size,
     )
     model_parallel_cuda_manual_seed(seed)

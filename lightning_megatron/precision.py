@@ -13,6 +13,7 @@ from typing import Any, Callable, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import Precision
+from typing_extensions import override
 
 from lightning_megatron.backends import HAVE_TE
 from lightning_megatron.errors import UserError
@@ -79,12 +80,15 @@ class MegatronPrecision(Precision):
             "hysteresis": self.hysteresis,
         }
 
+    @override
     def backward(self, tensor: torch.Tensor, model: "pl.LightningModule", optimizer: Any, *args: Any, **kwargs: Any) -> None:
         """Nothing to do: megatron's schedule already ran the backward pass inside the training step."""
 
+    @override
     def clip_gradients(self, *args: Any, **kwargs: Any) -> None:
         """Nothing to do: megatron's optimizer clips by the global norm over all model-parallel ranks."""
 
+    @override
     def optimizer_step(self, optimizer: Any, model: "pl.LightningModule", closure: Callable[[], Any], **kwargs: Any) -> Any:
         """Run the closure (forward and backward over all microbatches), then megatron's ``optimizer.step()``."""
         closure_result = closure()
@@ -95,8 +99,10 @@ class MegatronPrecision(Precision):
             self.skipped_steps += 1
         return closure_result
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_steps": self.skipped_steps}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))

@@ -1,4 +1,5 @@
-"""Checks that the batch sizes, the model and the data fit together, run on every rank before any process group.
+"""Checks that the batch sizes, the model and the data fit together, run on every rank before any process group
+(how sequences split over the layout is :meth:`ParallelConfig.check_sequence_length`'s).
 
 Each failure is a :class:`~lightning_megatron.errors.UserError` naming the option to change, where the run would
 otherwise stop mid-step with an ``IndexError`` or a ``ZeroDivisionError`` (or hang, when only some ranks fail).
@@ -26,16 +27,7 @@ def check_batch_sizes(global_batch_size: int, micro_batch_size: int) -> None:
                         f"{micro_batch_size}; choose a global batch that is a whole number of micro batches")
 
 
-def check_context_parallel_split(seq_length: int, context_parallel_size: int) -> None:
-    """Context parallelism cuts each sequence into ``2 x context_parallel_size`` equal chunks (load balancing)."""
-    if context_parallel_size > 1 and seq_length % (2 * context_parallel_size):
-        raise UserError(
-            f"sequence length {seq_length} does not split into 2 x context_parallel_size = {2 * context_parallel_size}"
-            f" equal chunks; choose a seq_length that is a multiple of {2 * context_parallel_size}"
-        )
-
-
-def check_model_fits_data(module: Any, datamodule: Any, context_parallel_size: int = 1) -> None:
+def check_model_fits_data(module: Any, datamodule: Any) -> None:
     """The tokenizer's ids fit the model's vocabulary and the data's sequences fit the model's sequence length."""
     config = getattr(module, "config", None)
     if config is None or datamodule is None:
@@ -55,6 +47,3 @@ def check_model_fits_data(module: Any, datamodule: Any, context_parallel_size: i
                 f"set data {data_field} to at most {model_length}, or model.config.{model_field} to at least "
                 f"{data_length}"
             )
-    seq_length = getattr(datamodule, "seq_length", None)
-    if isinstance(seq_length, int):
-        check_context_parallel_split(seq_length, context_parallel_size)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict
 from datetime import timedelta
 from typing import Any, Iterator, Literal, Mapping
 
@@ -27,6 +26,7 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer import call
@@ -34,31 +34,62 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.utils import get_batch_on_this_cp_rank
+from typing_extensions import override
 
+from lightning_megatron import checkpoint as ckpt
 from lightning_megatron import parallel, preflight
 from lightning_megatron.backends import use_foreach_multi_tensor_kernels
-from lightning_megatron import checkpoint as ckpt
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.errors import UserError
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
-from lightning_megatron.parallel import LayoutError, ParallelConfig
+from lightning_megatron.parallel import DDPConfig, LayoutError, ParallelConfig, RecomputeConfig
 from lightning_megatron.precision import MegatronPrecision
 from lightning_megatron.schedule import StepResult, batch_size_of, run_schedule, split_microbatches
 from lightning_megatron.threads import set_threads
+
+
+def transformer_fields(parallel_config: ParallelConfig, precision: MegatronPrecision, recompute: RecomputeConfig,
+                       device: torch.device) -> dict[str, Any]:
+    """What a run decides in every model's ``TransformerConfig``: layout, precision, recomputation, loss reduction,
+    and what the device can do. The strategy and :func:`lightning_megatron.convert.build_module` both build from it."""
+    cuda = device.type == "cuda"
+    return {
+        **parallel_config.transformer_fields(),
+        **precision.transformer_fields(),
+        **recompute.transformer_fields(),
+        "calculate_per_token_loss": True,
+        # gloo matches point-to-point messages between two ranks in posting order, so megatron's batched
+        # send/recv (all four directions at once) pairs a gradient with an activation when PP=2 interleaves;
+        # its unbatched path orders sends and receives by rank parity instead.
+        "batch_p2p_comm": cuda,
+        # megatron-core's fused kernels (bias+activation where the model's function survives fusion, bias+dropout+
+        # add, vocab-parallel cross entropy) are torch.compile/JIT fusions that pay off on GPUs only.
+        **dict.fromkeys(("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion"), cuda),
+    }
+
+
+def _given_or_flat(name: str, given: Any, flat: Any) -> Any:
+    """``given`` (a config object) or the config built from the flat keyword arguments, but not both."""
+    if given is None:
+        return flat
+    if flat != type(flat)():
+        raise UserError(f"pass MegatronStrategy either {name}=... or its flat keyword arguments, not both")
+    return given
 
 
 class MegatronStrategy(ParallelStrategy):
     """Train :class:`~lightning_megatron.module.MegatronModule` models with megatron-core's parallelism.
 
     Data parallelism is the world size divided by tensor x pipeline x context parallelism. Each data-parallel rank's
-    batch is split into microbatches of ``micro_batch_size`` samples (taken from the datamodule when unset), which
-    megatron's schedule runs as gradient accumulation. ``recompute_granularity="selective"`` recomputes core
-    attention in backward; ``"full"`` recomputes whole layers (``recompute_method`` uniform or block, over
-    ``recompute_num_layers``). ``compile_layers`` runs each transformer layer through ``torch.compile``.
-    See docs/parallelism.md for every knob and what it costs.
+    batch is split into microbatches of the datamodule's ``micro_batch_size`` samples, which megatron's schedule
+    runs as gradient accumulation. The layout, recomputation and DDP options come as :class:`ParallelConfig`,
+    :class:`RecomputeConfig` and :class:`DDPConfig` (``parallel_config=``, ``recompute=``, ``ddp=``) or as the flat keyword
+    arguments that YAML recipes use (``tensor_model_parallel_size``, ``recompute_granularity``, ...), not both.
+    ``compile_layers`` runs each transformer layer through ``torch.compile``. See docs/parallelism.md for every knob
+    and what it costs.
     """
 
     strategy_name = "megatron"
@@ -70,7 +101,6 @@ class MegatronStrategy(ParallelStrategy):
         virtual_pipeline_model_parallel_size: int | None = None,
         context_parallel_size: int = 1,
         sequence_parallel: bool = False,
-        micro_batch_size: int | None = None,
         use_distributed_optimizer: bool = False,
         overlap_grad_reduce: bool = False,
         overlap_param_gather: bool = False,
@@ -81,6 +111,9 @@ class MegatronStrategy(ParallelStrategy):
         async_save: bool = False,
         ckpt_load_optimizer: bool = True,
         seed: int | None = None,
+        parallel_config: ParallelConfig | None = None,
+        recompute: RecomputeConfig | None = None,
+        ddp: DDPConfig | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -89,33 +122,16 @@ class MegatronStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-        )
-        self.parallel_config = ParallelConfig(
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-            context_parallel_size=context_parallel_size,
-            sequence_parallel=sequence_parallel,
-        )
-        self.micro_batch_size = micro_batch_size
-        self.use_distributed_optimizer = use_distributed_optimizer
-        self.overlap_grad_reduce = overlap_grad_reduce
-        self.overlap_param_gather = overlap_param_gather
-        if recompute_granularity == "full" and (recompute_method is None or recompute_num_layers is None):
-            raise UserError(
-                "recompute_granularity='full' needs recompute_method ('uniform' or 'block') and recompute_num_layers"
-            )
-        self.recompute = {
-            "recompute_granularity": recompute_granularity,
-            "recompute_method": recompute_method if recompute_granularity == "full" else None,
-            "recompute_num_layers": recompute_num_layers if recompute_granularity == "full" else None,
-        }
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin)
+        self.parallel_config: ParallelConfig = _given_or_flat("parallel_config", parallel_config, ParallelConfig(
+            tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size,
+            context_parallel_size, sequence_parallel))
+        self.recompute: RecomputeConfig = _given_or_flat("recompute", recompute, RecomputeConfig(
+            recompute_granularity, recompute_method, recompute_num_layers))
+        self.ddp: DDPConfig = _given_or_flat("ddp", ddp, DDPConfig(
+            use_distributed_optimizer, overlap_grad_reduce, overlap_param_gather))
         self.async_save = async_save
         self.ckpt_load_optimizer = ckpt_load_optimizer
         self.compile_layers = compile_layers
@@ -125,9 +141,11 @@ class MegatronStrategy(ParallelStrategy):
         self._timeout = timeout
         self._cpu = CPUEmulation()
         self._clip_grad: float | None = None
+        self._micro_batch_size: int | None = None
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
+    @override
     def precision_plugin(self) -> MegatronPrecision:
         plugin = self._precision_plugin
         if not isinstance(plugin, MegatronPrecision):
@@ -139,11 +157,13 @@ class MegatronStrategy(ParallelStrategy):
         self._precision_plugin = None if plugin is None else _to_megatron_precision(plugin)
 
     @property
+    @override
     def root_device(self) -> torch.device:
         assert self.parallel_devices is not None
         return self.parallel_devices[self.local_rank]
 
     @property
+    @override
     def num_processes(self) -> int:
         return len(self.parallel_devices) if self.parallel_devices is not None else 0
 
@@ -153,6 +173,7 @@ class MegatronStrategy(ParallelStrategy):
         return self.parallel_config.data_parallel_size(self.world_size)
 
     @property
+    @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         """Shard data by data-parallel rank only: TP, PP and CP ranks of one replica read the same samples."""
         return {
@@ -161,23 +182,28 @@ class MegatronStrategy(ParallelStrategy):
         }
 
     @property
+    @override
     def restore_checkpoint_after_setup(self) -> bool:
         return True
 
     @property
+    @override
     def lightning_restore_optimizer(self) -> bool:
-        return True
+        return False  # load_checkpoint restores megatron's optimizer itself
 
     @property
+    @override
     def handles_gradient_accumulation(self) -> bool:
         return True
 
+    @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         if not self.cluster_environment.creates_processes_externally:
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     # ------------------------------------------------------------------ environment
+    @override
     def setup_environment(self) -> None:
         """Validate everything that could hang a collective, then create the process groups."""
         super().setup_environment()
@@ -216,7 +242,7 @@ class MegatronStrategy(ParallelStrategy):
                 f"{self.world_size}; make Trainer(devices=..., num_nodes=...) match the launch"
             )
         self.parallel_config.validate(self.world_size)
-        if self.root_device.type == "cpu" and (self.overlap_grad_reduce or self.overlap_param_gather):
+        if self.root_device.type == "cpu" and (self.ddp.overlap_grad_reduce or self.ddp.overlap_param_gather):
             raise LayoutError(
                 "overlap_grad_reduce / overlap_param_gather need CUDA streams; turn them off for CPU runs"
             )
@@ -239,40 +265,30 @@ class MegatronStrategy(ParallelStrategy):
         if trainer.gradient_clip_val is not None:
             self._clip_grad = float(trainer.gradient_clip_val)
         datamodule = trainer.datamodule
-        preflight.check_model_fits_data(module, datamodule, self.parallel_config.context_parallel_size)
-        if self.micro_batch_size is None:
-            self.micro_batch_size = getattr(datamodule, "micro_batch_size", None)
+        preflight.check_model_fits_data(module, datamodule)
+        seq_length = getattr(datamodule, "seq_length", None)
+        if seq_length is not None:
+            self.parallel_config.check_sequence_length(seq_length)
+        self._micro_batch_size = getattr(datamodule, "micro_batch_size", None)
         global_batch = getattr(datamodule, "global_batch_size", None)
         schedule = getattr(datamodule, "batch_sizes", None)
         sizes = schedule.sizes() if schedule is not None else [global_batch] if global_batch is not None else []
-        per_step = (self.micro_batch_size or 1) * self.data_parallel_size
+        micro = self._micro_batch_size or 1
+        per_step = micro * self.data_parallel_size
         for size in sizes:
             if size % per_step:
                 name = "global_batch_size" if size == global_batch else "a ramp-up global batch size"
                 raise LayoutError(
-                    f"{name}={size} is not divisible by micro_batch_size ({self.micro_batch_size or 1}) x data "
-                    f"parallel size ({self.data_parallel_size}) = {per_step}; choose batch sizes that are "
-                    f"multiples of {per_step}"
+                    f"{name}={size} is not divisible by micro_batch_size ({micro}) x data parallel size "
+                    f"({self.data_parallel_size}) = {per_step}; choose batch sizes that are multiples of {per_step}"
                 )
 
     def transformer_fields(self) -> dict[str, Any]:
-        """What the strategy decides in every model's ``TransformerConfig``: layout, precision, loss reduction."""
-        return {
-            **self.parallel_config.transformer_fields(),
-            **self.precision_plugin.transformer_fields(),
-            **self.recompute,
-            "calculate_per_token_loss": True,
-            # gloo matches point-to-point messages between two ranks in posting order, so megatron's batched
-            # send/recv (all four directions at once) pairs a gradient with an activation when PP=2 interleaves;
-            # its unbatched path orders sends and receives by rank parity instead.
-            "batch_p2p_comm": self.root_device.type == "cuda",
-            # megatron-core's fused kernels (bias+GeLU/SwiGLU, bias+dropout+add, vocab-parallel cross entropy) are
-            # torch.compile/JIT fusions that pay off on GPUs only.
-            **dict.fromkeys(("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion"),
-                            self.root_device.type == "cuda"),
-        }
+        """What this strategy decides in every model's ``TransformerConfig`` (see :func:`transformer_fields`)."""
+        return transformer_fields(self.parallel_config, self.precision_plugin, self.recompute, self.root_device)
 
     # ------------------------------------------------------------------ model and optimizer
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
         """Move the chunks to the device, wrap them in megatron's DDP, and build the optimizer when fitting."""
         assert self.accelerator is not None
@@ -283,15 +299,9 @@ class MegatronStrategy(ParallelStrategy):
         if self.compile_layers:
             parallel.compile_layers(module.chunks)
         config = module.megatron_config
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=self.overlap_grad_reduce,
-            overlap_param_gather=self.overlap_param_gather,
-            use_distributed_optimizer=self.use_distributed_optimizer,
-        )
-        module.chunks = torch.nn.ModuleList(parallel.wrap_chunks(module.chunks, config, ddp_config))
+        module.chunks = torch.nn.ModuleList(parallel.wrap_chunks(module.chunks, config, self.ddp.megatron()))
         config.finalize_model_grads_func = finalize_model_grads
-        if self.overlap_grad_reduce:
+        if self.ddp.overlap_grad_reduce:
             no_sync = [chunk.no_sync for chunk in module.chunks]
             config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.model = module
@@ -299,15 +309,17 @@ class MegatronStrategy(ParallelStrategy):
             self.setup_optimizers(trainer)
             optimizer = self.optimizers[0]
             config.grad_scale_func = optimizer.scale_loss
-            if self.overlap_param_gather:
+            if self.ddp.overlap_param_gather:
                 config.param_sync_func = [chunk.start_param_sync for chunk in module.chunks]
                 if len(module.chunks) == 1:
                     config.param_sync_func = config.param_sync_func[0]
 
+    @override
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
 
+    @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         module = self.lightning_module
         assert isinstance(module, MegatronModule) and module.chunks is not None
@@ -320,13 +332,14 @@ class MegatronStrategy(ParallelStrategy):
         extra = {} if self._clip_grad is None else {"clip_grad": self._clip_grad}
         if extra:
             optim = OptimConfig(**{**optim.__dict__, **extra})
-        optimizer = build_optimizer(optim, module.chunks, self.use_distributed_optimizer,
+        optimizer = build_optimizer(optim, module.chunks, self.ddp.use_distributed_optimizer,
                                     self.precision_plugin.optimizer_fields())
         scheduler = build_scheduler(optim, optimizer, trainer.max_steps)
         self.optimizers = [optimizer]
         self.lr_scheduler_configs = [LRSchedulerConfig(scheduler, interval="step", name="lr")]
 
     @property
+    @override
     def optimizers(self) -> list[Any]:
         return self._optimizers
 
@@ -340,11 +353,11 @@ class MegatronStrategy(ParallelStrategy):
         """Run megatron's forward(-backward) schedule over the microbatches of this rank's batch."""
         assert module.chunks is not None
         seq_length = module.sequence_length(batch)
-        cp_size = self.parallel_config.context_parallel_size
-        if cp_size > 1:
-            preflight.check_context_parallel_split(seq_length, cp_size)
+        # Datamodules without a seq_length were not checked before the first step.
+        self.parallel_config.check_sequence_length(seq_length)
+        if self.parallel_config.context_parallel_size > 1:
             batch = get_batch_on_this_cp_rank(dict(batch))
-        micro_batch_size = self.micro_batch_size or batch_size_of(batch)
+        micro_batch_size = self._micro_batch_size or batch_size_of(batch)
         microbatches = split_microbatches(batch, micro_batch_size)
         if not forward_only:
             for chunk in module.chunks:
@@ -352,16 +365,19 @@ class MegatronStrategy(ParallelStrategy):
             self.optimizers[0].zero_grad()
         return run_schedule(module.forward_step, module.chunks, microbatches, seq_length, forward_only)
 
+    @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
         """Reduce a tensor over all ranks (used by ``self.log(..., sync_dist=True)``)."""
         if isinstance(tensor, torch.Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
+    @override
     def barrier(self, name: str | None = None) -> None:
         if _distributed_is_initialized():
             dist.barrier()
 
+    @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not _distributed_is_initialized():
             return obj
@@ -369,6 +385,7 @@ class MegatronStrategy(ParallelStrategy):
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    @override
     def teardown(self) -> None:
         """Leave CPU emulation. megatron's process groups stay, like Lightning's default group, so that
         ``trainer.save_checkpoint`` still works after ``fit`` returns; the next run replaces them."""
@@ -386,6 +403,7 @@ class MegatronStrategy(ParallelStrategy):
 
     # ------------------------------------------------------------------ checkpoints (see checkpoint.py)
     @property
+    @override
     def checkpoint_io(self) -> CheckpointIO:
         if self._checkpoint_io is None:
             self._checkpoint_io = ckpt.MegatronCheckpointIO(async_save=self.async_save)
@@ -402,6 +420,7 @@ class MegatronStrategy(ParallelStrategy):
                             f"{type(io).__name__}; remove the checkpoint_io plugin")
         return io
 
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """This rank's sharded model state (megatron ``ShardedTensor``s), one entry per model chunk."""
         module = self.lightning_module
@@ -409,11 +428,13 @@ class MegatronStrategy(ParallelStrategy):
         with self._megatron_on_device():
             return ckpt.model_sharded_state_dict(module.chunks)
 
+    @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """This rank's sharded optimizer state, keyed by the model parameters it belongs to."""
         with self._megatron_on_device():
             return ckpt.optimizer_sharded_state_dict(optimizer, self.lightning_module_state_dict())
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Every rank writes its shards; the checkpoint directory appears only once all have finished."""
         if not parallel_state.model_parallel_is_initialized():
@@ -421,66 +442,64 @@ class MegatronStrategy(ParallelStrategy):
                 "megatron's process groups do not exist (another run replaced them, or none ran): save from the "
                 "Trainer that trained the model"
             )
-        checkpoint["layout"] = asdict(self._checkpoint_layout(checkpoint))
+        checkpoint["layout"] = self._checkpoint_layout(checkpoint).to_dict()
         with self._megatron_on_device():
             self._megatron_io().save_checkpoint(checkpoint, filepath, storage_options)
 
     def _checkpoint_layout(self, checkpoint: Mapping[str, Any]) -> ckpt.CheckpointLayout:
-        vp = self.parallel_config.virtual_pipeline_model_parallel_size
         return ckpt.CheckpointLayout(
             global_step=int(checkpoint.get("global_step", 0)),
             epoch=int(checkpoint.get("epoch", 0)),
-            tensor_model_parallel_size=self.parallel_config.tensor_model_parallel_size,
-            pipeline_model_parallel_size=self.parallel_config.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=vp if vp and vp > 1 else None,
-            context_parallel_size=self.parallel_config.context_parallel_size,
+            parallel=self.parallel_config,
             data_parallel_size=self.data_parallel_size,
             world_size=self.world_size,
-            distributed_optimizer=self.use_distributed_optimizer,
+            distributed_optimizer=self.ddp.use_distributed_optimizer,
             params_dtype=str(self.precision_plugin.params_dtype).removeprefix("torch."),
             has_optimizer=bool(checkpoint.get("optimizer_states")),
             module=type(self.lightning_module).__qualname__,
         )
 
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        """Validate on every rank, then load this rank's shards (resharded to the current layout) in place."""
+        """Validate on every rank, then load this rank's shards (resharded to the current layout) into the model
+        chunks and megatron's optimizer; returns Lightning's own state (loops, callbacks, schedulers)."""
         io = self._megatron_io()
         io.finalize(blocking=True)
         checkpoint = io.load_checkpoint(checkpoint_path)
         load_optimizer = bool(self.optimizers) and self.ckpt_load_optimizer
-        ckpt.check_compatible(checkpoint_path, ckpt.CheckpointLayout(**checkpoint["layout"]),
+        ckpt.check_compatible(checkpoint_path, ckpt.CheckpointLayout.from_dict(checkpoint["layout"]),
                               self._checkpoint_layout(checkpoint), load_optimizer)
         template = self.lightning_module_state_dict()
         if load_optimizer:
             template["optimizer"] = [ckpt.optimizer_sharded_state_dict(self.optimizers[0], template, is_loading=True)]
         loaded = io.load_sharded(checkpoint_path, template)
-        checkpoint["optimizer_states"] = loaded.pop("optimizer", [])
-        checkpoint["state_dict"] = loaded
-        return checkpoint
-
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        """Copy the loaded shards into the model chunks (``load_checkpoint`` already loaded them in place)."""
+        optimizer_states = loaded.pop("optimizer", [None])
         module = self.lightning_module
         assert isinstance(module, MegatronModule) and module.chunks is not None
-        state = checkpoint["state_dict"]
         names = ["model"] if len(module.chunks) == 1 else [f"model{i}" for i in range(len(module.chunks))]
         with torch.no_grad():
             for name, chunk in zip(names, module.chunks):
-                parallel.unwrap(chunk).load_state_dict(state[name], strict=strict)
+                parallel.unwrap(chunk).load_state_dict(loaded[name], strict=module.strict_loading)
+        if self.optimizers:
+            ckpt.load_optimizer_state(self.optimizers[0], optimizer_states[0])
+        return checkpoint
 
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Nothing to do: :meth:`load_checkpoint` loaded the weights."""
+
+    @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Restore megatron's optimizer, or with ``ckpt_load_optimizer=False`` only refresh its main parameters."""
-        if not self.optimizers:
-            return
-        states = checkpoint.get("optimizer_states") or [None]
-        ckpt.load_optimizer_state(self.optimizers[0], states[0])
+        """Nothing to do: :meth:`load_checkpoint` restored the optimizer."""
 
+    @override
     def remove_checkpoint(self, filepath: Any) -> None:
         """Delete a checkpoint directory once every rank is past it (called on all ranks)."""
         self.barrier("remove_checkpoint")
         if self.is_global_zero:
             self._megatron_io().remove_checkpoint(filepath)
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Publish background checkpoint saves that every rank has finished writing."""
         io = self.checkpoint_io
@@ -493,6 +512,7 @@ class MegatronStrategy(ParallelStrategy):
         super().on_train_batch_start(batch, batch_idx)
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="megatron-core parallelism")
 
@@ -501,9 +521,10 @@ def _to_megatron_precision(plugin: Any) -> MegatronPrecision:
     """Turn Lightning's plain precision plugins (``precision="bf16-mixed"`` etc.) into :class:`MegatronPrecision`."""
     if isinstance(plugin, MegatronPrecision):
         return plugin
-    name = getattr(plugin, "precision", None)
-    if type(plugin).__name__ in ("Precision", "MixedPrecision", "HalfPrecision") or name in ("32-true", "32"):
-        return MegatronPrecision(str(name or "32-true"))
+    # Lightning's own plugins for plain, mixed and half precision only: others (FSDP, DeepSpeed, bitsandbytes, TE)
+    # subclass Precision with behaviour megatron's optimizer would not honour.
+    if isinstance(plugin, (MixedPrecision, HalfPrecision)) or type(plugin) is Precision:
+        return MegatronPrecision(str(plugin.precision))
     raise UserError(
         f"the megatron strategy cannot honour the precision plugin {type(plugin).__name__}; pass "
         f"precision='32-true', 'bf16-mixed', '16-mixed' or 'fp8-mixed', or a lightning_megatron.MegatronPrecision"

@@ -23,8 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lightning_megatron.generation.cli:main", "complete prompts with a trained GPT (any TP/PP layout)"),
     "serve": ("lightning_megatron.serve.cli:main", "an OpenAI-compatible HTTP server for a trained GPT"),
     "evaluate": ("lightning_megatron.generation.evaluate:main", "perplexity on text, last-word accuracy on LAMBADA"),
+    "lm-eval": ("lightning_megatron.harness:main", "lm-evaluation-harness tasks on a checkpoint (needs lm-eval)"),
     "convert": ("lightning_megatron.convert.command:main", "Hugging Face <-> lightning_megatron checkpoints"),
-    "checkpoint": ("lightning_megatron.checkpoint:main", "inspect a sharded checkpoint (layout, step, tensors)"),
+    "checkpoint": ("lightning_megatron.checkpoint_inspect:main", "inspect a sharded checkpoint (layout, step, tensors)"),
 }
 """Subcommand -> (``"module:function"`` taking the arguments, one-line description)."""
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -48,6 +52,32 @@ def run_python(script: str | Path, *args: Any, timeout: float = 300, check: bool
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-6000:]}")
     return result
+
+
+@contextlib.contextmanager
+def serving(args: list[Any], log: IO[str], env: dict[str, str] | None = None
+            ) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``lightning-megatron serve <args> --port 0`` in its own process group: yields the process and its port once it
+    listens; afterwards stops it (SIGINT, then SIGKILL of the group if it outlives 60 s)."""
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "lightning_megatron" / "cli.py"), "serve", *map(str, args), "--port", "0"],
+        stdout=log, stderr=subprocess.STDOUT, env=env or child_env(), cwd=REPO, start_new_session=True)
+    try:
+        port = None
+        deadline = time.monotonic() + 300
+        while port is None and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(1)
+            match = re.search(r"Serving \S+ on http://127\.0\.0\.1:(\d+)", Path(log.name).read_text())
+            port = int(match.group(1)) if match else None
+        assert port is not None, Path(log.name).read_text()[-3000:]
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def read_json(path: str | Path) -> Any:

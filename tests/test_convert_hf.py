@@ -16,6 +16,7 @@ import transformers
 from safetensors.torch import load_file
 
 from launch import REPO, read_json, torchrun
+import lightning_megatron as lm
 from lightning_megatron import parallel
 from lightning_megatron.convert import (
     ConversionError,
@@ -28,9 +29,13 @@ from lightning_megatron.convert import (
     module_from_checkpoint,
     module_from_hf,
 )
+from lightning_megatron.checkpoint import CheckpointError
 from lightning_megatron.convert.command import main as convert_main
+from lightning_megatron.convert.consolidated import export_consolidated, gather_consolidated, import_consolidated
 from lightning_megatron.cpu import CPUEmulation
-from lightning_megatron.models.gpt import GPT
+from lightning_megatron.models.bert import Bert, BertConfig
+from lightning_megatron.models.gpt import GPT, GPTConfig
+from lightning_megatron.models.t5 import T5, T5Config
 from lightning_megatron.parallel import ParallelConfig
 from lightning_megatron.schedule import run_schedule
 
@@ -278,6 +283,54 @@ def test_converted_model_generates_what_transformers_generates(hf_dirs, one_rank
             expected = reference.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10,
                                           do_sample=False, pad_token_id=0)
         assert output.tokens == expected[0, len(prompt):].tolist()
+
+
+CONSOLIDATED_MODELS = {
+    "llama": lambda **c: GPT(GPTConfig.llama_tiny(VOCAB, num_layers=2, **c)),  # gated MLP, grouped-query attention
+    "bert": lambda **c: Bert(BertConfig.tiny(VOCAB, num_layers=2, binary_head=True, **c)),  # tied, vocab bias
+    "t5": lambda **c: T5(T5Config.tiny(VOCAB, tie_embeddings=True, **c)),  # two stacks, aliased output layer
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONSOLIDATED_MODELS))
+def test_consolidated_export_then_import_gives_the_same_weights(one_rank, tmp_path, kind):
+    make = CONSOLIDATED_MODELS[kind]
+    source, target = build_module(make(seed=1), one_rank), build_module(make(seed=2), one_rank)
+    path = tmp_path / "weights.safetensors"
+    export_consolidated(source, path)
+    assert not torch.equal(next(source.chunks.parameters()), next(target.chunks.parameters()))
+    import_consolidated(target, path)
+    theirs = dict(target.chunks.named_parameters())
+    for name, tensor in source.chunks.named_parameters():
+        assert torch.equal(theirs[name], tensor), name
+    stored = load_file(path)
+    assert stored["embedding.word_embeddings.weight"].shape[0] == source.config.padded_vocab_size()  # padding kept
+    unpadded = gather_consolidated(source, unpad=True)
+    assert unpadded["embedding.word_embeddings.weight"].shape[0] == VOCAB
+    assert sorted(unpadded) == sorted(stored)
+
+
+def test_consolidated_import_names_what_does_not_fit(one_rank, tmp_path):
+    path = tmp_path / "weights.safetensors"
+    export_consolidated(build_module(CONSOLIDATED_MODELS["llama"](), one_rank), path)
+    shallower = build_module(GPT(GPTConfig.llama_tiny(VOCAB, num_layers=1)), one_rank)
+    with pytest.raises(CheckpointError, match="holds 6 tensor.s. the model lacks: decoder.layers.1.input_layernorm"):
+        import_consolidated(shallower, path)
+    other_vocab = build_module(GPT(GPTConfig.llama_tiny(VOCAB + 1, num_layers=2)), one_rank)
+    with pytest.raises(CheckpointError, match="holds a vocabulary of 300, the model has 301"):
+        import_consolidated(other_vocab, path)
+
+
+def test_build_module_gives_the_fields_the_strategy_gives(one_rank):
+    from lightning_megatron.precision import MegatronPrecision
+    from lightning_megatron.strategy import transformer_fields
+
+    recompute = lm.RecomputeConfig("full", "uniform", 1)
+    module = build_module(GPT(GPTConfig.tiny(VOCAB, num_layers=2)), one_rank, recompute=recompute)
+    config = module.megatron_config
+    expected = transformer_fields(one_rank, MegatronPrecision("32-true"), recompute, torch.device("cpu"))
+    assert {name: getattr(config, name) for name in expected} == expected
+    assert config.recompute_granularity == "full" and config.calculate_per_token_loss and not config.batch_p2p_comm
 
 
 def test_export_names_the_tokenizers_special_tokens(one_rank, tmp_path):

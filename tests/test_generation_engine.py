@@ -192,9 +192,151 @@ def test_invalid_requests_raise_clear_errors(gpt, tokenizer):
     assert not engine.busy
 
 
-def test_model_generate_method(gpt, tokenizer):
-    out = gpt.generate("In the beginning", SamplingParams(max_new_tokens=5, ignore_eos=True), tokenizer=tokenizer)
+def test_generate_takes_the_model(gpt, tokenizer):
+    out = generate(gpt, "In the beginning", SamplingParams(max_new_tokens=5, ignore_eos=True), tokenizer=tokenizer)
     assert len(out) == 1 and out[0].length == 5 and out[0].prompt_tokens == tokenizer.encode("In the beginning")
-    ids = gpt.generate([tokenizer.encode("And")], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    ids = generate(gpt, [tokenizer.encode("And")], SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert ids[0].text is None and ids[0].length == 4
     assert torch.is_grad_enabled() and all(chunk.training for chunk in gpt.chunks)
+
+
+def complete(engine, prompt, params, session=None):
+    with engine.runner.inference_mode():
+        request_id = engine.submit(prompt, params, session_id=session)
+        while request_id not in engine.finished:
+            engine.step()
+    return engine.finished.pop(request_id)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_session_continues_from_its_cache_exactly_as_the_whole_conversation(models, tokenizer, arch):
+    ensure_parallel_state()
+    gpt = models[arch]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine = build_engine(gpt, tokenizer, max_batch_size=2)
+    first = complete(engine, PROMPTS[0], params, session="chat")
+    follow_up = tokenizer.encode(" And the earth")
+    # Another conversation runs beside it, so the follow-up joins a running batch at another cache position.
+    other = engine.submit(PROMPTS[2], params.replace(max_new_tokens=12))
+    with engine.runner.inference_mode():
+        engine.step()
+    second = complete(engine, follow_up, params, session="chat")
+    whole = tokenizer.encode(PROMPTS[0]) + first.tokens + follow_up
+    assert second.prompt_tokens == whole
+    assert second.cached_tokens == len(whole) - len(follow_up) - 1  # all but the last generated token
+    assert second.tokens == generate(gpt, whole, params, tokenizer=tokenizer)[0].tokens
+    third = complete(engine, tokenizer.encode(" was"), params, session="chat")
+    assert third.cached_tokens == len(whole) + len(second.tokens) - 1
+    assert third.tokens == generate(gpt, whole + second.tokens + tokenizer.encode(" was"), params)[0].tokens
+    with engine.runner.inference_mode():
+        while other not in engine.finished:
+            engine.step()
+
+
+def test_sessions_end_explicitly_by_idle_time_and_by_memory(gpt, tokenizer):
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    engine = build_engine(gpt, tokenizer, max_batch_size=2, session_tokens=12)
+    complete(engine, PROMPTS[0], params, session="a")
+    assert complete(engine, "And", params, session="a").cached_tokens > 0
+    engine.end_session("a")
+    assert complete(engine, "And", params, session="a").cached_tokens == 0  # ended: a new conversation
+    complete(engine, PROMPTS[2], params, session="b")  # a and b together exceed 12 cached tokens: a goes
+    assert set(engine.sessions) == {"b"}
+    engine.sessions.ttl = 0.0
+    with engine.runner.inference_mode():
+        engine.step()
+        engine.step()
+    assert not engine.sessions
+
+
+def test_a_busy_session_and_beam_sessions_are_refused(gpt, tokenizer):
+    engine = build_engine(gpt, tokenizer)
+    engine.submit("In the beginning", SamplingParams(max_new_tokens=4), session_id="s")
+    with pytest.raises(ValueError, match="has a request running"):
+        engine.submit("And", SamplingParams(max_new_tokens=4), session_id="s")
+    with pytest.raises(ValueError, match="beam search cannot continue a session"):
+        engine.submit("And", SamplingParams(max_new_tokens=4, beam_width=2), session_id="t")
+    with pytest.raises(ValueError, match="need the engine's cache"):
+        build_engine(gpt, tokenizer, use_cache=False).submit("And", session_id="u")
+
+
+def test_beam_diversity_spreads_the_beams_over_their_parents():
+    from lightning_megatron.generation.sampling import beam_step
+
+    logprobs = torch.log_softmax(torch.tensor([[5.0, 4.9, 4.8, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0],
+                                               [1.0, 0.0, 0.0, 0.0, 0.0]]), dim=-1)
+    plain = beam_step(logprobs, [0.0, -1.0, -1.5], frozenset(), 3)
+    diverse = beam_step(logprobs, [0.0, -1.0, -1.5], frozenset(), 3, diversity_rate=10.0)
+    assert plain.parents == [0, 0, 0] and plain.tokens == [0, 1, 2]
+    assert diverse.parents == [0, 1, 2] and diverse.tokens == [0, 0, 0]
+    assert diverse.scores[1] == pytest.approx(logprobs[1, 0].item() - 1.0)  # penalties order, never score
+
+
+def forward_logprobs(model, ids):
+    """log_softmax of a direct forward pass over ``ids`` (one sequence, no cache, no engine)."""
+    model.chunks[0].eval()
+    with torch.no_grad():
+        logits = model.chunks[0](torch.tensor([ids]), torch.arange(len(ids))[None], None)
+    return logits[0, :, :4096].float().log_softmax(-1)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prompt_logprobs_equal_a_forward_pass(gpt, tokenizer, use_cache):
+    """Scored with others of different lengths, and while other requests decode (continuous batching)."""
+    engine = build_engine(gpt, tokenizer, max_batch_size=4, use_cache=use_cache)
+    scored = SamplingParams(max_new_tokens=0, prompt_logprobs=3)
+    with engine.runner.inference_mode():
+        running = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=20, ignore_eos=True))
+        for _ in range(8):
+            engine.step()
+        late = engine.submit(PROMPTS[2], scored)  # joins the running batch, after a cache row's leftovers
+        engine.step()
+        assert late in engine.finished and running not in engine.finished
+        while engine.busy:
+            engine.step()
+    batch = generate(gpt, PROMPTS, scored, tokenizer=tokenizer, use_cache=use_cache)
+    outputs = [*batch, engine.finished.pop(late)]
+    assert engine.finished.pop(running).length == 20
+    for output, prompt in zip(outputs, [*PROMPTS, PROMPTS[2]]):
+        ids = tokenizer.encode(prompt)
+        reference = forward_logprobs(gpt, ids)
+        expected = [reference[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+        assert output.tokens == [] and output.finish_reason == "length"
+        assert output.prompt_logprobs[0] is None and output.prompt_top_logprobs[0] is None
+        assert output.prompt_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+        for position, top in enumerate(output.prompt_top_logprobs[1:]):
+            values, indices = reference[position].topk(3)
+            assert list(top) == indices.tolist()
+            assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-5)
+
+
+def test_generated_top_logprobs_and_prompt_scores_alongside_generation(gpt, tokenizer):
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=True, top_logprobs=2, prompt_logprobs=0)
+    output = generate(gpt, PROMPTS[1], params, tokenizer=tokenizer)[0]
+    plain = generate(gpt, PROMPTS[1], SamplingParams(max_new_tokens=6, ignore_eos=True), tokenizer=tokenizer)[0]
+    assert output.tokens == plain.tokens and output.top_logprobs is not None and len(output.top_logprobs) == 6
+    ids = tokenizer.encode(PROMPTS[1]) + output.tokens
+    reference = forward_logprobs(gpt, ids)
+    start = len(tokenizer.encode(PROMPTS[1])) - 1
+    for step, (token, logprob, top) in enumerate(zip(output.tokens, output.logprobs, output.top_logprobs)):
+        values, indices = reference[start + step].topk(2)
+        assert list(top) == indices.tolist() and token == indices[0].item()  # greedy: the likeliest token
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-5)
+        assert logprob == pytest.approx(values[0].item(), abs=1e-5)
+    assert output.prompt_top_logprobs[1:] == [{}] * (len(ids) - len(output.tokens) - 1)
+    events = list(build_engine(gpt, tokenizer).stream(PROMPTS[1], params))
+    assert [e.top_logprobs for e in events] == output.top_logprobs
+    assert [e.logprob for e in events] == pytest.approx(output.logprobs, abs=1e-6)
+
+
+def test_scoring_only_reads_the_whole_sequence_length(gpt, tokenizer):
+    engine = build_engine(gpt, tokenizer)
+    full = [int(t) for t in torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(0))]
+    output = engine.generate([full], SamplingParams(max_new_tokens=0, prompt_logprobs=0))[0]
+    reference = forward_logprobs(gpt, full)
+    assert output.prompt_logprobs[1:] == pytest.approx([reference[i, full[i + 1]].item() for i in range(63)],
+                                                       abs=1e-5)
+    with pytest.raises(ValueError, match="64 when only scoring"):
+        engine.submit(full, SamplingParams(max_new_tokens=1))
+    with pytest.raises(ValueError, match="top_logprobs are not kept for beam search"):
+        engine.submit(full[:8], SamplingParams(beam_width=2, top_logprobs=1))

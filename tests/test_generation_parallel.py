@@ -1,4 +1,4 @@
-"""Generation under tensor and pipeline parallelism (real gloo processes) gives what one process gives."""
+"""Generation under tensor, pipeline and context parallelism (real gloo processes) gives what one process gives."""
 
 import json
 
@@ -8,7 +8,8 @@ from launch import REPO, read_json, run_python, torchrun
 
 CLI = REPO / "lightning_megatron" / "cli.py"
 
-KEYS = ["cached", "recomputed", "sampled_alone", "sampled_together", "beam1", "beam3", "beam3_recomputed", "sample"]
+KEYS = ["cached", "recomputed", "sampled_alone", "sampled_together", "beam1", "beam3", "beam3_recomputed", "sample",
+        "session", "session_cached", "scored", "prompt_top", "generated_top"]
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +29,30 @@ def check_internal(result):
     assert result["beam1"] == result["cached"], "beam width 1 differs from greedy"
     assert result["beam3"] == result["beam3_recomputed"]
     assert result["sampled_alone"] == result["sampled_together"], "a seeded sample depends on its batch"
+    assert result["session"] == result["session_whole"], "a session's follow-up differs from the whole conversation"
+    assert result["session_cached"] > 0
     assert len({t for tokens in result["cached"] for t in tokens}) > 8
+    assert result["scored"] == [tokens[:4] for tokens in result["cached"]]  # scoring does not change what is generated
+    assert [top[0] for top in result["generated_top"][0]] == result["scored"][0]  # greedy: the likeliest token
+    for cached, recomputed in zip(result["prompt_logprobs"], result["prompt_logprobs_recomputed"]):
+        assert cached == pytest.approx(recomputed, abs=1e-5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2_sp", "pp2_vp2"])
+@pytest.mark.parametrize("layout", ["tp2_sp", "pp2_vp2", "cp2"])
 def test_parallel_generation_matches_one_process(reference, tmp_path, layout):
     ref, _, ref_predicted = reference
     check_internal(ref)
-    args = ["--tp", 2, "--sp"] if layout == "tp2_sp" else ["--pp", 2, "--vp", 2, "--predict-out", tmp_path / "p.jsonl"]
+    args = {"tp2_sp": ["--tp", 2, "--sp"], "cp2": ["--cp", 2],
+            "pp2_vp2": ["--pp", 2, "--vp", 2, "--predict-out", tmp_path / "p.jsonl"]}[layout]
     torchrun("generate_gpt.py", 2, "--out", tmp_path / "out.json", "--devices", 2, *args, timeout=400)
     result = read_json(tmp_path / "out.json")
     check_internal(result)
     for key in KEYS:
         assert result[key] == ref[key], f"{layout}: {key} differs from one process"
     assert result["beam3_logprob"] == pytest.approx(ref["beam3_logprob"], abs=1e-3)
+    for ours, one_process in zip(result["prompt_logprobs"], ref["prompt_logprobs"]):
+        assert ours == pytest.approx(one_process, abs=1e-4)
     if layout == "pp2_vp2":  # trainer.predict over a prompts file: one record per prompt, in order, on rank 0
         records, expected = read_jsonl(tmp_path / "p.jsonl"), read_jsonl(ref_predicted)
         assert [r["id"] for r in records] == [0, 1, 2] and len(records[0]["tokens"]) == 12

@@ -30,6 +30,30 @@ def test_sequence_parallel_needs_tp():
         ParallelConfig(sequence_parallel=True).validate(world_size=1)
 
 
+def test_sequence_must_split_over_context_and_sequence_parallelism():
+    assert ParallelConfig().seq_len_divisor == 1
+    assert ParallelConfig(context_parallel_size=2).seq_len_divisor == 4
+    assert ParallelConfig(tensor_model_parallel_size=4, sequence_parallel=True, context_parallel_size=2).seq_len_divisor == 8
+    with pytest.raises(LayoutError, match="sequence length 6 does not split .* a multiple of 4"):
+        ParallelConfig(context_parallel_size=2).check_sequence_length(6)
+    ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).check_sequence_length(6)
+
+
+def test_strategy_takes_config_objects_or_flat_arguments_not_both():
+    layout = ParallelConfig(tensor_model_parallel_size=2, virtual_pipeline_model_parallel_size=1)
+    strategy = lm.MegatronStrategy(parallel_config=layout, recompute=lm.RecomputeConfig("selective"),
+                                   ddp=lm.DDPConfig(use_distributed_optimizer=True))
+    assert strategy.parallel_config is layout and layout.vp is None
+    flat = lm.MegatronStrategy(tensor_model_parallel_size=2, recompute_granularity="selective",
+                               use_distributed_optimizer=True)
+    assert (flat.parallel_config, flat.recompute, flat.ddp) == (ParallelConfig(tensor_model_parallel_size=2),
+                                                                 strategy.recompute, strategy.ddp)
+    with pytest.raises(ValueError, match="either parallel_config=... or its flat keyword arguments, not both"):
+        lm.MegatronStrategy(parallel_config=layout, pipeline_model_parallel_size=2)
+    with pytest.raises(ValueError, match="recompute_granularity='full' needs recompute_method"):
+        lm.MegatronStrategy(recompute_granularity="full")
+
+
 def _fit(strategy, data=None, **trainer_kwargs):
     model = lm.GPT(lm.GPTConfig.tiny(vocab_size=4096, num_layers=2, hidden_size=32, seq_length=16))
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=1, logger=False,
@@ -45,9 +69,9 @@ def test_trainer_rejects_tp_larger_than_world_before_any_collective():
 
 
 def test_trainer_rejects_global_batch_not_divisible_by_micro_batch_times_dp():
-    data = TextDataModule(seq_length=16, global_batch_size=6, micro_batch_size=2)
-    with pytest.raises(LayoutError, match="global_batch_size=6 is not divisible by micro_batch_size .4."):
-        _fit(lm.MegatronStrategy(micro_batch_size=4), data)
+    data = TextDataModule(seq_length=16, global_batch_size=8, micro_batch_size=4, rampup_batch_size=[2, 2, 32])
+    with pytest.raises(LayoutError, match="a ramp-up global batch size=2 is not divisible by micro_batch_size .4."):
+        _fit("megatron", data)
 
 
 def test_trainer_rejects_lightning_gradient_accumulation():

@@ -5,7 +5,7 @@ import torch
 
 from launch import read_json, run_python, torchrun
 from lightning_megatron.data.datamodule import TokenWindows
-from lightning_megatron.models.bert import MaskedWindows
+from lightning_megatron.data import MaskedWindows
 
 
 def test_masked_windows_mask_and_sentence_order():

@@ -3,7 +3,8 @@
 import pytest
 import torch.nn.functional as F
 
-from lightning_megatron.models.gpt import GPT, GPTConfig, gelu_tanh
+from lightning_megatron.models.gpt import GPT, GPTConfig
+from lightning_megatron.models.layers import gelu_tanh
 
 
 def parameters(c: GPTConfig) -> int:
@@ -30,3 +31,24 @@ def test_presets_map_to_megatron_fields():
     assert mqa.num_query_groups == 1
     gpt2 = GPT(GPTConfig.gpt2()).transformer_config()
     assert gpt2.activation_func is gelu_tanh and gpt2.num_query_groups == gpt2.num_attention_heads
+
+
+@pytest.mark.parametrize("build, fused", [
+    (lambda: GPT(GPTConfig.tiny(vocab_size=256)), False),                       # erf GeLU
+    (lambda: GPT(GPTConfig.gpt2(vocab_size=256, num_layers=2)), False),         # tanh GeLU of our own
+    (lambda: GPT(GPTConfig.llama_tiny(vocab_size=256)), True),                  # SwiGLU
+])
+def test_gpu_fusions_never_change_the_activation(build, fused):
+    # The strategy asks for fusions on GPUs; megatron's fused bias+GeLU is the tanh approximation, so only SwiGLU
+    # (whose fused kernel computes the same function) may take it, and no activation makes the config invalid.
+    config = build().transformer_config(bias_activation_fusion=True, bias_dropout_fusion=True)
+    assert config.bias_activation_fusion is fused and config.bias_dropout_fusion
+
+
+def test_bert_and_t5_never_fuse_their_activation():
+    from lightning_megatron.models.bert import Bert, BertConfig
+    from lightning_megatron.models.t5 import T5, T5Config
+
+    for model in (Bert(BertConfig.tiny(vocab_size=256)), T5(T5Config.tiny(vocab_size=256)),
+                  T5(T5Config.tiny(vocab_size=256, activation="gated-gelu"))):
+        assert model.transformer_config(bias_activation_fusion=True).bias_activation_fusion is False

@@ -8,7 +8,8 @@ import torch
 
 from launch import read_json, run_python, torchrun
 from lightning_megatron.data.datamodule import TokenWindows
-from lightning_megatron.models.t5 import SpanCorruption, T5, T5Config
+from lightning_megatron.data import SpanCorruption
+from lightning_megatron.models.t5 import T5, T5Config
 from lightning_megatron.parallel import ParallelConfig
 
 

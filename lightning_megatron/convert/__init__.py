@@ -1,6 +1,12 @@
 """Conversion between Hugging Face checkpoints and our megatron-core models (see docs/models.md)."""
 
-from lightning_megatron.convert.core import ConversionError, build_module, gather_consolidated, load_consolidated
+from lightning_megatron.convert.consolidated import (
+    export_consolidated,
+    gather_consolidated,
+    import_consolidated,
+    load_consolidated,
+)
+from lightning_megatron.convert.core import ConversionError, build_module
 from lightning_megatron.convert.hf import (
     ARCHITECTURES,
     checkpoint_to_hf,
@@ -17,9 +23,11 @@ __all__ = [
     "ConversionError",
     "build_module",
     "checkpoint_to_hf",
+    "export_consolidated",
     "export_hf",
     "gather_consolidated",
     "hf_to_checkpoint",
+    "import_consolidated",
     "load_checkpoint",
     "load_consolidated",
     "load_hf",

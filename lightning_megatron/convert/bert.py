@@ -21,7 +21,6 @@ class Bert(Architecture):
 
     name = "bert"
     hf_architectures = ("BertForMaskedLM", "BertForPreTraining")
-    vocab_tensors = ("embedding.word_embeddings.weight", "output_layer.bias")
     ignored_hf = ("position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
     def config_from_hf(self, hf: Mapping[str, Any]) -> BertConfig:
@@ -50,9 +49,6 @@ class Bert(Architecture):
             "hidden_dropout_prob": config.hidden_dropout, "attention_probs_dropout_prob": config.attention_dropout,
             "initializer_range": config.init_method_std, "tie_word_embeddings": True,
         }
-
-    def tied(self, config: BertConfig) -> dict[str, str]:
-        return {"output_layer.weight": "embedding.word_embeddings.weight"}
 
     def rules(self, config: BertConfig) -> list[Rule]:
         heads = config.num_attention_heads

@@ -1,15 +1,15 @@
-"""The shared machinery of HF conversion: tensor sources, rules, sharded writing, and loading into any layout.
+"""The shared machinery of HF conversion: tensor rules, reading and writing sharded safetensors directories.
 
 Three forms of the same weights meet here:
 
 * **HF**: a ``save_pretrained`` directory (``config.json``, ``*.safetensors`` with an optional index, tokenizer).
 * **consolidated**: full, unsharded tensors under the megatron-core names of a TP=1/PP=1 model
-  (``embedding.word_embeddings.weight``, ``decoder.layers.{i}.self_attention.linear_qkv.weight``, ...), with the
-  vocabulary *unpadded*. Each architecture module (``gpt2.py``, ``llama.py``, ...) maps HF tensors to these and back
-  with a list of :class:`Rule`; a rule needs only its own few tensors, so conversions stream tensor by tensor.
-* **a live module** of any TP/PP layout: :func:`load_consolidated` cuts every parameter's shard out of the full
-  tensor (padding the vocabulary, splitting gated MLP halves, mapping local layer indices through each layer's
-  ``layer_number``), :func:`gather_consolidated` joins the shards back on rank 0.
+  (see :mod:`lightning_megatron.convert.consolidated`). Each architecture module (``gpt2.py``, ``llama.py``, ...)
+  maps HF tensors to these and back with a list of :class:`Rule`; a rule needs only its own few tensors, so
+  conversions stream tensor by tensor.
+* **a live module** of any TP/PP layout, built by :func:`build_module`:
+  :func:`~lightning_megatron.convert.consolidated.load_consolidated` cuts its shards out of consolidated tensors,
+  :func:`~lightning_megatron.convert.consolidated.gather_consolidated` joins them back on rank 0.
 """
 
 from __future__ import annotations
@@ -23,18 +23,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lightning_megatron import parallel
+from lightning_megatron.convert.consolidated import SafetensorsFiles, TensorSource
 from lightning_megatron.errors import UserError
-from lightning_megatron.models.layers import _global_name
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
 from lightning_megatron.precision import MegatronPrecision
+from lightning_megatron.strategy import RecomputeConfig, transformer_fields
 
 
 class ConversionError(UserError):
@@ -59,6 +57,14 @@ class Rule:
     """Takes the HF tensors (in the order of :attr:`hf`) and returns the megatron tensor."""
     to_hf: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = _tuple
     """Takes the megatron tensor and returns the HF tensors (in the order of :attr:`hf`)."""
+
+
+def supported(hf: Mapping[str, Any], key: str, default: str, choices: Mapping[str, str], model: str) -> str:
+    """Our value for an HF config field that converts only for some values (``choices``: HF value -> ours)."""
+    value = hf.get(key, default)
+    if value not in choices:
+        raise ConversionError(f"{model} {key}={value!r} is not supported; supported: {sorted(choices)}")
+    return choices[value]
 
 
 def same(megatron: str, hf: str) -> Rule:
@@ -116,8 +122,6 @@ class Architecture(ABC):
     """Our short name (``gpt2``, ``llama``, ...), stored in converted checkpoints."""
     hf_architectures: tuple[str, ...]
     """HF ``config.architectures`` entries this mapping reads."""
-    vocab_tensors: tuple[str, ...] = ("embedding.word_embeddings.weight", "output_layer.weight")
-    """Consolidated tensors with one row per vocabulary entry (padded to megatron's multiple when loaded)."""
     ignored_hf: tuple[str, ...] = ()
     """Suffixes of HF tensors that carry no weights (buffers some versions save)."""
 
@@ -141,12 +145,6 @@ class Architecture(ABC):
         """Whether a live module is of this architecture (used to export it)."""
         return False
 
-    def tied(self, config: Any) -> dict[str, str]:
-        """Parameters that share another tensor: global parameter name -> consolidated name."""
-        if getattr(config, "tie_embeddings", False):
-            return {"output_layer.weight": "embedding.word_embeddings.weight"}
-        return {}
-
     def check_layout(self, config: Any, layout: ParallelConfig) -> None:
         """Raise :class:`ConversionError` if ``config`` cannot be split over ``layout``."""
         try:
@@ -154,40 +152,6 @@ class Architecture(ABC):
                                   getattr(config, "num_query_groups", None))
         except parallel.LayoutError as error:
             raise ConversionError(str(error)) from None
-
-
-class SafetensorsDir:
-    """Reads tensors one at a time from a directory of safetensors files (single file or with an index)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        index = self.path / "model.safetensors.index.json"
-        single = self.path / "model.safetensors"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = {name: self.path / file for name, file in weight_map.items()}
-        elif single.exists():
-            with safe_open(single, "pt") as handle:
-                self._files = {name: single for name in handle.keys()}
-        else:
-            raise ConversionError(
-                f"{self.path} has no model.safetensors or model.safetensors.index.json; save the model with "
-                f"save_pretrained(..., safe_serialization=True) (PyTorch .bin checkpoints are not read)"
-            )
-
-    def keys(self) -> list[str]:
-        """Names of all stored tensors."""
-        return list(self._files)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._files
-
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (and nothing else) from disk."""
-        if name not in self._files:
-            raise ConversionError(f"tensor {name!r} is missing from {self.path}")
-        with safe_open(self._files[name], "pt") as handle:
-            return handle.get_tensor(name)
 
 
 class ShardedWriter:
@@ -243,11 +207,11 @@ class ShardedWriter:
         return self.out
 
 
-class Converted:
+class Converted(TensorSource):
     """Consolidated tensors computed on demand from an HF source: each ``get`` reads only that tensor's inputs."""
 
-    def __init__(self, rules: Iterable[Rule], source: SafetensorsDir, ignored: tuple[str, ...] = ()) -> None:
-        self.rules = {rule.megatron: rule for rule in rules}
+    def __init__(self, rules: Iterable[Rule], source: SafetensorsFiles, ignored: tuple[str, ...] = ()) -> None:
+        self.names = self.rules = {rule.megatron: rule for rule in rules}
         self.source = source
         missing = [name for rule in self.rules.values() for name in rule.hf if name not in source]
         if missing:
@@ -265,128 +229,26 @@ class Converted:
                 f"convert"
             )
 
-    def keys(self) -> list[str]:
-        """Consolidated names, in rule order."""
-        return list(self.rules)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.rules
-
     def get(self, name: str) -> torch.Tensor:
         """Build one consolidated tensor from its HF inputs."""
         rule = self.rules[name]
         return rule.to_megatron(*(self.source.get(n) for n in rule.hf))
 
 
-def hf_tensors(rules: Iterable[Rule], source: Any, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensors from a consolidated source (anything with ``get(name)``), one rule at a time."""
+def hf_tensors(rules: Iterable[Rule], source: TensorSource, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors from a consolidated source, one rule at a time."""
     rules = list(rules)
     for rule in tqdm(rules, desc="to HF", unit="tensor", disable=not progress):
         yield from zip(rule.hf, rule.to_hf(source.get(rule.megatron)))
 
 
-def build_module(module: MegatronModule, layout: ParallelConfig, precision: str = "32-true") -> MegatronModule:
-    """Build this rank's chunks of ``module`` for ``layout`` outside a Trainer (megatron's state must be set up)."""
-    fields = {**layout.transformer_fields(), **MegatronPrecision(precision).transformer_fields(),
-              "calculate_per_token_loss": True}
-    config = module.transformer_config(**fields)
-    module.chunks = torch.nn.ModuleList(
-        parallel.build_chunks(lambda pre, post, vp: module.build_stage(config, pre, post, vp))
-    )
-    return module
+def build_module(module: MegatronModule, layout: ParallelConfig, precision: str = "32-true",
+                 recompute: RecomputeConfig | None = None, device: torch.device | str = "cpu") -> MegatronModule:
+    """Build this rank's chunks of ``module`` for ``layout`` outside a Trainer (megatron's state must be set up).
 
-
-def _shard(full: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return full
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    dim = param.partition_dim
-    if gated:
-        return torch.cat([half.chunk(tp_size, dim=dim)[rank] for half in full.chunk(2, dim=dim)], dim=dim)
-    return full.chunk(tp_size, dim=dim)[rank]
-
-
-def _full_shape(param: torch.Tensor) -> list[int]:
-    shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
-    return shape
-
-
-def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    if tensor.shape[0] >= rows:
-        return tensor
-    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
-
-
-def _named_parameters(module: MegatronModule) -> Iterator[tuple[str, torch.Tensor, torch.nn.Module]]:
-    assert module.chunks is not None, "build the module (configure_model / build_module) first"
-    for chunk in module.chunks:
-        inner = parallel.unwrap(chunk)
-        for name, param in inner.named_parameters():
-            yield name, param, inner
-
-
-@torch.no_grad()
-def load_consolidated(module: MegatronModule, arch: Architecture, config: Any, source: Any) -> None:
-    """Copy consolidated tensors (``source.get(name)``) into this rank's shards of a built module, any layout."""
-    tied = arch.tied(config)
-    gated = bool(module.megatron_config.gated_linear_unit)
-    for name, param, inner in _named_parameters(module):
-        global_name = _global_name(name, inner)
-        key = tied.get(global_name, global_name)
-        if key not in source:
-            raise ConversionError(f"the checkpoint has no tensor for parameter {key!r}")
-        full = source.get(key)
-        expected = _full_shape(param)
-        if key in arch.vocab_tensors:
-            full = _pad_rows(full, expected[0])
-        if list(full.shape) != expected:
-            raise ConversionError(
-                f"tensor {key!r} has shape {list(full.shape)} in the checkpoint but the model expects {expected}; "
-                f"the model config does not match the checkpoint's"
-            )
-        param.copy_(_shard(full, param, gated and "linear_fc1" in name).to(param.dtype))
-
-
-def _gather_tp(shard: torch.Tensor, param: torch.Tensor, gated: bool) -> torch.Tensor:
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return shard
-    parts = [torch.empty_like(shard) for _ in range(tp_size)]
-    dist.all_gather(parts, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    dim = param.partition_dim
-    if gated:
-        halves = [p.chunk(2, dim=dim) for p in parts]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-    return torch.cat(parts, dim=dim)
-
-
-@torch.no_grad()
-def gather_consolidated(module: MegatronModule, arch: Architecture, config: Any) -> dict[str, torch.Tensor] | None:
-    """The full consolidated state dict of a module of any layout, on global rank 0 (``None`` elsewhere).
-
-    Tensor-parallel shards are all-gathered per parameter; pipeline stages send their tensors to the first stage.
-    The whole model passes through rank 0's memory; convert larger models from a saved checkpoint instead.
+    The chunks get exactly the ``TransformerConfig`` fields a :class:`~lightning_megatron.MegatronStrategy` of the
+    same layout, precision, recomputation and device would give them.
     """
-    tied = arch.tied(config)
-    gated = bool(module.megatron_config.gated_linear_unit)
-    local: dict[str, torch.Tensor] = {}
-    for name, param, inner in _named_parameters(module):
-        global_name = _global_name(name, inner)
-        full = _gather_tp(param.detach(), param, gated and "linear_fc1" in name)
-        if global_name in tied:
-            continue
-        if global_name in arch.vocab_tensors:
-            full = full[: config.vocab_size]
-        local[global_name] = full.float().cpu() if full.is_floating_point() else full.cpu()
-    if not dist.is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return local if (not dist.is_initialized() or dist.get_rank() == 0) else None
-    first = parallel_state.get_pipeline_model_parallel_first_rank()
-    gathered: list[Any] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-    dist.gather_object(local, gathered if dist.get_rank() == first else None, dst=first,
-                       group=parallel_state.get_pipeline_model_parallel_group())
-    if dist.get_rank() != 0:
-        return None
-    return {name: tensor for part in gathered for name, tensor in part.items()}
+    module.build(transformer_fields(layout, MegatronPrecision(precision), recompute or RecomputeConfig(),
+                                    torch.device(device)))
+    return module

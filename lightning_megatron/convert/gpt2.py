@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
-from lightning_megatron.convert.core import Architecture, ConversionError, Rule, same, transposed
+from lightning_megatron.convert.core import Architecture, ConversionError, Rule, same, supported, transposed
 from lightning_megatron.models.gpt import GPT, GPTConfig
 from lightning_megatron.module import MegatronModule
 
@@ -42,10 +42,7 @@ class GPT2(Architecture):
     ignored_hf = (".attn.bias", ".attn.masked_bias")
 
     def config_from_hf(self, hf: Mapping[str, Any]) -> GPTConfig:
-        activation = hf.get("activation_function", "gelu_new")
-        if activation not in _ACTIVATIONS:
-            raise ConversionError(f"GPT-2 activation_function={activation!r} is not supported; "
-                                  f"supported: {sorted(_ACTIVATIONS)}")
+        activation = supported(hf, "activation_function", "gelu_new", _ACTIVATIONS, "GPT-2")
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             if hf.get(flag):
                 raise ConversionError(f"GPT-2 with {flag}=True is not supported")
@@ -56,7 +53,7 @@ class GPT2(Architecture):
             vocab_size=hf["vocab_size"], num_layers=hf["n_layer"], hidden_size=hidden,
             num_attention_heads=hf["n_head"], ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
             seq_length=hf["n_positions"], layernorm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-            activation=_ACTIVATIONS[activation], init_method_std=hf.get("initializer_range", 0.02),
+            activation=activation, init_method_std=hf.get("initializer_range", 0.02),
             hidden_dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
         )
 

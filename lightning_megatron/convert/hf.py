@@ -18,16 +18,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from lightning_megatron.convert.bert import Bert
-from lightning_megatron.convert.core import (
-    Architecture,
-    ConversionError,
-    Converted,
-    SafetensorsDir,
-    ShardedWriter,
+from lightning_megatron.convert.consolidated import (
+    SafetensorsFiles,
+    TensorDict,
     gather_consolidated,
-    hf_tensors,
     load_consolidated,
 )
+from lightning_megatron.convert.core import Architecture, ConversionError, Converted, ShardedWriter, hf_tensors
 from lightning_megatron.convert.gpt2 import GPT2
 from lightning_megatron.convert.llama import Llama
 from lightning_megatron.convert.t5 import T5
@@ -106,7 +103,7 @@ def hf_to_checkpoint(hf_dir: str | Path, out: str | Path, tensor_model_parallel_
     layout = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
                             pipeline_model_parallel_size=pipeline_model_parallel_size)
     arch.check_layout(config, layout)
-    source = Converted(arch.rules(config), SafetensorsDir(hf_dir), arch.ignored_hf)
+    source = Converted(arch.rules(config), SafetensorsFiles(hf_dir, ConversionError), arch.ignored_hf)
     writer = ShardedWriter(out, max_shard_bytes)
     for name in tqdm(source.keys(), desc=f"{arch.name} HF -> megatron", unit="tensor"):
         writer.add(name, source.get(name))
@@ -135,8 +132,8 @@ def module_from_checkpoint(path: str | Path) -> MegatronModule:
 
 def load_checkpoint(module: MegatronModule, path: str | Path) -> None:
     """Load a converted checkpoint into a built module of any TP/PP layout."""
-    arch = architecture_named(read_checkpoint_metadata(path)["architecture"])
-    load_consolidated(module, arch, module.config, SafetensorsDir(path))
+    vocab_size = read_checkpoint_metadata(path)["config"]["vocab_size"]
+    load_consolidated(module, SafetensorsFiles(path, ConversionError), str(path), vocab_size, ConversionError)
 
 
 def module_from_hf(hf_dir: str | Path) -> MegatronModule:
@@ -155,8 +152,8 @@ def load_hf(module: MegatronModule, hf_dir: str | Path) -> None:
             if k not in _TRAINING_FIELDS and getattr(module.config, k) != v}
     if diff:
         raise ConversionError(f"the module's config differs from {hf_dir}'s (field: (checkpoint, module)): {diff}")
-    load_consolidated(module, arch, module.config, Converted(arch.rules(expected), SafetensorsDir(hf_dir),
-                                                             arch.ignored_hf))
+    source = Converted(arch.rules(expected), SafetensorsFiles(hf_dir, ConversionError), arch.ignored_hf)
+    load_consolidated(module, source, str(hf_dir), expected.vocab_size, ConversionError)
 
 
 def _token_ids(tokenizer: str | Path | None) -> dict[str, int]:
@@ -189,7 +186,7 @@ def checkpoint_to_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2
     config = arch.config_from_hf(metadata["hf_config"])
     token_ids = {key: value for key, value in metadata["hf_config"].items()
                  if key.endswith("_token_id") and value is not None}  # the special tokens it was imported with
-    return _write_hf(arch, config, SafetensorsDir(path), out, path, max_shard_bytes, token_ids)
+    return _write_hf(arch, config, SafetensorsFiles(path, ConversionError), out, path, max_shard_bytes, token_ids)
 
 
 def export_hf(module: MegatronModule, out: str | Path, tokenizer: str | Path | None = None,
@@ -199,19 +196,14 @@ def export_hf(module: MegatronModule, out: str | Path, tokenizer: str | Path | N
     Rank 0 writes; ``tokenizer`` is an HF directory or a ``tokenizer.json`` to include. Returns the path on rank 0.
     """
     arch = architecture_for_module(module)
-    tensors = gather_consolidated(module, arch, module.config)
+    tensors = gather_consolidated(module, unpad=True)
     path = None
     if tensors is not None:
-        path = _write_hf(arch, module.config, _Dict(tensors), out, tokenizer, max_shard_bytes, _token_ids(tokenizer))
+        # HF checkpoints of ours are fp32 whatever the training precision (config.json says so).
+        full = TensorDict({name: t.float() if t.is_floating_point() else t for name, t in tensors.items()},
+                          "the gathered model", ConversionError)
+        path = _write_hf(arch, module.config, full, out, tokenizer, max_shard_bytes, _token_ids(tokenizer))
     if dist.is_initialized():
         dist.barrier()
     return path
 
-
-class _Dict(dict):
-    """A dict with the ``get``-raises interface of the tensor sources."""
-
-    def get(self, name: str) -> Any:  # type: ignore[override]
-        if name not in self:
-            raise ConversionError(f"tensor {name!r} is missing from the gathered model")
-        return self[name]

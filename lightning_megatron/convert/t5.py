@@ -14,7 +14,15 @@ from typing import Any, Mapping
 
 import torch
 
-from lightning_megatron.convert.core import Architecture, ConversionError, Rule, concatenated, fused_qkv, same
+from lightning_megatron.convert.core import (
+    Architecture,
+    ConversionError,
+    Rule,
+    concatenated,
+    fused_qkv,
+    same,
+    supported,
+)
 from lightning_megatron.models.t5 import T5 as T5Module
 from lightning_megatron.models.t5 import T5Config
 from lightning_megatron.module import MegatronModule
@@ -31,14 +39,10 @@ class T5(Architecture):
 
     name = "t5"
     hf_architectures = ("T5ForConditionalGeneration",)
-    vocab_tensors = ("embedding.word_embeddings.weight", "lm_head.output_layer.weight", "lm_head.output_layer.bias")
     ignored_hf = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
     def config_from_hf(self, hf: Mapping[str, Any]) -> T5Config:
-        activation = hf.get("feed_forward_proj", "relu")
-        if activation not in _ACTIVATIONS:
-            raise ConversionError(f"T5 feed_forward_proj={activation!r} is not supported; supported: "
-                                  f"{sorted(_ACTIVATIONS)}")
+        activation = supported(hf, "feed_forward_proj", "relu", _ACTIVATIONS, "T5")
         tie = bool(hf.get("tie_word_embeddings", True))
         if bool(hf.get("scale_decoder_outputs", tie)) != tie:
             raise ConversionError("T5 with scale_decoder_outputs different from tie_word_embeddings is not supported")
@@ -46,7 +50,7 @@ class T5(Architecture):
             vocab_size=hf["vocab_size"], num_layers=hf["num_layers"],
             num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"], hidden_size=hf["d_model"],
             num_attention_heads=hf["num_heads"], kv_channels=hf["d_kv"], ffn_hidden_size=hf["d_ff"],
-            activation=_ACTIVATIONS[activation],
+            activation=activation,
             relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
             relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
             tie_embeddings=tie,
@@ -69,11 +73,6 @@ class T5(Architecture):
             "dropout_rate": config.hidden_dropout, "is_encoder_decoder": True, "decoder_start_token_id": 0,
             "pad_token_id": 0,
         }
-
-    def tied(self, config: T5Config) -> dict[str, str]:
-        if config.tie_embeddings:
-            return {"lm_head.output_layer.weight": "embedding.word_embeddings.weight"}
-        return {}
 
     def check_layout(self, config: T5Config, layout: Any) -> None:
         if layout.pipeline_model_parallel_size > 1:

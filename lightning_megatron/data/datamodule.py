@@ -9,16 +9,18 @@ step. Subclasses provide ``train_dataset``/``val_dataset``/``test_dataset`` of G
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
+from typing import Any
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_megatron.atomic import atomic_write
 from lightning_megatron.data.corpus import BUNDLED_CORPUS, read_texts
 from lightning_megatron.data.sampler import GlobalBatchLoader, GlobalBatchSampler, GlobalBatchSizes
-from lightning_megatron.data.tokenizer import Tokenizer, cache_dir, load_tokenizer
+from lightning_megatron.data.tokenizer import LazyTokenizer, cache_dir
 from lightning_megatron.errors import UserError
 from lightning_megatron.preflight import check_batch_sizes
 
@@ -44,12 +46,28 @@ class TokenWindows(Dataset):
         }
 
 
+class WindowSamples(Dataset):
+    """Base of datasets that make another kind of sample out of each token window, the same one for an index on
+    every run and every layout."""
+
+    def __init__(self, windows: TokenWindows, seed: int) -> None:
+        self.windows = windows
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def window(self, index: int) -> tuple[torch.Tensor, torch.Generator]:
+        """The tokens of window ``index`` and a generator seeded by (seed, index) for the random choices."""
+        return self.windows[index]["tokens"], torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+
+
 class MegatronDataModule(pl.LightningDataModule):
     """Base datamodule: builds loaders whose batches are this data-parallel rank's share of each global batch."""
 
     shuffle_train = True  # subclasses whose datasets are already shuffled (megatron-core's) turn this off
 
-    def __init__(self, global_batch_size: int, micro_batch_size: int, seed: int = 1234, num_workers: int = 0,
+    def __init__(self, global_batch_size: int = 16, micro_batch_size: int = 4, seed: int = 1234, num_workers: int = 0,
                  rampup_batch_size: list[int] | None = None) -> None:
         super().__init__()
         check_batch_sizes(global_batch_size, micro_batch_size)
@@ -75,6 +93,10 @@ class MegatronDataModule(pl.LightningDataModule):
     def data_description(self) -> str:
         """Names the data in error messages (its files, its split)."""
         return type(self).__name__
+
+    def wrap(self, dataset: Dataset) -> Dataset:
+        """Adapt a split to the model's batch contract (identity here; BERT and T5 datamodules mask it)."""
+        return dataset
 
     def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None or len(dataset) == 0:
@@ -106,28 +128,17 @@ class MegatronDataModule(pl.LightningDataModule):
         return self._loader(self.test_dataset, "test", train=False)
 
 
-class TextDataModule(MegatronDataModule):
+class TextDataModule(MegatronDataModule, LazyTokenizer):
     """GPT samples from a text corpus (``.jsonl``, ``.jsonl.gz`` or ``.txt``; the bundled KJV corpus by default).
 
     Documents are tokenised (cached on disk), joined with the end-of-document token, and cut into windows of
     ``seq_length + 1`` tokens; the last ``val_fraction`` of the documents is held out for validation and testing.
     """
 
-    def __init__(
-        self,
-        path: str | None = None,
-        tokenizer: str | None = None,
-        json_key: str = "text",
-        seq_length: int = 128,
-        global_batch_size: int = 16,
-        micro_batch_size: int = 4,
-        val_fraction: float = 0.05,
-        seed: int = 1234,
-        num_workers: int = 0,
-        rampup_batch_size: list[int] | None = None,
-    ) -> None:
-        super().__init__(global_batch_size, micro_batch_size, seed=seed, num_workers=num_workers,
-                         rampup_batch_size=rampup_batch_size)
+    def __init__(self, path: str | None = None, tokenizer: str | None = None, json_key: str = "text",
+                 seq_length: int = 128, val_fraction: float = 0.05, **kwargs: Any) -> None:
+        """``kwargs`` are :class:`MegatronDataModule`'s (batch sizes, seed, workers, ramp-up)."""
+        super().__init__(**kwargs)
         self.path = Path(path) if path else BUNDLED_CORPUS
         self.tokenizer_spec = tokenizer
         self.json_key = json_key
@@ -135,14 +146,6 @@ class TextDataModule(MegatronDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
         self.val_fraction = val_fraction
-        self._tokenizer: Tokenizer | None = None
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer the corpus is encoded with."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_spec)
-        return self._tokenizer
 
     def data_description(self) -> str:
         return f"{self.path} (val_fraction={self.val_fraction})"
@@ -152,9 +155,8 @@ class TextDataModule(MegatronDataModule):
 
     def setup(self, stage: str) -> None:
         train, held_out = self._encoded()
-        self.train_dataset = TokenWindows(train, self.seq_length)
-        self.val_dataset = TokenWindows(held_out, self.seq_length)
-        self.test_dataset = self.val_dataset
+        self.train_dataset = self.wrap(TokenWindows(train, self.seq_length))
+        self.val_dataset = self.test_dataset = self.wrap(TokenWindows(held_out, self.seq_length))
 
     def _encoded(self) -> tuple[np.ndarray, np.ndarray]:
         """(train tokens, held-out tokens), tokenised once per corpus and tokenizer and cached as ``.npz``."""
@@ -176,7 +178,6 @@ class TextDataModule(MegatronDataModule):
         eod = self.tokenizer.eod
         streams = [np.fromiter((t for doc in part for t in (*doc, eod)), dtype=np.int32)
                    for part in (encoded[:split], encoded[split:])]
-        tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, train=streams[0], held_out=streams[1])
-        os.replace(tmp, cache)
+        with atomic_write(cache) as tmp:
+            np.savez(tmp, train=streams[0], held_out=streams[1])
         return streams[0], streams[1]

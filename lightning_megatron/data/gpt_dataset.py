@@ -11,7 +11,6 @@ from typing import Any
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from lightning_megatron.data.megatron_datasets import IndexedDataModule
-from lightning_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from lightning_megatron.errors import UserError
 
 
@@ -23,37 +22,15 @@ class MegatronGPTDataModule(IndexedDataModule):
     each end-of-document token. See :class:`IndexedDataModule` for blending, splits and sample counts.
     """
 
-    def __init__(
-        self,
-        paths: str | list[str] | None = None,
-        weights: list[float] | None = None,
-        split: str = "969,30,1",
-        seq_length: int = 1024,
-        tokenizer: str | None = None,
-        global_batch_size: int = 16,
-        micro_batch_size: int = 4,
-        seed: int = 1234,
-        index_cache_dir: str | None = None,
-        num_samples: list[int | None] | None = None,
-        eval_samples: int | None = None,
-        mock: bool = False,
-        eod_mask_loss: bool = False,
-        reset_position_ids: bool = False,
-        check_vocab: bool = True,
-        num_workers: int = 0,
-    ) -> None:
+    def __init__(self, paths: str | list[str] | None = None, *, mock: bool = False, eod_mask_loss: bool = False,
+                 reset_position_ids: bool = False, **kwargs: Any) -> None:
+        """``kwargs`` are :class:`IndexedDataModule`'s (``seq_length``, ``tokenizer``, batch sizes, ...)."""
         if (paths is None) != mock:
             raise UserError("pass data paths (the --output-prefix of `lightning-megatron preprocess`) or mock=True")
-        super().__init__(
-            paths, weights, split, seq_length, tokenizer, global_batch_size, micro_batch_size, seed,
-            index_cache_dir, num_samples, eval_samples, check_vocab, num_workers,
-        )
+        super().__init__(paths=paths, **kwargs)
         self.mock = mock
         self.eod_mask_loss = eod_mask_loss
         self.reset_position_ids = reset_position_ids
-
-    def load_tokenizer(self, spec: str | None) -> Tokenizer:
-        return load_tokenizer(spec)
 
     def dataset_class(self) -> type:
         return MockGPTDataset if self.mock else GPTDataset

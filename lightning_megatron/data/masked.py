@@ -19,6 +19,7 @@ from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset, T5Masked
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from lightning_megatron.atomic import atomic_write
 from lightning_megatron.data.megatron_datasets import IndexedDataModule
 from lightning_megatron.data.tokenizer import Tokenizer
 from lightning_megatron.errors import UserError
@@ -38,11 +39,9 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, output: str | os.Path
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + sentinels, show_progress=False
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, output)
-    return output
+    with atomic_write(output) as tmp:
+        tokenizer.save(str(tmp))
+    return Path(output)
 
 
 class MaskedLMTokenizer(Tokenizer):
@@ -82,15 +81,8 @@ class _MaskedDataModule(IndexedDataModule):
         self,
         paths: str | list[str],
         tokenizer: str,
-        weights: list[float] | None = None,
-        split: str = "969,30,1",
+        *,
         seq_length: int = 512,
-        global_batch_size: int = 16,
-        micro_batch_size: int = 4,
-        seed: int = 1234,
-        index_cache_dir: str | None = None,
-        num_samples: list[int | None] | None = None,
-        eval_samples: int | None = None,
         masking_probability: float = 0.15,
         short_sequence_probability: float = 0.1,
         masking_max_ngram: int = 3,
@@ -98,13 +90,10 @@ class _MaskedDataModule(IndexedDataModule):
         masking_do_permutation: bool = False,
         masking_use_longer_ngrams: bool = False,
         masking_use_geometric_distribution: bool = False,
-        check_vocab: bool = True,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            paths, weights, split, seq_length, tokenizer, global_batch_size, micro_batch_size, seed,
-            index_cache_dir, num_samples, eval_samples, check_vocab, num_workers,
-        )
+        """``kwargs`` are :class:`IndexedDataModule`'s (``split``, batch sizes, ``num_samples``, ...)."""
+        super().__init__(paths=paths, tokenizer=tokenizer, seq_length=seq_length, **kwargs)
         self.masking = dict(
             masking_probability=masking_probability,
             short_sequence_probability=short_sequence_probability,
@@ -131,8 +120,9 @@ class MegatronBERTDataModule(_MaskedDataModule):
     (no next-sentence task).
     """
 
-    def __init__(self, *args: Any, classification_head: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, paths: str | list[str], tokenizer: str, *, classification_head: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(paths=paths, tokenizer=tokenizer, **kwargs)
         self.classification_head = classification_head
 
     def dataset_class(self) -> type:
@@ -154,16 +144,10 @@ class MegatronT5DataModule(_MaskedDataModule):
     geometric lengths.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        seq_length_decoder: int = 128,
-        masking_max_ngram: int = 10,
-        masking_use_geometric_distribution: bool = True,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, paths: str | list[str], tokenizer: str, *, seq_length_decoder: int = 128,
+                 masking_max_ngram: int = 10, masking_use_geometric_distribution: bool = True, **kwargs: Any) -> None:
         super().__init__(
-            *args, masking_max_ngram=masking_max_ngram,
+            paths=paths, tokenizer=tokenizer, masking_max_ngram=masking_max_ngram,
             masking_use_geometric_distribution=masking_use_geometric_distribution, **kwargs,
         )
         self.seq_length_decoder = seq_length_decoder

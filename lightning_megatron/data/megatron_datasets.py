@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from lightning_megatron.data.datamodule import MegatronDataModule
 from lightning_megatron.data.indexed import IndexedFiles, check_vocab_size, inspect_indexed
-from lightning_megatron.data.tokenizer import cache_dir
+from lightning_megatron.data.tokenizer import LazyTokenizer, cache_dir
 from lightning_megatron.errors import UserError
 
 SPLITS = ("train", "validation", "test")
@@ -56,7 +56,7 @@ def process_group_for_build() -> Iterator[None]:
         torch.distributed.destroy_process_group()
 
 
-class IndexedDataModule(MegatronDataModule, abc.ABC):
+class IndexedDataModule(MegatronDataModule, LazyTokenizer, abc.ABC):
     """Base of the datamodules built from indexed datasets with megatron-core's ``BlendedMegatronDatasetBuilder``.
 
     ``paths`` are dataset prefixes (``<prefix>.bin``/``.idx``), optionally with blend ``weights`` (or megatron's
@@ -78,16 +78,14 @@ class IndexedDataModule(MegatronDataModule, abc.ABC):
         split: str = "969,30,1",
         seq_length: int = 1024,
         tokenizer: str | None = None,
-        global_batch_size: int = 16,
-        micro_batch_size: int = 4,
-        seed: int = 1234,
         index_cache_dir: str | None = None,
         num_samples: list[int | None] | None = None,
         eval_samples: int | None = None,
         check_vocab: bool = True,
-        num_workers: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(global_batch_size, micro_batch_size, seed=seed, num_workers=num_workers)
+        """``kwargs`` are :class:`MegatronDataModule`'s (batch sizes, seed, workers, ramp-up)."""
+        super().__init__(**kwargs)
         self.blend = parse_blend(paths, weights) if paths is not None else None
         self.split = split
         self.seq_length = seq_length
@@ -98,18 +96,6 @@ class IndexedDataModule(MegatronDataModule, abc.ABC):
         self.num_samples = num_samples
         self.eval_samples = eval_samples
         self.check_vocab = check_vocab
-        self._tokenizer: Any = None
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer megatron-core's datasets are configured with (eod, pad and unique_identifiers at least)."""
-        if self._tokenizer is None:
-            self._tokenizer = self.load_tokenizer(self.tokenizer_spec)
-        return self._tokenizer
-
-    @abc.abstractmethod
-    def load_tokenizer(self, spec: str | None) -> Any:
-        """The tokenizer for ``spec`` (a path or ``None``/"bundled")."""
 
     @abc.abstractmethod
     def dataset_class(self) -> type:
@@ -118,10 +104,6 @@ class IndexedDataModule(MegatronDataModule, abc.ABC):
     @abc.abstractmethod
     def dataset_config(self, **common: Any) -> BlendedMegatronDatasetConfig:
         """The megatron-core dataset config, given the fields common to all datasets."""
-
-    def wrap(self, dataset: Dataset) -> Dataset:
-        """Adapt a built split to the model's batch contract (identity by default)."""
-        return dataset
 
     def data_description(self) -> str:
         """The prefixes and split, for error messages."""

@@ -69,15 +69,7 @@ class GPTSamples(Dataset):
 class DatasetDataModule(MegatronDataModule):
     """Serves given map-style datasets (GPT samples, e.g. :class:`GPTSamples`) with global-batch sampling."""
 
-    def __init__(
-        self,
-        train: Dataset,
-        val: Dataset | None = None,
-        test: Dataset | None = None,
-        global_batch_size: int = 16,
-        micro_batch_size: int = 4,
-        seed: int = 1234,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(global_batch_size, micro_batch_size, seed=seed, num_workers=num_workers)
+    def __init__(self, train: Dataset, val: Dataset | None = None, test: Dataset | None = None, **kwargs: Any) -> None:
+        """``kwargs`` are :class:`MegatronDataModule`'s (batch sizes, seed, workers, ramp-up)."""
+        super().__init__(**kwargs)
         self.train_dataset, self.val_dataset, self.test_dataset = train, val, test

@@ -16,13 +16,14 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from lightning_megatron.data.datamodule import MegatronDataModule
 from lightning_megatron.data.samples import GPTSamples
-from lightning_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from lightning_megatron.data.tokenizer import LazyTokenizer, Tokenizer
 from lightning_megatron.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -121,26 +122,16 @@ def sft_dataset(path: str | os.PathLike, tokenizer: Tokenizer, seq_length: int, 
     return GPTSamples(items, seq_length, pad_id=tokenizer.pad)
 
 
-class SFTDataModule(MegatronDataModule):
+class SFTDataModule(MegatronDataModule, LazyTokenizer):
     """Fine-tuning data from an SFT ``.jsonl`` (see the module docs for the format), in the GPT batch contract.
 
     Validation uses ``val_path`` when given, else the last ``val_fraction`` of the training file's examples.
     """
 
-    def __init__(
-        self,
-        path: str,
-        val_path: str | None = None,
-        val_fraction: float = 0.05,
-        tokenizer: str | None = None,
-        seq_length: int = 512,
-        packed: bool = False,
-        global_batch_size: int = 16,
-        micro_batch_size: int = 4,
-        seed: int = 1234,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(global_batch_size, micro_batch_size, seed=seed, num_workers=num_workers)
+    def __init__(self, path: str, val_path: str | None = None, val_fraction: float = 0.05, tokenizer: str | None = None,
+                 seq_length: int = 512, packed: bool = False, **kwargs: Any) -> None:
+        """``kwargs`` are :class:`MegatronDataModule`'s (batch sizes, seed, workers, ramp-up)."""
+        super().__init__(**kwargs)
         if not 0.0 <= val_fraction < 1.0:
             raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.path, self.val_path, self.val_fraction = path, val_path, val_fraction
@@ -152,7 +143,7 @@ class SFTDataModule(MegatronDataModule):
         return f"{self.path}" + (f" / {self.val_path}" if self.val_path else f" (val_fraction={self.val_fraction})")
 
     def setup(self, stage: str) -> None:
-        tokenizer = load_tokenizer(self.tokenizer_spec)
+        tokenizer = self.tokenizer
         data = sft_dataset(self.path, tokenizer, self.seq_length, self.packed)
         if self.val_path:
             self.train_dataset, self.val_dataset = data, sft_dataset(self.val_path, tokenizer, self.seq_length,

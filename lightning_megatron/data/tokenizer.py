@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from lightning_megatron.atomic import atomic_write
 from lightning_megatron.errors import UserError
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+BOS_TOKENS = ("<s>", "<|begin_of_text|>", "<bos>")
+"""Beginning-of-sequence tokens of common tokenizers (Llama 2, Llama 3, Gemma), looked up in this order."""
 BUNDLED_VOCAB_SIZE = 4096
 
 
@@ -54,6 +58,8 @@ class Tokenizer:
         self.eod: int = eod
         pad = self._find_token((PAD_TOKEN, "<pad>", "[PAD]"))
         self.pad: int = eod if pad is None else pad
+        self.bos: int | None = self._find_token(BOS_TOKENS)
+        """The beginning-of-sequence token, if the tokenizer has one (the bundled one does not)."""
         self.unique_identifiers = {"class": "Tokenizer", "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
 
     def _find_token(self, candidates: Sequence[str]) -> int | None:
@@ -81,9 +87,9 @@ class Tokenizer:
         """Token ids of many texts at once (parallel in Rust)."""
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``, special tokens dropped."""
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``, special tokens dropped unless ``skip_special_tokens`` is false."""
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def tokenize(self, text: str) -> list[int]:
         """Same as :meth:`encode` (the name megatron-core's tokenizer protocol uses)."""
@@ -106,11 +112,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output: str | os.PathLike) 
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    output = Path(output)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, output)
-    return output
+    with atomic_write(output) as tmp:
+        tokenizer.save(str(tmp))
+    return Path(output)
 
 
 def bundled_tokenizer() -> Tokenizer:
@@ -130,3 +134,18 @@ def load_tokenizer(spec: str | None) -> Tokenizer:
         return bundled_tokenizer()
     return Tokenizer(spec)
 
+
+class LazyTokenizer:
+    """Mixin for datamodules: :attr:`tokenizer`, loaded from :attr:`tokenizer_spec` on first use."""
+
+    tokenizer_spec: str | None
+    """A tokenizer.json path or HF tokenizer directory; ``None`` or ``"bundled"`` for the bundled tokenizer."""
+
+    def load_tokenizer(self, spec: str | None) -> Tokenizer:
+        """The tokenizer for ``spec``; datamodules that need a special kind of tokenizer override it."""
+        return load_tokenizer(spec)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the data is encoded with."""
+        return self.load_tokenizer(self.tokenizer_spec)

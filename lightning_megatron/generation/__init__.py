@@ -1,7 +1,7 @@
 """Text generation with a GPT trained under any tensor/pipeline layout: sampling, beams, batching, streaming.
 
-``model.generate(prompts, SamplingParams(...), tokenizer=...)`` (or :func:`generate`) decodes on every rank of the
-model replica together; :class:`Engine` is the continuous-batching loop the server drives.
+``generate(model, prompts, SamplingParams(...), tokenizer=...)`` decodes with a built GPT on every rank of the model
+replica together; :class:`Engine` is the continuous-batching loop the server drives.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from lightning_megatron.generation.stream import TextStreamer, TextTracker, Toke
 
 
 def build_engine(model: Any, tokenizer: Any | None = None, max_batch_size: int = 16, use_cache: bool = True,
-                 **kwargs: Any) -> Engine:
-    """An :class:`Engine` over a built GPT (``configure_model`` done, e.g. inside a Trainer run)."""
+                 cuda_graphs: bool | None = None, compile: bool = False, **kwargs: Any) -> Engine:
+    """An :class:`Engine` over a built GPT (``configure_model`` done, e.g. inside a Trainer run).
+
+    ``cuda_graphs``/``compile``: see :class:`ModelRunner` (graphs default to on where one CUDA process holds the model).
+    """
     if model.chunks is None:
         raise RuntimeError("the model is not built yet: generate inside a Trainer run (fit/predict) or after "
                            "configure_model() with megatron's parallel state initialised")
-    runner = ModelRunner(model.chunks, model.config.vocab_size)
+    runner = ModelRunner(model.chunks, model.config.vocab_size, cuda_graphs=cuda_graphs, compile=compile)
     return Engine(runner, model.config.seq_length, tokenizer=tokenizer, max_batch_size=max_batch_size,
                   use_cache=use_cache, **kwargs)
 

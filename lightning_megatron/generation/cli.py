@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch.distributed as dist
 
+from lightning_megatron.atomic import atomic_write
 from lightning_megatron.generation import SamplingParams, TextStreamer, build_engine
 from lightning_megatron.generation.predict import completion_record, read_prompts
 from lightning_megatron.generation.session import add_model_arguments, run_inference
@@ -91,11 +90,8 @@ def main(argv: Sequence[str]) -> int:
     if records is None:
         return 0
     if args.output:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, path)
+        with atomic_write(args.output) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     if not args.stream:
         for record in records:
             print(f"{record['prompt']}{record['completion']}")

@@ -2,15 +2,16 @@
 
 Every rank of a model replica runs the same engine in lockstep. Each step is either a *prefill* (the prompts of
 newly admitted requests) or a *decode* (one token for every running sequence); the source rank (see
-:class:`~lightning_megatron.generation.runner.ModelRunner`) chooses the tokens and broadcasts them, then every rank
-applies them identically, so all ranks agree on which requests run, stop or leave.
+:class:`~lightning_megatron.generation.runner.ModelRunner`) chooses the tokens on the device and broadcasts them,
+then every rank applies them identically, so all ranks agree on which requests run, stop or leave.
 
-The key/value cache is megatron's ``StaticInferenceContext``: one row per sequence ("slot"), and one write position
-shared by all rows (the clock ``T``). A request joining at clock ``T`` writes its prompt into the positions just
-before ``T``; an attention mask hides everything its row held before. Rotary embeddings depend only on distances,
-and learned position embeddings are fed each sequence's own positions, so where a sequence sits in the cache does
-not change its logits. Recompute mode (``use_cache=False``) runs the whole sequence every step through the same
-masks and is the reference the cache is tested against.
+The key/value cache (:class:`~lightning_megatron.generation.kv_cache.KVCache`) has one row per sequence ("slot") and
+one write position shared by all rows (the clock ``T``). A request joining at clock ``T`` writes its prompt into the
+positions just before ``T``; the cache's per-row ``valid`` cells hide everything its row held before. Each sequence
+is fed its own positions (learned and rotary embeddings alike), so where it sits in the cache does not change its
+logits. A decode step reads its inputs (the tokens just chosen, each row's position) from device buffers, which is
+what lets it replay from a CUDA graph. Recompute mode (``use_cache=False``) runs the whole sequence every step
+through plain masked attention and is the reference the cache is tested against.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch.distributed as dist
 
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.runner import ModelRunner
-from lightning_megatron.generation.sampling import RowState, beam_step, choose, constrain, make_generator
+from lightning_megatron.generation.sampling import RowState, Sampler, beam_step, new_seed
+from lightning_megatron.generation.sessions import SessionStore
+from lightning_megatron.generation.scoring import TokenScores, score_tokens, top_alternatives
 from lightning_megatron.generation.stream import TextTracker, TokenEvent
 
 
@@ -45,6 +48,16 @@ class GenerationOutput:
     logprobs: list[float] | None
     """The model's log probability of each generated token (when ``SamplingParams.logprobs``)."""
     cumulative_logprob: float
+    top_logprobs: list[dict[int, float]] | None = None
+    """The most likely tokens at each generated token (when ``SamplingParams.top_logprobs``)."""
+    prompt_logprobs: list[float | None] | None = None
+    """The model's log probability of each prompt token, ``None`` for the first (when
+    ``SamplingParams.prompt_logprobs`` is set)."""
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    """The most likely tokens at each prompt position, ``None`` for the first."""
+    cached_tokens: int = 0
+    """Prompt tokens whose keys/values came from the request's session instead of being computed again."""
+    session_id: str | None = None
 
     @property
     def length(self) -> int:
@@ -65,6 +78,11 @@ class _Request:
     tracker: TextTracker | None = None
     hypotheses: list[tuple[float, RowState]] = field(default_factory=list)
     output: GenerationOutput | None = None
+    prompt_scores: TokenScores | None = None
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    session_id: str | None = None
+    cached: int = 0
+    """Leading prompt tokens whose keys/values the session holds."""
 
     @property
     def width(self) -> int:
@@ -76,6 +94,12 @@ class Engine:
 
     Call :meth:`submit` with the same requests on every rank (or, with ``leader_submits=True``, on global rank 0
     only: its new requests are broadcast at the start of each step), then :meth:`step` until :attr:`busy` is false.
+
+    A request with a ``session_id`` continues that conversation: its prompt holds only the new text, the keys and
+    values of the earlier turns (prompts and generated tokens) are reused, and the result is what the whole
+    conversation as one prompt gives. Sessions end with :meth:`end_session`, after ``session_ttl`` idle seconds, or,
+    least recently used first, when the sessions together hold more than ``session_tokens`` cached tokens (default:
+    as many as the cache has cells).
     """
 
     def __init__(
@@ -88,6 +112,8 @@ class Engine:
         use_cache: bool = True,
         leader_submits: bool = False,
         eod: int | None = None,
+        session_ttl: float = 600.0,
+        session_tokens: int | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -97,7 +123,9 @@ class Engine:
         self.use_cache = use_cache
         self.leader_submits = leader_submits
         self.eod = eod if eod is not None else getattr(tokenizer, "eod", None)
-        self.cache = runner.new_cache(max_batch_size, self.cache_length) if use_cache else None
+        if use_cache:
+            runner.allocate(max_batch_size, self.cache_length)
+        self.sampler = Sampler(max_batch_size, runner.vocab_size, runner.device) if runner.is_source else None
         self.clock = 0
         self.active: list[_Request] = []
         self.pending: list[_Request] = []
@@ -107,6 +135,9 @@ class Engine:
         self.finished: dict[int, GenerationOutput] = {}
         self.closed = False
         self._prefilled = False
+        self.sessions = SessionStore(session_ttl, max_batch_size * self.cache_length if session_tokens is None
+                                     else session_tokens)
+        self._steps = 0
 
     # ------------------------------------------------------------------ requests
     @property
@@ -119,8 +150,12 @@ class Engine:
         """Requests waiting for a slot."""
         return len(self.pending) + self._inbox.qsize()
 
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
-        """Queue a request (text or token ids); returns its id. Raises ``ValueError`` for input that cannot run."""
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               session_id: str | None = None) -> int:
+        """Queue a request (text or token ids); returns its id. Raises ``ValueError`` for input that cannot run.
+
+        With ``session_id`` the prompt continues that session's conversation (a new id starts one).
+        """
         params = params or SamplingParams()
         params.validate()
         if isinstance(prompt, str):
@@ -131,15 +166,26 @@ class Engine:
             tokens = [int(t) for t in prompt]
         if not tokens:
             raise ValueError("the prompt is empty; give at least one token")
+        cached = 0
+        if session_id is not None:
+            if not self.use_cache:
+                raise ValueError("sessions keep keys/values: they need the engine's cache (use_cache=True)")
+            if params.beam_width > 1:
+                raise ValueError("beam search cannot continue a session; set beam_width to 1 or drop session_id")
+            tokens, cached = self.sessions.begin(session_id, tokens)
+            if cached and params.prompt_logprobs is not None:
+                raise ValueError("prompt log probabilities need the whole prompt computed; they cannot continue a "
+                                 "session (drop session_id or prompt_logprobs)")
         vocab = self.runner.vocab_size
         if min(tokens) < 0 or max(tokens) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise ValueError("stop strings and bad words need a tokenizer; use stop_token_ids / bad_word_ids")
         room = self.max_sequence_length - len(tokens)
-        if room < 1:
+        if room < (params.max_new_tokens != 0):
             raise ValueError(f"the prompt has {len(tokens)} tokens; the model reads at most "
-                             f"{self.max_sequence_length - 1} to leave room for one new token")
+                             f"{self.max_sequence_length - 1} to leave room for one new token "
+                             f"({self.max_sequence_length} when only scoring it)")
         max_new = room if params.max_new_tokens is None else params.max_new_tokens
         if max_new > room:
             raise ValueError(f"prompt ({len(tokens)} tokens) + max_new_tokens ({max_new}) exceeds the model's "
@@ -150,7 +196,10 @@ class Engine:
         bad_words = list(params.bad_word_ids)
         if params.bad_words:
             bad_words.extend(tuple(self.tokenizer.encode(word)) for word in params.bad_words)
-        request = _Request(next(self._ids), tokens, params, max_new, tuple(w for w in bad_words if w))
+        request = _Request(next(self._ids), tokens, params, max_new, tuple(w for w in bad_words if w),
+                           session_id=session_id, cached=cached)
+        if session_id is not None:
+            self.sessions.hold(session_id)
         self._post("add", request)
         return request.id
 
@@ -161,6 +210,11 @@ class Engine:
     def close(self) -> None:
         """Ask every rank to stop serving: :attr:`closed` becomes true at the next step."""
         self._post("close", None)
+
+    def end_session(self, session_id: str) -> None:
+        """Forget a session and free its cached keys/values (once a request of it running now finishes)."""
+        self.sessions.end(session_id)
+        self._post("end_session", session_id)  # the other ranks end it at their next intake
 
     def wait(self, timeout: float) -> None:
         """Block until a request arrives or ``timeout`` seconds pass (returns at once while busy)."""
@@ -183,9 +237,13 @@ class Engine:
         events = []
         for kind, item in messages:
             if kind == "add":
+                if item.session_id is not None:  # the leader held it when it was submitted; the others now
+                    self.sessions.hold(item.session_id)
                 self.pending.append(item)
             elif kind == "close":
                 self.closed = True
+            elif kind == "end_session":
+                self.sessions.end(item)
             else:
                 events.extend(self._cancel(item))
         return events
@@ -205,6 +263,8 @@ class Engine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests (prefill) or advance every running sequence by one token (decode)."""
+        self._steps += 1
+        self._expire_sessions()
         events = self._intake()
         self._retire()
         # After a prefill the running sequences decode once before more requests are let in, so a steady stream of
@@ -219,7 +279,9 @@ class Engine:
             requests = self.active
         else:
             return events
-        decision = self.runner.broadcast(self._decide(logits, requests) if self.runner.is_source else None)
+        decision = self.runner.broadcast(self._with_top_logprobs(self._decide(logits, requests), logits, requests)
+                                         if self.runner.is_source else None)
+        self._keep_top_logprobs(decision, requests)
         events.extend(self._apply(decision, requests))
         self._retire()
         return events
@@ -246,12 +308,16 @@ class Engine:
             return []
         del self.pending[: len(admitted)]
         if not self.active:
-            self.clock = longest
+            self.clock = self.runner.prefill_width(longest, self.cache_length - max(r.max_new for r in admitted))
         slot = sum(r.width for r in self.active)
         for request in admitted:
             request.slot, request.start = slot, self.clock - len(request.prompt)
             slot += request.width
             request.rows = [self._row(request) for _ in range(request.width)]
+            if request.cached:
+                self.runner.restore_row(request.slot, self.sessions.take(request.session_id), request.start)
+            if self.sampler is not None:
+                self.sampler.reset(request.slot, request.rows)
             if self.tokenizer is not None and request.width == 1:
                 request.tracker = TextTracker(self.tokenizer, request.params.stop)
         self.active.extend(admitted)
@@ -262,93 +328,144 @@ class Engine:
         end_ids = set(p.stop_token_ids)
         if self.eod is not None and not p.ignore_eos:
             end_ids.add(self.eod)
-        generator = make_generator(p.seed, self.runner.device) if self.runner.is_source and not p.greedy else None
         return RowState(p, request.prompt, end_ids=frozenset(end_ids), bad_words=request.bad_words,
-                        generator=generator, top_p=p.top_p)
+                        seed=new_seed(p.seed), top_p=p.top_p)
 
     def _rows(self, requests: Sequence[_Request]) -> list[tuple[_Request, RowState]]:
         return [(request, row) for request in requests for row in request.rows]
 
-    def _layout(self, rows: list[tuple[_Request, RowState]], first: int, last: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Tokens and positions at cache positions ``[first, last)`` of ``rows``, and their mask over keys ``[0, last)``.
-
-        A query sees the keys at or before it and not before its own sequence's start (older rows' leftovers); a
-        padding query sees itself, so that no row of the attention is empty (SDPA turns those into NaN). When
-        every sequence starts at 0 plain causal attention is the same, and no mask lets fused kernels run.
-        """
+    def _layout(self, rows: list[tuple[_Request, RowState]], first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and each sequence's own positions at cache positions ``[first, last)`` of ``rows`` (0 before a
+        sequence's start)."""
         tokens = torch.zeros(len(rows), last - first, dtype=torch.long)
         for i, (request, row) in enumerate(rows):
             sequence = row.prompt + row.generated
-            for position in range(max(first, request.start), last):
-                tokens[i, position - first] = sequence[position - request.start]
+            begin = max(first, request.start)
+            if begin < last:
+                tokens[i, begin - first :] = torch.tensor(sequence[begin - request.start : last - request.start])
         starts = torch.tensor([request.start for request, _ in rows])
-        queries = torch.arange(first, last)
-        positions = (queries[None, :] - starts[:, None]).clamp(min=0)
-        if not starts.any():
-            return tokens, positions, None
-        keys = torch.arange(0, last)[None, None, :]
-        blocked = (keys > queries[None, :, None]) | ((keys < starts[:, None, None]) & (keys != queries[None, :, None]))
-        return tokens, positions, blocked[:, None]
+        positions = (torch.arange(first, last)[None, :] - starts[:, None]).clamp(min=0)
+        return tokens, positions
+
+    def _recompute(self, rows: list[tuple[_Request, RowState]], all_positions: bool = False) -> torch.Tensor | None:
+        """Logits of the last position of every row (of every position with ``all_positions``), from the whole
+        sequences (no cache).
+
+        A query sees the keys at or before it and not before its own sequence's start (older rows' leftovers); a
+        padding query sees itself, so that no row of the attention is empty. When every sequence starts at 0 plain
+        causal attention is the same, and no mask lets fused kernels run.
+        """
+        tokens, positions = self._layout(rows, 0, self.clock)
+        starts = torch.tensor([request.start for request, _ in rows])
+        mask = None
+        if starts.any():
+            queries = torch.arange(self.clock)
+            keys = queries[None, None, :]
+            mask = (keys > queries[None, :, None]) | ((keys < starts[:, None, None]) & (keys != queries[None, :, None]))
+            mask = mask[:, None]
+        logits = self.runner.forward(tokens, positions, mask)
+        return logits if all_positions else self._last(logits)
 
     def _prefill(self, admitted: list[_Request]) -> torch.Tensor | None:
         rows = self._rows(admitted)
-        first = self.clock - max(len(r.prompt) for r in admitted)
-        if self.cache is None:
-            tokens, positions, mask = self._layout(rows, 0, self.clock)
-            return self._last(self.runner.forward(tokens, positions, mask))
-        tokens, positions, mask = self._layout(rows, first, self.clock)
-        self.cache.sequence_len_offset, self.cache.batch_size_offset = first, admitted[0].slot
-        self.cache.enable_prefill_mode()
-        try:
-            return self._last(self.runner.forward(tokens, positions, mask, self.cache))
-        finally:
-            self.cache.batch_size_offset = 0
+        scoring = any(r.params.prompt_logprobs is not None for r in admitted)
+        if not self.use_cache:
+            first = 0
+            logits = self._recompute(rows, all_positions=scoring)
+        else:
+            # A fresh batch fills positions [0, clock) (the clock may be padded for a graphed prefill); a batch
+            # joining running sequences, or continuing sessions, computes only as far back as its longest uncached
+            # prompt.
+            fresh = admitted[0].slot == 0 and not any(r.cached for r in admitted)
+            width = self.clock if fresh else max(len(r.prompt) - r.cached for r in admitted)
+            first = self.clock - width
+            tokens, positions = self._layout(rows, first, self.clock)
+            logits = self.runner.prefill(admitted[0].slot, tokens, positions, [request.start for request, _ in rows],
+                                         self.clock, all_positions=scoring)
+        if not scoring:
+            return logits
+        self._score_prompts(admitted, logits, first)
+        return self._last(logits)
+
+    def _score_prompts(self, admitted: list[_Request], logits: torch.Tensor | None, first: int) -> None:
+        """Every rank: the source scores the prompts of requests that asked (``logits`` cover cache positions from
+        ``first``) and sends the scores to all ranks, which keep them on their requests."""
+        scores: dict[int, TokenScores] | None = None
+        if self.runner.is_source:
+            scores, row = {}, 0
+            for request in admitted:
+                if request.params.prompt_logprobs is not None:
+                    positions = logits[row, request.start - first : self.clock - first - 1]
+                    scores[request.id] = score_tokens(positions, request.prompt[1:], request.params.prompt_logprobs)
+                row += request.width
+        scores = self.runner.broadcast(scores)
+        for request in admitted:
+            request.prompt_scores = scores.get(request.id)
 
     def _decode(self) -> torch.Tensor | None:
         rows = self._rows(self.active)
+        if not self.use_cache:
+            self.clock += 1
+            return self._recompute(rows)
+        logits = self.runner.decode(len(rows), self.clock)
         self.clock += 1
-        if self.cache is None:
-            tokens, positions, mask = self._layout(rows, 0, self.clock)
-            return self._last(self.runner.forward(tokens, positions, mask))
-        tokens, positions, mask = self._layout(rows, self.clock - 1, self.clock)
-        self.cache.sequence_len_offset, self.cache.batch_size_offset = self.clock - 1, 0
-        self.cache.enable_decode_mode()
-        return self._last(self.runner.forward(tokens, positions, mask, self.cache))
+        return logits
 
     @staticmethod
     def _last(logits: torch.Tensor | None) -> torch.Tensor | None:
         return None if logits is None else logits[:, -1]
 
     # ------------------------------------------------------------------ choosing and applying tokens
+    def _with_top_logprobs(self, decision: dict[str, Any], logits: torch.Tensor, requests: list[_Request]
+                           ) -> dict[str, Any]:
+        """On the source rank: add the most likely tokens of the rows whose requests keep them to ``decision``."""
+        top: dict[int, dict[int, float]] = {}
+        row = 0
+        for request in requests:
+            if request.params.top_logprobs and request.max_new > 0:
+                top[request.id] = top_alternatives(logits[row : row + 1].log_softmax(dim=-1),
+                                                   request.params.top_logprobs)[0]
+            row += request.width
+        if top:
+            decision["top_logprobs"] = top
+        return decision
+
+    def _keep_top_logprobs(self, decision: dict[str, Any], requests: list[_Request]) -> None:
+        for request in requests:
+            if request.id in decision.get("top_logprobs", {}):
+                request.top_logprobs.append(decision["top_logprobs"][request.id])
+
     def _decide(self, logits: torch.Tensor, requests: list[_Request]) -> dict[str, Any]:
         """On the source rank: the next token of every sampled row, and each beam search's step."""
         rows = self._rows(requests)
-        states = [row for _, row in rows]
-        logprobs = logits.log_softmax(dim=-1)
-        constrained = constrain(logits, states)
-        tokens = choose(constrained, states).tolist()
-        decision: dict[str, Any] = {"tokens": tokens,
-                                    "logprobs": logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])
-                                    .squeeze(1).tolist(),
-                                    "beams": {}}
+        first = requests[0].slot
+        choice = self.sampler.choose(logits, first, [row for _, row in rows])
+        if self.use_cache:
+            self.runner.tokens[first : first + len(rows)] = choice.tokens
+        self.sampler.record(first, choice.tokens)
+        # The one read-back of the step: the chosen tokens and their log probabilities, together.
+        tokens, logprobs = torch.stack([choice.tokens.double(), choice.logprobs.double()]).tolist()
+        decision: dict[str, Any] = {"tokens": [int(t) for t in tokens], "logprobs": logprobs, "beams": {}}
         offset = 0
         for request in requests:
             if request.width > 1:
                 span = slice(offset, offset + request.width)
                 cumulative = ([sum(row.logprobs) for row in request.rows] if request.rows[0].generated
                               else [0.0] + [float("-inf")] * (request.width - 1))
-                beam_logprobs = constrained[span].log_softmax(dim=-1)
-                choice = beam_step(beam_logprobs, cumulative, request.rows[0].end_ids, request.width)
+                beam_logprobs = choice.constrained[span].log_softmax(dim=-1)
+                step = beam_step(beam_logprobs, cumulative, request.rows[0].end_ids, request.width,
+                                 request.params.diversity_rate)
                 decision["beams"][request.id] = {
-                    "parents": choice.parents, "tokens": choice.tokens,
-                    "logprobs": [beam_logprobs[p, t].item() for p, t in zip(choice.parents, choice.tokens)],
-                    "ended": [(p, t, beam_logprobs[p, t].item()) for p, t, _ in choice.ended],
+                    "parents": step.parents, "tokens": step.tokens,
+                    "logprobs": [beam_logprobs[p, t].item() for p, t in zip(step.parents, step.tokens)],
+                    "ended": [(p, t, beam_logprobs[p, t].item()) for p, t, _ in step.ended],
                 }
             offset += request.width
         return decision
 
     def _apply(self, decision: dict[str, Any], requests: list[_Request]) -> list[TokenEvent]:
+        if self.use_cache and not self.runner.is_source:
+            self.runner.set_tokens(requests[0].slot, decision["tokens"])
         events = []
         offset = 0
         for request in requests:
@@ -364,6 +481,9 @@ class Engine:
 
     def _advance(self, request: _Request, token: int, logprob: float) -> TokenEvent:
         row = request.rows[0]
+        if request.max_new == 0:  # the prompt was only scored
+            self._finish(request, "length", row)
+            return TokenEvent(request.id, None, "", True, "length")
         row.advance(token, logprob)
         piece, stopped = ("", False)
         if request.tracker is not None:
@@ -377,7 +497,8 @@ class Engine:
             if request.tracker is not None:
                 piece += request.tracker.finish()
             self._finish(request, reason, row)
-        return TokenEvent(request.id, token, piece, reason is not None, reason)
+        top = request.top_logprobs[-1] if request.top_logprobs else None
+        return TokenEvent(request.id, token, piece, reason is not None, reason, logprob, top)
 
     def _advance_beams(self, request: _Request, step: dict[str, Any]) -> TokenEvent | None:
         alpha = request.params.length_penalty
@@ -391,9 +512,12 @@ class Engine:
             row = request.rows[parent].fork()
             row.advance(token, logprob)
             new_rows.append(row)
-        if self.cache is not None and len(parents) == request.width:
-            slots = range(request.slot, request.slot + request.width)
-            self.runner.move_rows(self.cache, list(slots), [request.slot + p for p in parents])
+        if len(parents) == request.width:
+            slots = list(range(request.slot, request.slot + request.width))
+            self.runner.move_rows(slots, [request.slot + p for p in parents])
+            self.runner.set_tokens(request.slot, step["tokens"])
+            if self.sampler is not None:
+                self.sampler.reset(request.slot, new_rows)
         alive_done = not new_rows or len(new_rows[0].generated) >= request.max_new
         if alive_done or len(request.hypotheses) >= request.width or len(new_rows) < request.width:
             for row in new_rows:
@@ -412,9 +536,34 @@ class Engine:
         text = None
         if self.tokenizer is not None:
             text = request.tracker.text if request.tracker is not None else self.tokenizer.decode(tokens)
-        request.output = GenerationOutput(request.id, request.prompt, tokens, text, reason,
-                                          logprobs if request.params.logprobs else None, float(sum(logprobs)))
+        scores = request.prompt_scores
+        request.output = GenerationOutput(
+            request.id, request.prompt, tokens, text, reason, logprobs if request.params.logprobs else None,
+            float(sum(logprobs)), top_logprobs=request.top_logprobs if request.params.top_logprobs else None,
+            prompt_logprobs=None if scores is None else [None, *scores.logprobs],
+            prompt_top_logprobs=None if scores is None else [None, *scores.top],
+            cached_tokens=request.cached, session_id=request.session_id,
+        )
         self.finished[request.id] = request.output
+        if request.session_id is not None:
+            self._keep_session(request, row)
+
+    # ------------------------------------------------------------------ sessions
+    def _keep_session(self, request: _Request, row: RowState | None) -> None:
+        """Save a finished request's keys/values (its row's cells: every token but the last generated one)."""
+        if row is None or request.slot < 0:
+            self.sessions.keep(request.session_id, None, None, self._steps)
+            return
+        saved = self.runner.save_row(request.slot, request.start, self.clock)
+        self.sessions.keep(request.session_id, request.prompt + row.generated, saved, self._steps)
+
+    def _expire_sessions(self) -> None:
+        """On the rank that takes requests: end sessions idle for longer than their time to live (all ranks follow)."""
+        leader = not (self.runner.distributed and dist.get_world_size() > 1) or (
+            self.leader_submits and dist.get_rank() == 0)
+        if leader:
+            for key in self.sessions.expired():
+                self.end_session(key)
 
     def _retire(self) -> None:
         """Free the slots of finished requests and close the gaps (copying cache rows down)."""
@@ -429,8 +578,9 @@ class Engine:
                 src.extend(range(request.slot, request.slot + request.width))
                 request.slot = slot
             slot += request.width
-        if self.cache is not None:
-            self.runner.move_rows(self.cache, dst, src)
+        self.runner.move_rows(dst, src)
+        if self.sampler is not None:
+            self.sampler.move_rows(dst, src)
         self.active = kept
         if not kept:
             self.clock = 0

@@ -2,9 +2,13 @@
 
     lightning-megatron evaluate --ckpt last.ckpt --text held_out.txt --lambada lambada_test.jsonl
 
-Perplexity is ``exp`` of the mean next-token loss over the file's documents (each followed by the end-of-document
-token) cut into windows of the model's sequence length. LAMBADA-format lines are ``{"text": "..."}``; an example
-counts as correct when greedy decoding reproduces every token of its last word from the rest of the text.
+Both score text the way lm-evaluation-harness does, through the same scoring code as the server and the harness
+adapter (:mod:`lightning_megatron.generation.scoring`), so the numbers agree with ``lm-eval`` run on the same texts.
+Perplexity is ``exp`` of the mean next-token loss over the documents, each scored on its own (its first token
+conditioned on the tokenizer's BOS, else end-of-document) in windows of the model's sequence length
+(lm-eval's ``loglikelihood_rolling``). LAMBADA-format lines are ``{"text": "..."}``; an example counts as correct
+when every token of its last word is the model's most likely next token (lm-eval's ``acc`` on ``lambada``), and
+the perplexity of the last words is reported too.
 """
 
 from __future__ import annotations
@@ -14,82 +18,54 @@ import json
 import math
 from typing import Any, Sequence
 
-import torch
-
 from lightning_megatron.data.corpus import read_texts
 from lightning_megatron.errors import UserError
-from lightning_megatron.generation.runner import ModelRunner
+from lightning_megatron.generation import build_engine
+from lightning_megatron.generation.scoring import (
+    continuation_loglikelihoods,
+    prefix_token,
+    rolling_loglikelihoods,
+)
 from lightning_megatron.generation.session import add_model_arguments, run_inference
 
 
-def _runner(model: Any) -> ModelRunner:
-    return ModelRunner(model.chunks, model.config.vocab_size)
-
-
-def _causal(batch: int, length: int) -> tuple[torch.Tensor, None]:
-    """Positions of right-padded rows, and no mask: plain causal attention (padding only follows real tokens)."""
-    return torch.arange(length).expand(batch, length), None
-
-
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8) -> dict[str, float]:
-    """``{"perplexity", "loss", "tokens"}`` of ``texts`` (every rank of the replica calls it together)."""
-    length = model.config.seq_length
-    stream = [t for ids in tokenizer.encode_batch(list(texts)) for t in (*ids, tokenizer.eod)]
-    windows = [stream[i : i + length + 1] for i in range(0, max(len(stream) - 1, 1), length)]
-    windows = [w for w in windows if len(w) > 1]
-    if not windows:
-        raise UserError("the text holds fewer than 2 tokens; nothing to score")
-    runner = _runner(model)
-    total = torch.zeros(2, dtype=torch.float64)
-    with runner.inference_mode():
-        for start in range(0, len(windows), batch_size):
-            group = windows[start : start + batch_size]
-            width = max(len(w) for w in group) - 1
-            tokens = torch.zeros(len(group), width, dtype=torch.long)
-            labels = torch.zeros(len(group), width, dtype=torch.long)
-            valid = torch.zeros(len(group), width, dtype=torch.bool)
-            for row, window in enumerate(group):
-                tokens[row, : len(window) - 1] = torch.tensor(window[:-1])
-                labels[row, : len(window) - 1] = torch.tensor(window[1:])
-                valid[row, : len(window) - 1] = True
-            logits = runner.forward(tokens, *_causal(len(group), width))
-            if logits is not None:
-                losses = -logits.log_softmax(-1).gather(-1, labels.to(logits.device)[..., None]).squeeze(-1)
-                valid = valid.to(logits.device)
-                total += torch.stack([losses[valid].double().sum(), valid.sum().double()]).cpu()
-    loss, count = runner.broadcast(total.tolist() if runner.is_source else None)
-    return {"perplexity": math.exp(loss / count), "loss": loss / count, "tokens": int(count)}
+    """``{"perplexity", "loss", "tokens", "loglikelihood"}`` of ``texts`` (every rank of the replica calls it
+    together); ``loglikelihood`` is the summed log probability of all their tokens."""
+    documents = [ids for ids in tokenizer.encode_batch(list(texts)) if ids]
+    tokens = sum(len(ids) for ids in documents)
+    if not tokens:
+        raise UserError("the text holds no tokens; nothing to score")
+    engine = build_engine(model, tokenizer, max_batch_size=batch_size)
+    total = sum(rolling_loglikelihoods(engine, documents, prefix_token(tokenizer)))
+    return {"perplexity": math.exp(-total / tokens), "loss": -total / tokens, "tokens": tokens,
+            "loglikelihood": total}
+
+
+def split_last_word(text: str) -> tuple[str, str]:
+    """``(context, " " + last word)`` of a LAMBADA example."""
+    context, _, word = text.strip().rpartition(" ")
+    if not context:
+        raise UserError(f"a LAMBADA example needs a context and a last word: {text[:80]!r}")
+    return context, " " + word
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens as lm-evaluation-harness splits them: the whole text is encoded and the
+    context's tokens cut off its front, so that tokens merging across the boundary belong to the continuation."""
+    whole = tokenizer.encode(context + continuation)
+    split = len(tokenizer.encode(context))
+    return whole[:split], whole[split:]
 
 
 def last_word_accuracy(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8) -> dict[str, float]:
-    """``{"accuracy", "correct", "examples"}``: greedy prediction of each text's last word from the rest."""
-    length = model.config.seq_length
-    examples = []
-    for text in texts:
-        context, _, word = text.strip().rpartition(" ")
-        if not context:
-            raise UserError(f"a LAMBADA example needs a context and a last word: {text[:80]!r}")
-        target = tokenizer.encode(" " + word)
-        ids = (tokenizer.encode(context) + target)[-(length + 1):]
-        examples.append((ids, len(target)))
-    runner = _runner(model)
-    correct = 0
-    with runner.inference_mode():
-        for start in range(0, len(examples), batch_size):
-            group = examples[start : start + batch_size]
-            width = max(len(ids) for ids, _ in group) - 1
-            tokens = torch.zeros(len(group), width, dtype=torch.long)
-            for row, (ids, _) in enumerate(group):
-                tokens[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-            logits = runner.forward(tokens, *_causal(len(group), width))
-            if logits is None:
-                continue
-            predicted = logits.argmax(-1).cpu()
-            for row, (ids, target) in enumerate(group):
-                end = len(ids) - 1
-                correct += int(predicted[row, end - target : end].tolist() == ids[-target:])
-    correct = runner.broadcast(correct if runner.is_source else None)
-    return {"accuracy": correct / len(examples), "correct": correct, "examples": len(examples)}
+    """``{"accuracy", "correct", "examples", "perplexity"}``: greedy prediction of each text's last word."""
+    pairs = [encode_pair(tokenizer, *split_last_word(text)) for text in texts]
+    engine = build_engine(model, tokenizer, max_batch_size=batch_size)
+    scores = continuation_loglikelihoods(engine, pairs)
+    correct = sum(greedy for _, greedy in scores)
+    return {"accuracy": correct / len(scores), "correct": correct, "examples": len(scores),
+            "perplexity": math.exp(-sum(ll for ll, _ in scores) / len(scores))}
 
 
 def main(argv: Sequence[str]) -> int:

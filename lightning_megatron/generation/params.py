@@ -13,7 +13,7 @@ class SamplingParams:
     """Decoding settings of one request; the defaults decode greedily for 64 tokens."""
 
     max_new_tokens: int | None = 64
-    """Tokens to generate at most; ``None`` means up to the model's sequence length."""
+    """Tokens to generate at most; ``None`` means up to the model's sequence length, 0 only scores the prompt."""
     min_new_tokens: int = 0
     """End-of-document and stop token ids are blocked until this many tokens exist."""
     temperature: float = 0.0
@@ -50,8 +50,16 @@ class SamplingParams:
     """Beam search with this many beams when > 1 (deterministic; temperature/top-k/top-p are ignored)."""
     length_penalty: float = 1.0
     """Beam scores are cumulative log probabilities divided by ``length ** length_penalty``."""
+    diversity_rate: float = 0.0
+    """Beam search: the k-th best continuation of each beam ranks as if ``k * diversity_rate`` lower, so the beams
+    spread over more parents (FasterTransformer's ``beam_search_diversity_rate``)."""
     logprobs: bool = False
     """Return the log probability of every generated token (always computed; this only keeps them)."""
+    top_logprobs: int = 0
+    """Also keep this many most likely tokens (id -> log probability) at each generated token."""
+    prompt_logprobs: int | None = None
+    """Return the log probability of every prompt token after the first, with this many most likely tokens at each
+    position (``None``: do not score the prompt)."""
 
     def __post_init__(self) -> None:
         for name in ("stop", "stop_token_ids", "bad_words", "top_p_reset_ids"):
@@ -72,7 +80,8 @@ class SamplingParams:
             if not ok:
                 raise UserError(message)
 
-        check(self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be >= 1 (or None)")
+        check(self.max_new_tokens is None or self.max_new_tokens >= 0,
+              "max_new_tokens must be >= 0 (0 scores the prompt only; None: up to the sequence length)")
         check(self.min_new_tokens >= 0, "min_new_tokens must be >= 0")
         check(self.max_new_tokens is None or self.min_new_tokens <= self.max_new_tokens,
               "min_new_tokens must not exceed max_new_tokens")
@@ -85,10 +94,15 @@ class SamplingParams:
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]")
         check(self.beam_width >= 1, "beam_width must be >= 1")
+        check(self.diversity_rate >= 0.0, "diversity_rate must be >= 0 (0 disables it)")
         check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         check(all(len(w) > 0 for w in self.bad_word_ids), "bad_word_ids entries must be non-empty")
+        check(self.top_logprobs >= 0, "top_logprobs must be >= 0")
+        check(self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs must be >= 0 (or None)")
         if self.beam_width > 1:
             check(not self.stop, "stop strings are not supported with beam search; use stop_token_ids")
+            check(self.top_logprobs == 0, "top_logprobs are not kept for beam search; set beam_width to 1")
+            check(self.max_new_tokens != 0, "max_new_tokens=0 scores the prompt only; set beam_width to 1")
 
     def replace(self, **changes: Any) -> "SamplingParams":
         """A copy with ``changes`` applied."""

@@ -18,8 +18,10 @@ import lightning.pytorch as pl
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from lightning_megatron.atomic import atomic_write
+from lightning_megatron.data.tokenizer import LazyTokenizer
 from lightning_megatron.errors import UserError
+from lightning_megatron.generation import generate
 from lightning_megatron.generation.engine import GenerationOutput
 from lightning_megatron.generation.params import SamplingParams
 
@@ -69,10 +71,11 @@ class _Prompts(Dataset):
         return self.items[index]
 
 
-class PromptsDataModule(pl.LightningDataModule):
+class PromptsDataModule(pl.LightningDataModule, LazyTokenizer):
     """Prompts for ``trainer.predict`` from a file (``path``) or a list (``prompts``), ``batch_size`` at a time.
 
     Batches are lists of ``{"id", "prompt", "params"}``; ``params`` are the defaults a file's lines override.
+    The model's ``predict_step`` hands each batch to :meth:`predict`, which completes it.
     """
 
     def __init__(self, path: str | None = None, tokenizer: str | None = None, batch_size: int = 8,
@@ -85,14 +88,6 @@ class PromptsDataModule(pl.LightningDataModule):
         self.tokenizer_spec = tokenizer
         self.batch_size = batch_size
         self.params = params or SamplingParams()
-        self._tokenizer: Tokenizer | None = None
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer prompts are encoded with (the model's)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_spec)
-        return self._tokenizer
 
     def predict_dataloader(self) -> DataLoader:
         if self.path is not None:
@@ -101,15 +96,11 @@ class PromptsDataModule(pl.LightningDataModule):
             items = [{"id": i, "prompt": p, "params": self.params} for i, p in enumerate(self.prompts or [])]
         return DataLoader(_Prompts(items), batch_size=self.batch_size, collate_fn=list)
 
-
-def predict_step(model: Any, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Generate a batch of prompts (every rank of the replica together); one record per prompt."""
-    from lightning_megatron.generation import generate
-
-    tokenizer = getattr(model.trainer.datamodule, "tokenizer", None)
-    outputs = generate(model, [item["prompt"] for item in batch], [item["params"] for item in batch],
-                       tokenizer=tokenizer)
-    return [completion_record(item["id"], item["prompt"], output) for item, output in zip(batch, outputs)]
+    def predict(self, model: Any, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Complete a batch of prompts with ``model`` (every rank of the replica together); one record per prompt."""
+        outputs = generate(model, [item["prompt"] for item in batch], [item["params"] for item in batch],
+                           tokenizer=self.tokenizer)
+        return [completion_record(item["id"], item["prompt"], output) for item, output in zip(batch, outputs)]
 
 
 def completion_record(request_id: Any, prompt: str, output: GenerationOutput) -> dict[str, Any]:
@@ -142,9 +133,6 @@ class CompletionsWriter(pl.Callback):
             return
         unique = {record["id"]: record for records in gathered for record in records}
         order = sorted(unique, key=lambda key: (str(type(key)), key))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as handle:
+        with atomic_write(self.path) as tmp, open(tmp, "w") as handle:
             for key in order:
                 handle.write(json.dumps(unique[key]) + "\n")
-        os.replace(tmp, self.path)

@@ -59,6 +59,10 @@ class TokenEvent:
     finished: bool = False
     finish_reason: str | None = None
     """``"stop"`` (end token or stop string), ``"length"`` (max_new_tokens) or ``"cancelled"``."""
+    logprob: float | None = None
+    """The model's log probability of ``token``."""
+    top_logprobs: dict[int, float] | None = None
+    """The most likely tokens at this step (when ``SamplingParams.top_logprobs``)."""
 
 
 class TextStreamer:

@@ -6,14 +6,14 @@ embeddings are followed by a LayerNorm, so HF checkpoints convert exactly; megat
 The batch contract: a dict of ``[batch, seq]`` tensors - ``tokens``, ``labels`` (the original token at each
 position), ``loss_mask`` (1.0 at the masked positions that count), ``padding_mask`` (1 for real tokens, 0 for
 padding), optionally ``tokentype_ids``; with ``binary_head`` also ``sentence_order`` (``[batch]``, 1 = swapped).
-:class:`MaskedLMDataModule` builds such batches from a text corpus (the bundled one by default). megatron-core's
+:class:`~lightning_megatron.data.MaskedLMDataModule` builds such batches from a text corpus (the bundled one by default). megatron-core's
 own key names (``text``, ``types``, ``is_random``, as from ``lightning_megatron.data.MegatronBERTDataModule``) are
 accepted too.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -21,38 +21,23 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.transformer.transformer_config import TransformerConfig
-from torch.utils.data import Dataset
-
-from lightning_megatron.data.datamodule import TextDataModule, TokenWindows
-from lightning_megatron.models.layers import Norm, VocabPadding, init_weights, post_ln_layer_spec
+from lightning_megatron.models.config import ModelConfig
+from lightning_megatron.models.layers import Norm, init_weights, post_ln_layer_spec
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
 
 
 @dataclass
-class BertConfig(VocabPadding):
+class BertConfig(ModelConfig):
     """The architecture of a BERT encoder; parallel layout and precision come from the strategy."""
 
-    vocab_size: int
-    num_layers: int = 12
-    hidden_size: int = 768
-    num_attention_heads: int = 12
-    ffn_hidden_size: int | None = None
-    """Defaults to 4 x hidden_size."""
+    layernorm_epsilon: float = 1e-12
     seq_length: int = 512
     """Maximum positions (learned absolute embeddings)."""
     num_tokentypes: int = 2
     binary_head: bool = False
     """Add the pooler and a two-way head trained on sentence order (NSP/SOP); its loss is added to the MLM loss."""
-    layernorm_epsilon: float = 1e-12
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
-    seed: int = 1234
-    """Seeds the initial weights identically under every parallel layout."""
-
 
     @classmethod
     def tiny(cls, vocab_size: int, **overrides: Any) -> "BertConfig":
@@ -76,23 +61,13 @@ class Bert(MegatronModule):
     """A BERT trained with masked-LM cross entropy over ``loss_mask`` (+ sentence-order loss with a binary head)."""
 
     def __init__(self, config: BertConfig, optim: OptimConfig | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.optim = optim or OptimConfig()
-        self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
-        self.collected_logits: list[torch.Tensor] | None = None
-        """Set to a list to collect each microbatch's ``[batch, seq, vocab_size]`` MLM logits (last stage)."""
+        super().__init__(config, optim)
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config
-        base: dict[str, Any] = dict(
-            num_layers=c.num_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
-            ffn_hidden_size=c.ffn_hidden_size or 4 * c.hidden_size, layernorm_epsilon=c.layernorm_epsilon,
-            activation_func=F.gelu, hidden_dropout=c.hidden_dropout, attention_dropout=c.attention_dropout,
-            init_method_std=c.init_method_std, perform_initialization=True, bias_activation_fusion=False,
-            bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
-        )
-        return TransformerConfig(**{**base, **fields})
+        # megatron's fused bias+GeLU is the tanh approximation, not BERT's GeLU: never fused.
+        return TransformerConfig(**{**c.transformer_fields(), "activation_func": F.gelu, **fields,
+                                    "bias_activation_fusion": False})
 
     def build_stage(self, config: TransformerConfig, pre_process: bool, post_process: bool,
                     vp_stage: int | None) -> BertModel:
@@ -148,74 +123,6 @@ class Bert(MegatronModule):
     def sequence_length(self, batch: Mapping[str, torch.Tensor]) -> int:
         return _tokens(batch).shape[1]
 
-    def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
-        return self.optim
-
 
 def _tokens(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return batch["tokens"] if "tokens" in batch else batch["text"]
-
-
-class MaskedWindows(Dataset):
-    """BERT samples from token windows: 15% of positions masked (80% mask token, 10% random, 10% kept),
-    deterministically per sample index, and with ``sentence_order`` the two halves swapped half of the time."""
-
-    def __init__(self, windows: TokenWindows, mask_token_id: int, vocab_size: int, seed: int,
-                 sentence_order: bool) -> None:
-        self.windows = windows
-        self.mask_token_id = mask_token_id
-        self.vocab_size = vocab_size
-        self.seed = seed
-        self.sentence_order = sentence_order
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        tokens = self.windows[index]["tokens"]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        seq = tokens.shape[0]
-        half = seq // 2
-        swapped = bool(self.sentence_order and torch.rand((), generator=generator) < 0.5)
-        if swapped:
-            tokens = torch.cat([tokens[half:], tokens[:half]])
-        tokentype_ids = torch.zeros(seq, dtype=torch.int64)
-        tokentype_ids[seq - half if swapped else half :] = 1
-        chosen = torch.rand(seq, generator=generator) < 0.15
-        roll = torch.rand(seq, generator=generator)
-        inputs = tokens.clone()
-        inputs[chosen & (roll < 0.8)] = self.mask_token_id
-        randomised = chosen & (roll >= 0.8) & (roll < 0.9)
-        inputs[randomised] = torch.randint(0, self.vocab_size, (int(randomised.sum()),), generator=generator)
-        sample = {"tokens": inputs, "labels": tokens, "loss_mask": chosen.float(),
-                  "padding_mask": torch.ones(seq, dtype=torch.int64), "tokentype_ids": tokentype_ids}
-        if self.sentence_order:
-            sample["sentence_order"] = torch.tensor(int(swapped))
-        return sample
-
-
-class MaskedLMDataModule(TextDataModule):
-    """Masked-LM batches over a text corpus (the bundled KJV by default) for :class:`Bert`.
-
-    The corpus is tokenised and windowed like :class:`~lightning_megatron.data.TextDataModule`; the mask token is
-    ``mask_token_id`` (default: one past the tokenizer's vocabulary, so give the model ``vocab_size + 1``).
-    """
-
-    def __init__(self, *args: Any, mask_token_id: int | None = None, sentence_order: bool = False,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.mask_token_id = mask_token_id
-        self.sentence_order = sentence_order
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        vocab = self.tokenizer.vocab_size
-        mask_id = vocab if self.mask_token_id is None else self.mask_token_id
-
-        def masked(windows: TokenWindows) -> MaskedWindows:
-            return MaskedWindows(windows, mask_id, vocab, self.seed, self.sentence_order)
-
-        self.train_dataset = masked(self.train_dataset)
-        self.val_dataset = masked(self.val_dataset)
-        self.test_dataset = self.val_dataset
-

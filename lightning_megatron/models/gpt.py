@@ -8,7 +8,7 @@ omit it for plain causal attention).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 import torch
@@ -16,24 +16,26 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from lightning_megatron.models.layers import VocabPadding, gpt_block_spec, init_weights, token_losses_collecting_logits
+from lightning_megatron.models.config import ModelConfig
+from lightning_megatron.models.layers import (
+    gelu_tanh,
+    gpt_block_spec,
+    init_weights,
+    token_losses_collecting_logits,
+)
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
 
 
 @dataclass
-class GPTConfig(VocabPadding):
+class GPTConfig(ModelConfig):
     """The architecture of a GPT; parallel layout and precision come from the strategy, not from here."""
 
-    vocab_size: int
-    num_layers: int = 12
-    hidden_size: int = 768
-    num_attention_heads: int = 12
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
     num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; ``None`` means one per attention head."""
-    ffn_hidden_size: int | None = None
-    """Defaults to 4 x hidden_size."""
     seq_length: int = 1024
     position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
     rotary_base: int = 10000
@@ -45,14 +47,6 @@ class GPTConfig(VocabPadding):
     attention: Literal["sdpa", "local"] = "sdpa"
     """Core attention: PyTorch SDPA (fused kernels, context parallel) or megatron-core's local one."""
     tie_embeddings: bool = True
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    layernorm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
-    seed: int = 1234
-    """Seeds the initial weights; the same seed gives the same weights under every parallel layout."""
-
 
     @classmethod
     def tiny(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":
@@ -126,52 +120,31 @@ class GPTConfig(VocabPadding):
         return cls.llama_tiny(vocab_size, **{**dict(num_query_groups=1), **overrides})
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation, as GPT-2 was trained."""
-    return F.gelu(x, approximate="tanh")
-
-
 class GPT(MegatronModule):
     """A GPT language model trained with next-token cross entropy (masked by ``loss_mask``)."""
 
     def __init__(self, config: GPTConfig, optim: OptimConfig | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.optim = optim or OptimConfig()
-        self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
-        self.collected_logits: list[torch.Tensor] | None = None
-        """Set to a list to have :meth:`forward_step` append each microbatch's logits to it (last stage only)."""
+        super().__init__(config, optim)
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config
         swiglu = c.activation == "swiglu"
         activation = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "swiglu": F.silu}[c.activation]
         base: dict[str, Any] = dict(
-            num_layers=c.num_layers,
-            hidden_size=c.hidden_size,
-            num_attention_heads=c.num_attention_heads,
+            c.transformer_fields(),
             num_query_groups=c.num_query_groups,
-            ffn_hidden_size=c.ffn_hidden_size or 4 * c.hidden_size,
             normalization=c.normalization,
-            layernorm_epsilon=c.layernorm_epsilon,
             add_bias_linear=c.add_bias_linear,
             gated_linear_unit=swiglu,
             activation_func=activation,
-            hidden_dropout=c.hidden_dropout,
-            attention_dropout=c.attention_dropout,
-            init_method_std=c.init_method_std,
             qk_layernorm=c.qk_layernorm,
-            # init_weights redraws every tensor layout-invariantly; megatron's draw still marks the TP shards.
-            perform_initialization=True,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
             apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
         )
         merged = {**base, **fields}
-        if not (swiglu or c.add_bias_linear):
-            merged["bias_activation_fusion"] = False  # megatron fuses GeLU only together with a bias
+        if not swiglu:
+            # megatron's fused bias+GeLU is the tanh approximation (a different function from F.gelu) and fuses
+            # nothing else: only SwiGLU keeps its exact function when fused.
+            merged["bias_activation_fusion"] = False
         return TransformerConfig(**merged)
 
     def build_stage(
@@ -222,23 +195,3 @@ class GPT(MegatronModule):
         """
         mask = batch["loss_mask"].float()
         return (token_losses.float() * mask).sum(), mask.sum()
-
-    def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
-        return self.optim
-
-    def generate(self, prompts: Any, params: Any = None, tokenizer: Any = None, **kwargs: Any) -> list[Any]:
-        """Generate from text prompts or token ids on every rank of the replica (see lightning_megatron.generation).
-
-        The tokenizer defaults to the attached datamodule's. Returns one GenerationOutput per prompt.
-        """
-        from lightning_megatron.generation import generate
-
-        if tokenizer is None and self._trainer is not None:
-            tokenizer = getattr(self._trainer.datamodule, "tokenizer", None)
-        return generate(self, prompts, params, tokenizer=tokenizer, **kwargs)
-
-    def predict_step(self, batch: Any, batch_idx: int = 0) -> list[dict[str, Any]]:
-        """Complete a batch of a PromptsDataModule: one jsonl-ready record per prompt."""
-        from lightning_megatron.generation.predict import predict_step
-
-        return predict_step(self, batch)

@@ -13,6 +13,7 @@ import re
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -28,18 +29,6 @@ from lightning_megatron.errors import UserError
 from lightning_megatron.models.attention import SDPAttention
 
 
-class VocabPadding:
-    """For model configs with ``vocab_size`` and ``make_vocab_size_divisible_by``: megatron's padded vocabulary."""
-
-    vocab_size: int
-    make_vocab_size_divisible_by: int
-
-    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
-        """Vocabulary rounded up so that it splits evenly into TP shards of a multiple of 128 rows (megatron's)."""
-        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
-        return math.ceil(self.vocab_size / multiple) * multiple
-
-
 def token_losses_collecting_logits(
     output: torch.Tensor, labels: torch.Tensor, collected: list[torch.Tensor] | None, vocab_size: int
 ) -> torch.Tensor:
@@ -51,6 +40,11 @@ def token_losses_collecting_logits(
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(output.detach())
     collected.append(logits[..., :vocab_size].clone())
     return tensor_parallel.vocab_parallel_cross_entropy(output.float(), labels)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, as GPT-2 was trained."""
+    return F.gelu(x, approximate="tanh")
 
 
 class Norm:
@@ -114,8 +108,8 @@ _LOCAL_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 
 
-def _global_name(name: str, module: torch.nn.Module) -> str:
-    """The parameter's name in the whole model: local layer indices become global layer numbers."""
+def global_name(name: str, module: torch.nn.Module) -> str:
+    """A parameter's name in the whole (unsplit) model: a pipeline stage's local layer indices become global ones."""
     match = _LOCAL_LAYER.search(name)
     if match is None:
         return name
@@ -142,19 +136,19 @@ def init_weights(model: torch.nn.Module, config: TransformerConfig, seed: int, t
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
     for name, param in model.named_parameters():
-        global_name = _global_name(name, model)
-        if tied_output_name and global_name == "output_layer.weight":
-            global_name = tied_output_name
+        full_name = global_name(name, model)
+        if tied_output_name and full_name == "output_layer.weight":
+            full_name = tied_output_name
         if param.ndim == 1:
             is_norm_weight = name.endswith("weight") and "norm" in name
             param.fill_(1.0 if is_norm_weight else 0.0)
             continue
-        std = output_std if global_name.endswith(_OUTPUT_PROJECTIONS) else config.init_method_std
+        std = output_std if full_name.endswith(_OUTPUT_PROJECTIONS) else config.init_method_std
         sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
         dim = getattr(param, "partition_dim", 0) if sharded else 0
         full_shape = list(param.shape)
         full_shape[dim] *= tp_size if sharded else 1
-        generator = torch.Generator(param.device).manual_seed(_seed_for(seed, global_name))
+        generator = torch.Generator(param.device).manual_seed(_seed_for(seed, full_name))
         full = torch.empty(full_shape, device=param.device).normal_(0.0, std, generator=generator)
         if sharded:
             gated = config.gated_linear_unit and "linear_fc1" in name

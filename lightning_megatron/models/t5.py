@@ -7,44 +7,47 @@ pass yet (see docs/models.md); use TP and DP.
 
 The batch contract: ``enc_tokens`` ``[batch, enc_seq]``, ``dec_tokens`` and ``labels`` ``[batch, dec_seq]``,
 ``loss_mask`` ``[batch, dec_seq]``, and optionally ``enc_mask`` ``[batch, enc_seq]`` (1 = real token).
-:class:`SpanCorruptionDataModule` builds such batches from a text corpus. megatron-core's key names (``text_enc``,
+:class:`~lightning_megatron.data.SpanCorruptionDataModule` builds such batches from a text corpus. megatron-core's key names (``text_enc``,
 ``text_dec``, as from ``lightning_megatron.data.MegatronT5DataModule``) are accepted too.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.T5.t5_model import T5Model
 from megatron.core.transformer.transformer_config import TransformerConfig
-from torch.utils.data import Dataset
 
-from lightning_megatron.data.datamodule import TextDataModule, TokenWindows
 from lightning_megatron.errors import UserError
-from lightning_megatron.models.gpt import gelu_tanh
-from lightning_megatron.models.layers import VocabPadding, init_weights, t5_block_specs, token_losses_collecting_logits
+from lightning_megatron.models.config import ModelConfig
+from lightning_megatron.models.layers import (
+    gelu_tanh,
+    init_weights,
+    t5_block_specs,
+    token_losses_collecting_logits,
+)
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
 
 
 @dataclass
-class T5Config(VocabPadding):
+class T5Config(ModelConfig):
     """The architecture of a T5; parallel layout and precision come from the strategy."""
 
-    vocab_size: int
     num_layers: int = 6
     """Encoder layers."""
-    num_decoder_layers: int | None = None
-    """Defaults to ``num_layers``."""
     hidden_size: int = 512
     num_attention_heads: int = 8
+    ffn_hidden_size: int = 2048
+    layernorm_epsilon: float = 1e-6
+    num_decoder_layers: int | None = None
+    """Defaults to ``num_layers``."""
     kv_channels: int | None = None
     """Per-head size; defaults to hidden_size / num_attention_heads."""
-    ffn_hidden_size: int = 2048
     activation: Literal["relu", "gated-gelu"] = "relu"
     """``relu``: T5 v1.0; ``gated-gelu``: T5 v1.1 / Flan-T5 (tanh GELU gate)."""
     encoder_seq_length: int = 512
@@ -52,13 +55,6 @@ class T5Config(VocabPadding):
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     tie_embeddings: bool = False
-    layernorm_epsilon: float = 1e-6
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
-    seed: int = 1234
-
 
     @classmethod
     def tiny(cls, vocab_size: int, **overrides: Any) -> "T5Config":
@@ -76,26 +72,18 @@ class T5(MegatronModule):
     """A T5 trained with decoder cross entropy over ``loss_mask``."""
 
     def __init__(self, config: T5Config, optim: OptimConfig | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.optim = optim or OptimConfig()
-        self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
-        self.collected_logits: list[torch.Tensor] | None = None
-        """Set to a list to collect each microbatch's ``[batch, dec_seq, vocab_size]`` logits."""
+        super().__init__(config, optim)
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config
         gated = c.activation == "gated-gelu"
         base: dict[str, Any] = dict(
-            num_layers=c.num_decoder_layers or c.num_layers, hidden_size=c.hidden_size,
-            num_attention_heads=c.num_attention_heads, kv_channels=c.kv_channels, ffn_hidden_size=c.ffn_hidden_size,
-            normalization="RMSNorm", layernorm_epsilon=c.layernorm_epsilon, add_bias_linear=False,
-            gated_linear_unit=gated, activation_func=gelu_tanh if gated else F.relu, softmax_scale=1.0,
-            hidden_dropout=c.hidden_dropout, attention_dropout=c.attention_dropout, init_method_std=c.init_method_std,
-            perform_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
-            masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+            c.transformer_fields(), num_layers=c.num_decoder_layers or c.num_layers, kv_channels=c.kv_channels,
+            normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=gated,
+            activation_func=gelu_tanh if gated else F.relu, softmax_scale=1.0,
         )
-        config = TransformerConfig(**{**base, **fields})
+        # megatron fuses only GeLU (as its tanh approximation) and SwiGLU: T5's ReLU / gated tanh-GeLU stay unfused.
+        config = TransformerConfig(**{**base, **fields, "bias_activation_fusion": False})
         if config.pipeline_model_parallel_size > 1:
             raise UserError("T5 does not support pipeline_model_parallel_size > 1 yet; use tensor or data "
                             "parallelism (see docs/models.md)")
@@ -142,70 +130,3 @@ class T5(MegatronModule):
 
     def sequence_length(self, batch: Mapping[str, torch.Tensor]) -> int:
         return (batch["enc_tokens"] if "enc_tokens" in batch else batch["text_enc"]).shape[1]
-
-    def configure_optimizers(self) -> OptimConfig:  # type: ignore[override]
-        return self.optim
-
-
-class SpanCorruption(Dataset):
-    """T5 span corruption over token windows: ~15% of tokens in spans of mean length 3 become sentinels in the
-    encoder input; the decoder predicts ``sentinel_0 span_0 sentinel_1 span_1 ...`` (deterministic per index)."""
-
-    def __init__(self, windows: TokenWindows, first_sentinel: int, decoder_seq_length: int, seed: int) -> None:
-        self.windows = windows
-        self.first_sentinel = first_sentinel
-        self.decoder_seq_length = decoder_seq_length
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        tokens = self.windows[index]["tokens"]
-        seq = tokens.shape[0]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        starts = (torch.rand(seq, generator=generator) < 0.05).nonzero().flatten().tolist()
-        enc, target, position, sentinel = [], [], 0, self.first_sentinel
-        for start in starts:
-            if start < position or len(target) + 4 > self.decoder_seq_length:
-                continue
-            end = min(seq, start + 3)
-            enc += tokens[position:start].tolist() + [sentinel]
-            target += [sentinel] + tokens[start:end].tolist()
-            position, sentinel = end, sentinel + 1
-        enc += tokens[position:].tolist()
-        target.append(sentinel)
-        enc_tokens = torch.zeros(seq, dtype=torch.int64)
-        enc_tokens[: len(enc)] = torch.tensor(enc)
-        enc_mask = torch.zeros(seq, dtype=torch.int64)
-        enc_mask[: len(enc)] = 1
-        labels = torch.zeros(self.decoder_seq_length, dtype=torch.int64)
-        labels[: len(target)] = torch.tensor(target)
-        loss_mask = torch.zeros(self.decoder_seq_length)
-        loss_mask[: len(target)] = 1.0
-        dec_tokens = torch.cat([torch.zeros(1, dtype=torch.int64), labels[:-1]])
-        return {"enc_tokens": enc_tokens, "enc_mask": enc_mask, "dec_tokens": dec_tokens, "labels": labels,
-                "loss_mask": loss_mask}
-
-
-class SpanCorruptionDataModule(TextDataModule):
-    """Span-corruption batches over a text corpus (the bundled KJV by default) for :class:`T5`.
-
-    Sentinels are ids from the tokenizer's vocabulary size upwards (at most ``decoder_seq_length // 4 + 1``), so
-    give the model that many extra vocabulary entries; the decoder starts from id 0.
-    """
-
-    def __init__(self, *args: Any, decoder_seq_length: int = 64, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.decoder_seq_length = decoder_seq_length
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        sentinel = self.tokenizer.vocab_size
-
-        def corrupted(windows: TokenWindows) -> SpanCorruption:
-            return SpanCorruption(windows, sentinel, self.decoder_seq_length, self.seed)
-
-        self.train_dataset = corrupted(self.train_dataset)
-        self.val_dataset = corrupted(self.val_dataset)
-        self.test_dataset = self.val_dataset

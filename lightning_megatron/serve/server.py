@@ -5,7 +5,9 @@ Global rank 0 answers HTTP (aiohttp, in a background thread, loopback only) and 
 its main thread, so requests arriving while others decode join the running batch at the next step.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``"stream": true`` for server-sent events),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text: requests, tokens/s, queue depth).
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text: requests, tokens/s, queue depth), and vLLM's
+tokenizer endpoints ``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize`` (which lm-evaluation-harness's
+``local-completions`` uses instead of downloading a tokenizer).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import threading
 import time
 from typing import Any
@@ -21,10 +24,22 @@ import torch.distributed as dist
 from aiohttp import web
 
 from lightning_megatron.generation import Engine, GenerationOutput, TokenEvent
-from lightning_megatron.serve.protocol import ParsedRequest, RequestError, chunk, parse_request, response
+from lightning_megatron.serve.protocol import (
+    ParsedRequest,
+    RequestError,
+    Scored,
+    chunk,
+    client_error,
+    echo_text,
+    parse_request,
+    response,
+    token_text,
+    usage_chunk,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_BODY_BYTES = 1 << 20
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -141,9 +156,14 @@ class Server:
             web.get("/v1/models", self._models),
             web.get("/health", self._health),
             web.get("/metrics", self._metrics),
+            web.get("/tokenizer_info", self._tokenizer_info),
+            web.post("/tokenize", self._tokenize),
+            web.post("/detokenize", self._detokenize),
+            web.delete("/v1/sessions/{session_id}", self._end_session),
         ])
         app.middlewares.append(_json_errors)
-        runner = web.AppRunner(app, access_log=None)
+        # A client that goes away cancels its handler, and so its generation (streamed or not).
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         try:
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, self.host, self.port)
@@ -194,6 +214,41 @@ class Server:
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
+    async def _tokenizer_info(self, request: web.Request) -> web.Response:
+        tokenizer = self.tokenizer
+        special = {name: None if token is None else token_text(tokenizer, token) for name, token in (
+            ("bos_token", getattr(tokenizer, "bos", None)), ("eos_token", tokenizer.eod),
+            ("pad_token", getattr(tokenizer, "pad", None)))}
+        return web.json_response({**special, "model_max_length": self.engine.max_sequence_length,
+                                  "chat_template": None})
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str):
+            raise RequestError("prompt must be a string", "prompt")
+        add_bos = body.get("add_special_tokens", False)
+        if not isinstance(add_bos, bool):
+            raise RequestError("add_special_tokens must be a boolean", "add_special_tokens")
+        bos = getattr(self.tokenizer, "bos", None)
+        tokens = ([bos] if add_bos and bos is not None else []) + self.tokenizer.encode(prompt)
+        return web.json_response({"tokens": tokens, "count": len(tokens),
+                                  "max_model_len": self.engine.max_sequence_length})
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise RequestError("tokens must be a list of token ids", "tokens")
+        return web.json_response({"prompt": self.tokenizer.decode(tokens)})
+
+    async def _end_session(self, request: web.Request) -> web.Response:
+        session_id = request.match_info["session_id"]
+        if session_id not in self.engine.sessions:
+            raise RequestError(f"no session {session_id!r} (it ended or expired)", "session_id", status=404)
+        self.engine.end_session(session_id)
+        return web.json_response({"id": session_id, "object": "session", "deleted": True})
+
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, chat=False)
 
@@ -203,12 +258,9 @@ class Server:
     async def _handle(self, http: web.Request, chat: bool) -> web.StreamResponse:
         self.metrics.requests_total += 1
         try:
-            body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            self.metrics.requests_failed += 1
-            raise RequestError("the request body is not valid JSON") from None
-        try:
-            parsed = parse_request(body, chat, self.model_name, self.default_max_tokens)
+            body = await _json_body(http)
+            parsed = parse_request(body, chat, self.model_name, self.default_max_tokens,
+                                   bos=getattr(self.tokenizer, "bos", None))
             if self.engine.queue_depth + len(parsed.prompts) > self.max_queue:
                 raise RequestError(f"the server is busy ({self.engine.queue_depth} requests queued); retry later",
                                    status=503)
@@ -217,14 +269,14 @@ class Server:
             ids = []
             with self._lock:
                 try:
-                    for prompt in parsed.prompts:
-                        ids.append(self.engine.submit(prompt, parsed.params))
+                    for prompt in parsed.engine_prompts(self.tokenizer, self.engine.sessions):
+                        ids.append(self.engine.submit(prompt, parsed.params, session_id=parsed.session_id))
                         self._listeners[ids[-1]] = (loop, queue)
                 except ValueError as error:
                     for request_id in ids:
                         self._listeners.pop(request_id, None)
                         self.engine.cancel(request_id)
-                    raise RequestError(str(error)) from None
+                    raise client_error(error, body) from None
         except RequestError:
             self.metrics.requests_failed += 1
             raise
@@ -235,8 +287,7 @@ class Server:
             outputs = await self._collect(ids, queue)
             return web.json_response(response(parsed, name, outputs, self.tokenizer))
         except (asyncio.CancelledError, ConnectionResetError):
-            for request_id in ids:
-                self.engine.cancel(request_id)
+            self._abandon(name, ids)
             raise
 
     async def _collect(self, ids: list[int], queue: asyncio.Queue) -> list[GenerationOutput]:
@@ -250,22 +301,52 @@ class Server:
     async def _stream(self, http: web.Request, parsed: ParsedRequest, name: str, ids: list[int],
                       queue: asyncio.Queue) -> web.StreamResponse:
         reply = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await reply.prepare(http)
+        try:
+            await reply.prepare(http)
+            await self._send_events(reply, parsed, name, ids, queue)
+        except ConnectionResetError:  # a write found the client gone: one line in the log, not aiohttp's tracebacks
+            self._abandon(name, ids)
+        return reply
+
+    def _abandon(self, name: str, ids: list[int]) -> None:
+        for request_id in ids:
+            self.engine.cancel(request_id)
+        if not self.engine.closed:
+            log.warning("%s: the client disconnected; its generation was cancelled", name)
+
+    async def _send_events(self, reply: web.StreamResponse, parsed: ParsedRequest, name: str, ids: list[int],
+                           queue: asyncio.Queue) -> None:
         index = {request_id: i for i, request_id in enumerate(ids)}
         if parsed.chat:
             for request_id in ids:
                 await _send(reply, chunk(parsed, name, index[request_id], None, None, first=True))
-        done = 0
-        while done < len(ids):
-            event, _ = await queue.get()
-            if event.text:
-                await _send(reply, chunk(parsed, name, index[event.request_id], event.text, None))
+        if parsed.echo:
+            for request_id in ids:
+                i = index[request_id]
+                await _send(reply, chunk(parsed, name, i, echo_text(parsed.prompts[i], self.tokenizer), None))
+        outputs = []
+        while len(outputs) < len(ids):
+            event, output = await queue.get()
+            i = index[event.request_id]
+            scored = None
+            if parsed.top_logprobs is not None and event.token is not None:
+                scored = Scored([event.token], [event.logprob], [event.top_logprobs or {}])
+            if event.text or scored is not None:
+                await _send(reply, chunk(parsed, name, i, event.text, None, scored=scored, tokenizer=self.tokenizer))
             if event.finished:
-                done += 1
-                await _send(reply, chunk(parsed, name, index[event.request_id], None, event.finish_reason))
+                outputs.append(output)
+                await _send(reply, chunk(parsed, name, i, None, event.finish_reason))
+        if parsed.include_usage:
+            await _send(reply, usage_chunk(parsed, name, outputs))
         await reply.write(b"data: [DONE]\n\n")
         await reply.write_eof()
-        return reply
+
+
+async def _json_body(http: web.Request) -> Any:
+    try:
+        return await http.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError("the request body is not valid JSON") from None
 
 
 async def _send(reply: web.StreamResponse, payload: dict[str, Any]) -> None:

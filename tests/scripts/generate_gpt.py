@@ -2,7 +2,8 @@
 
 Run under torchrun (or plain python for one process). Writes JSON to --out on global rank 0 with the greedy tokens
 of a mixed-length batch decoded with the KV cache and by recomputation, seeded samples (alone and batched), beam
-results, and the SampleText callback's text; --save-ckpt also saves the model for the CLI tools.
+results, prompt log probabilities with their top tokens, and the SampleText callback's text; --save-ckpt also saves
+the model for the CLI tools.
 """
 
 import argparse
@@ -15,7 +16,7 @@ import torch
 import lightning_megatron as lm
 from lightning_megatron.callbacks import SampleText
 from lightning_megatron.data import TextDataModule
-from lightning_megatron.generation import SamplingParams, generate
+from lightning_megatron.generation import SamplingParams, build_engine, generate
 from lightning_megatron.generation.predict import CompletionsWriter, PromptsDataModule
 
 PROMPTS = ["In the beginning God", "And the LORD said unto Moses,", "Blessed"]
@@ -40,7 +41,27 @@ class Probe(L.Callback):
         beam3 = generate(pl_module, PROMPTS[0], SamplingParams(max_new_tokens=8, beam_width=3), tokenizer=tokenizer)
         beam3_recomputed = generate(pl_module, PROMPTS[0], SamplingParams(max_new_tokens=8, beam_width=3),
                                     tokenizer=tokenizer, use_cache=False)
+        engine = build_engine(pl_module, tokenizer, max_batch_size=4)
+        turns = []
+        with engine.runner.inference_mode():
+            for text in (PROMPTS[0], " and the earth"):
+                request = engine.submit(text, greedy, session_id="chat")
+                while request not in engine.finished:
+                    engine.step()
+                turns.append(engine.finished.pop(request))
+        whole = generate(pl_module, turns[1].prompt_tokens, greedy, tokenizer=tokenizer)
+        scoring = SamplingParams(max_new_tokens=4, logprobs=True, top_logprobs=2, prompt_logprobs=2)
+        scored = generate(pl_module, PROMPTS, scoring, tokenizer=tokenizer)
+        scored_recomputed = generate(pl_module, PROMPTS, scoring, tokenizer=tokenizer, use_cache=False)
         self.results = {
+            "session": turns[1].tokens,
+            "session_whole": whole[0].tokens,
+            "session_cached": turns[1].cached_tokens,
+            "scored": [o.tokens for o in scored],
+            "prompt_logprobs": [o.prompt_logprobs[1:] for o in scored],
+            "prompt_logprobs_recomputed": [o.prompt_logprobs[1:] for o in scored_recomputed],
+            "prompt_top": [[list(top) for top in o.prompt_top_logprobs[1:]] for o in scored],
+            "generated_top": [[list(top) for top in o.top_logprobs] for o in scored],
             "cached": [o.tokens for o in cached],
             "recomputed": [o.tokens for o in recomputed],
             "cached_text": [o.text for o in cached],
@@ -60,6 +81,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vp", type=int, default=None)
+    parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--init-std", type=float, default=0.2)
@@ -77,7 +99,8 @@ def main() -> None:
         config = lm.GPTConfig(vocab_size=4096, init_method_std=args.init_std, **shape)
     model = lm.GPT(config, lm.OptimConfig(lr=3e-3, warmup_steps=1, decay_steps=args.steps))
     strategy = lm.MegatronStrategy(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                   virtual_pipeline_model_parallel_size=args.vp, sequence_parallel=args.sp)
+                                   virtual_pipeline_model_parallel_size=args.vp, context_parallel_size=args.cp,
+                                   sequence_parallel=args.sp)
     probe = Probe()
     sample = SampleText(max_new_tokens=16)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=args.devices, max_steps=args.steps,

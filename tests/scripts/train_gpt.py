@@ -23,8 +23,10 @@ import lightning_megatron as lm
 from lightning_megatron import checkpoint
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
-from lightning_megatron.models.bert import Bert, BertConfig, MaskedLMDataModule
-from lightning_megatron.models.t5 import T5, SpanCorruptionDataModule, T5Config
+from lightning_megatron.data import MaskedLMDataModule, SpanCorruptionDataModule
+from lightning_megatron.models.bert import Bert, BertConfig
+from lightning_megatron.models.t5 import T5, T5Config
+from lightning_megatron.parallel import DDPConfig, RecomputeConfig
 
 class RecordLosses(L.Callback):
     def __init__(self) -> None:
@@ -67,7 +69,7 @@ class SaveAtEnd(L.Callback):
 
     def on_validation_start(self, trainer, pl_module):
         if self.import_path:
-            from lightning_megatron.consolidated import import_consolidated
+            from lightning_megatron.convert.consolidated import import_consolidated
 
             import_consolidated(pl_module, self.import_path)
 
@@ -75,7 +77,7 @@ class SaveAtEnd(L.Callback):
         if self.path:
             trainer.save_checkpoint(self.path)
         if self.export:
-            from lightning_megatron.consolidated import export_consolidated
+            from lightning_megatron.convert.consolidated import export_consolidated
 
             export_consolidated(pl_module, self.export)
 
@@ -169,15 +171,13 @@ def main() -> None:
     else:
         model = lm.GPT(lm.GPTConfig(vocab_size=4096, **shape), optim)
     strategy = lm.MegatronStrategy(
-        tensor_model_parallel_size=args.tp,
-        pipeline_model_parallel_size=args.pp,
-        virtual_pipeline_model_parallel_size=args.vp,
-        context_parallel_size=args.cp,
-        sequence_parallel=args.sp,
-        use_distributed_optimizer=args.dist_opt,
-        recompute_granularity=args.recompute,
-        recompute_method="uniform" if args.recompute == "full" else None,
-        recompute_num_layers=1 if args.recompute == "full" else None,
+        parallel_config=lm.ParallelConfig(
+            tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+            virtual_pipeline_model_parallel_size=args.vp, context_parallel_size=args.cp, sequence_parallel=args.sp,
+        ),
+        recompute=RecomputeConfig(args.recompute, "uniform" if args.recompute == "full" else None,
+                                  1 if args.recompute == "full" else None),
+        ddp=DDPConfig(use_distributed_optimizer=args.dist_opt),
         compile_layers=args.compile,
         async_save=args.async_save,
         ckpt_load_optimizer=not args.fresh_optimizer,
