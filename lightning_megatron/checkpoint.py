@@ -30,10 +30,10 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from megatron.core import dist_checkpointing, parallel_state
-from torch.distributed.checkpoint import FileSystemReader
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from torch.distributed.checkpoint import FileSystemReader
 from typing_extensions import override
 
 from lightning_megatron.atomic import atomic_write
