@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import lightning_megatron  # noqa: F401  (registers the "megatron" strategy)
 from lightning_megatron.errors import UserError
-from lightning_megatron.resume import resolve_last, run_checkpointing
+from lightning_megatron.resume import RunCheckpoint, resolve_last
 
 # We hand LightningCLI the arguments ourselves (``--debug`` taken out); its note about sys.argv is not for users.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
@@ -55,7 +55,7 @@ class MegatronCLI(LightningCLI):
         if config.get("enable_checkpointing") is not False and not any(
             isinstance(callback, ModelCheckpoint) for callback in (*callbacks, *extra)
         ):
-            self._checkpointing = run_checkpointing(config.get("default_root_dir") or ".")
+            self._checkpointing = RunCheckpoint(config.get("default_root_dir") or ".")
             kwargs["callbacks"] = [*callbacks, self._checkpointing]
             # The directory is meant to be reused; before_fit says when a new run will replace a checkpoint.
             warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(self._checkpointing.dirpath)}")

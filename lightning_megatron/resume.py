@@ -3,7 +3,7 @@
 Lightning's default checkpointing writes into the logger's ``lightning_logs/version_N/checkpoints``, a new directory
 for every run, so a second run's ``ckpt_path="last"`` looks in an empty directory and silently starts over. The
 ``lightning-megatron`` command instead keeps one checkpoint directory per run root (``<default_root_dir>/
-checkpoints/last.ckpt``, replaced at every save), and resolves ``last`` to the newest complete checkpoint anywhere
+checkpoints/last.ckpt``, replaced at every save, the end of training included), and resolves ``last`` to the newest complete checkpoint anywhere
 under the run root - so the ``version_N`` directories of earlier runs are found too.
 """
 
@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_megatron.checkpoint import LAYOUT_FILE, PARTIAL_SUFFIX, read_layout
@@ -22,9 +23,16 @@ REPLACED_SUFFIX = ".replaced"
 """A checkpoint moved aside while a newer save of the same name is published (see checkpoint.py)."""
 
 
-def run_checkpointing(root: str | os.PathLike) -> ModelCheckpoint:
-    """Checkpointing into ``<root>/checkpoints/last.ckpt``, replaced at every save (each validation, end of fit)."""
-    return ModelCheckpoint(dirpath=Path(root) / CHECKPOINT_DIR, filename="last", enable_version_counter=False)
+class RunCheckpoint(ModelCheckpoint):
+    """``<root>/checkpoints/last.ckpt``, replaced at every validation and when training stops between two
+    (``max_steps``, ``max_time``), so that ``--ckpt_path last`` continues from the last step trained."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        super().__init__(dirpath=Path(root) / CHECKPOINT_DIR, filename="last", enable_version_counter=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips a step saved already
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def latest_checkpoint(roots: Iterable[str | os.PathLike]) -> Path | None:

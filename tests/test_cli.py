@@ -161,15 +161,16 @@ def test_resume_last_continues_the_run_with_the_same_losses_and_steps(tmp_path):
     output = fresh.stdout + fresh.stderr
     assert f"--ckpt_path last: no checkpoint under {whole} yet; training starts at step 0" in output
     assert "6/6 [" in output  # the bar counts to max_steps
-    first = cli("fit", *run, "--trainer.default_root_dir", str(split), "--trainer.max_steps", "4")
+    # Stops between two validations: the end of training is saved too.
+    first = cli("fit", *run, "--trainer.default_root_dir", str(split), "--trainer.max_steps", "5")
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = cli("fit", *run, "--trainer.default_root_dir", str(split), "--trainer.max_steps", "6",
                   "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     last = split / "checkpoints" / "last.ckpt"
-    assert f"Resuming from {last} (step 4), the newest checkpoint under {split}" in resumed.stdout + resumed.stderr
+    assert f"Resuming from {last} (step 5), the newest checkpoint under {split}" in resumed.stdout + resumed.stderr
     reference, continued = metrics(whole, 0), metrics(split, 1)
-    assert sorted(continued) == [4, 5]  # not one behind: the steps the uninterrupted run logged these losses at
+    assert sorted(continued) == [5]  # not one behind: the step the uninterrupted run logged this loss at
     for step, loss in continued.items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step
     assert json.loads((last / "layout.json").read_text())["global_step"] == 6
