@@ -137,7 +137,11 @@ def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str], ow
     except SystemExit:
         raise
     except BaseException as error:  # noqa: BLE001 - the top of the command: everything is reported
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, BrokenPipeError) and _stdout_closed():
+            # The reader went away (``... | head``): nothing to report, and nothing more can be printed.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            status = 1
+        elif isinstance(error, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             status = 130
         else:
@@ -150,8 +154,17 @@ def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str], ow
     sys.exit(status)
 
 
+def _stdout_closed() -> bool:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    return False
+
+
 def _exit_now(status: int, end_children: bool) -> NoReturn:
-    sys.stdout.flush()
+    if _stdout_closed():
+        status = status or 1  # what was printed did not all reach the reader
     sys.stderr.flush()
     if end_children:
         end_child_processes()

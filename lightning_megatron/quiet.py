@@ -22,6 +22,8 @@ IGNORED_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # megatron-core's checkpoint loading calls torch APIs that torch deprecates (DCP load_state_dict, ShardedTensor).
     (r"`load_state_dict` is deprecated and will be removed in future versions", FutureWarning),
     (r"Please use DTensor instead and we are deprecating ShardedTensor", Warning),
+    # ... and collectives torch renames (all_gather_into_tensor, reduce_scatter_tensor, ...).
+    (r"`torch\.distributed\.\w+` is deprecated", FutureWarning),
     # Lightning's packaging history: its CSV logger works; TensorBoard is used when installed.
     (r"Starting from v1.9.0, `tensorboardX` has been removed", UserWarning),
 )
