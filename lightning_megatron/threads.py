@@ -3,9 +3,9 @@ the node's cores shared out among its ranks when they drive GPUs.
 
 Lightning sets threads only in the process that launches the others (its children, and ranks started by torchrun or
 SLURM, keep torch's default of one thread per core), so N ranks on C cores ran N x C threads. OpenMP's spinning
-barriers make that several times slower, and a busy machine does the same to a single rank: on our shared 2-core
-machine (load average 7-9) the tiny recipe ran at 2.6-2.9 steps/s with one thread and 0.34-0.57 with two - faster
-with one thread under that load than with two on the idle machine (about 1.9 steps/s).
+barriers make that several times slower, and a busy machine does the same to a single rank. The tiny recipe on our
+shared 2-core machine, one process: 3.5 steps/s with one thread and 0.9 with two when nothing else ran (load average
+1), 2.6-2.9 and 0.34-0.57 at load average 7-9.
 """
 
 from __future__ import annotations
