@@ -4,13 +4,13 @@ Importing the package registers ``"megatron"`` in Lightning's strategy registry,
 and ``strategy: megatron`` in a LightningCLI config work.
 """
 
-import warnings
+from lightning_megatron.quiet import silence_dependency_noise
 
-# megatron-core warns at import time about every optional backend it does not find; backends.py reports them once.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*", category=UserWarning)
+silence_dependency_noise()  # before megatron-core and Lightning are imported: some of their warnings are import-time
 
 from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
 
+from lightning_megatron.errors import UserError  # noqa: E402
 from lightning_megatron.models.gpt import GPT, GPTConfig  # noqa: E402
 from lightning_megatron.module import MegatronModule  # noqa: E402
 from lightning_megatron.optim import OptimConfig  # noqa: E402
@@ -33,4 +33,5 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "RecomputeConfig",
+    "UserError",
 ]

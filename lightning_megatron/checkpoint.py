@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -31,9 +33,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from torch.distributed.checkpoint import FileSystemReader
 from typing_extensions import override
 
 from lightning_megatron.atomic import atomic_write
+from lightning_megatron.errors import UserError
 from lightning_megatron.parallel import ParallelConfig, unwrap
 
 FORMAT_VERSION = 1
@@ -44,7 +48,7 @@ OPTIMIZER_SHARDING = "dp_reshardable"
 """Distributed-optimizer sharding: the one that saves and loads on megatron-core 0.16.1 (reshards over DP only)."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit the model; the message says what to do."""
 
 
@@ -189,6 +193,27 @@ def load_optimizer_state(optimizer: Any, state: dict[str, Any] | None) -> None:
                 param_state["step"] = current.clone() if saved is None else torch.full_like(current, saved)
 
 
+def damaged_files(path: _PATH) -> list[str]:
+    """Files of a checkpoint cut short (an interrupted copy, a full disk): shards shorter than the metadata says,
+    unreadable ``.pt`` archives. Reads sizes and metadata only."""
+    path = Path(path)
+    problems = [f"{name} is truncated or corrupt" for name in ("common.pt", TRAINER_FILE)
+                if (path / name).is_file() and not zipfile.is_zipfile(path / name)]
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception:  # noqa: BLE001 - any failure to read it means the same to the user
+        return [*problems, ".metadata is truncated or corrupt"]
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size is None or size < end:
+            have = "is missing" if size is None else f"holds {size:,} bytes"
+            problems.append(f"shard {name} {have}, the metadata expects {end:,}")
+    return problems
+
+
 def mismatches(path: _PATH, template: dict[str, Any]) -> list[str]:
     """Tensors this rank would load whose key or shape the checkpoint lacks (reads metadata only, no collective)."""
     saved = dist_checkpointing.load_tensors_metadata(str(path))
@@ -298,7 +323,15 @@ class MegatronCheckpointIO(CheckpointIO):
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None) -> dict[str, Any]:
         """Lightning's state of a checkpoint (no tensors): what ``trainer.pt`` holds, plus ``layout``."""
         layout = read_layout(path)
-        state = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False)
+        damaged = damaged_files(path)
+        if damaged:
+            raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(damaged)}; copy it again or resume from "
+                                  f"an earlier checkpoint")
+        try:
+            state = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            raise CheckpointError(f"{Path(path) / TRAINER_FILE} is unreadable ({error}); copy the checkpoint again "
+                                  f"or resume from an earlier one") from None
         state["layout"] = layout.to_dict()
         return state
 

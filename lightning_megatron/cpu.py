@@ -134,6 +134,10 @@ class CPUEmulation:
         from megatron.core.fusions import fused_softmax
 
         self._set(fused_softmax, "get_default_causal_mask", _cpu_causal_mask)
+        from megatron.core.tensor_parallel import layers
+
+        # Its advice to set CUDA_DEVICE_MAX_CONNECTIONS (for TP/SP communication overlap) means nothing on a CPU.
+        self._set(layers.linear_with_grad_accumulation_and_async_allreduce, "warned", True)
         self._mode = _CudaToCpu()
         self._mode.__enter__()
         return self

@@ -14,6 +14,8 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from lightning_megatron.errors import UserError
+
 
 @dataclass
 class OptimConfig:
@@ -54,7 +56,7 @@ def build_scheduler(config: OptimConfig, optimizer: Any, max_steps: int) -> Opti
     """megatron-core's scheduler, stepped once per optimizer step."""
     decay_steps = config.decay_steps if config.decay_steps is not None else max_steps
     if decay_steps is None or decay_steps <= 0:
-        raise ValueError("OptimConfig.decay_steps is unset and the trainer has no max_steps; set one of them")
+        raise UserError("OptimConfig.decay_steps is unset and the trainer has no max_steps; set one of them")
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if config.warmup_steps else config.lr,

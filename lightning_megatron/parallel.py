@@ -19,8 +19,10 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from lightning_megatron.errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError):
     """A parallel layout or batch size that cannot work; the message says what to change."""
 
 
@@ -73,9 +75,10 @@ class ParallelConfig:
                 raise LayoutError(f"{name} must be >= 1, got {getattr(self, name)}")
         if world_size % self.model_parallel_size:
             raise LayoutError(
-                f"tensor ({self.tensor_model_parallel_size}) x pipeline ({self.pipeline_model_parallel_size}) x "
-                f"context ({self.context_parallel_size}) parallel = {self.model_parallel_size} does not divide the "
-                f"{world_size} processes; set devices x num_nodes to a multiple of {self.model_parallel_size}"
+                f"tensor_model_parallel_size ({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
+                f"({self.pipeline_model_parallel_size}) x context_parallel_size ({self.context_parallel_size}) = "
+                f"{self.model_parallel_size} does not divide the {world_size} processes; set the Trainer's devices x "
+                f"num_nodes to a multiple of {self.model_parallel_size}"
             )
         if self.vp is not None and self.pipeline_model_parallel_size < 2:
             raise LayoutError(
@@ -128,7 +131,7 @@ class RecomputeConfig:
 
     def __post_init__(self) -> None:
         if self.granularity == "full" and (self.method is None or self.num_layers is None):
-            raise ValueError(
+            raise UserError(
                 "recompute_granularity='full' needs recompute_method ('uniform' or 'block') and recompute_num_layers"
             )
 

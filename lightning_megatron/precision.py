@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.precision import Precision
 from typing_extensions import override
 
 from lightning_megatron.backends import HAVE_TE
+from lightning_megatron.errors import UserError
 
 PrecisionName = Literal["32-true", "bf16-mixed", "16-mixed", "fp8-mixed"]
 _ALIASES = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
@@ -36,12 +37,12 @@ class MegatronPrecision(Precision):
     ) -> None:
         name = _ALIASES.get(str(precision))
         if name is None:
-            raise ValueError(
+            raise UserError(
                 f"precision={precision!r} is not supported by the megatron strategy; use one of "
                 f"'32-true', 'bf16-mixed', '16-mixed' or 'fp8-mixed'"
             )
         if name == "fp8-mixed" and not HAVE_TE:
-            raise ValueError("precision='fp8-mixed' needs Transformer Engine; install it or use 'bf16-mixed'")
+            raise UserError("precision='fp8-mixed' needs Transformer Engine; install it or use 'bf16-mixed'")
         self.precision = name  # type: ignore[assignment]
         self.initial_loss_scale = initial_loss_scale
         self.min_loss_scale = min_loss_scale

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from lightning_megatron.errors import UserError
+
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """Maps a stage's output to ``(sum of per-token losses, number of tokens)``."""
 
@@ -39,14 +41,14 @@ def batch_size_of(batch: Mapping[str, Any]) -> int:
     for value in batch.values():
         if isinstance(value, torch.Tensor):
             return value.shape[0]
-    raise ValueError("a batch must be a dict holding at least one tensor")
+    raise UserError("a batch must be a dict holding at least one tensor")
 
 
 def split_microbatches(batch: Mapping[str, Any], micro_batch_size: int) -> list[dict[str, Any]]:
     """Cut a batch dict into microbatches of ``micro_batch_size`` samples along the first dimension."""
     size = batch_size_of(batch)
     if size % micro_batch_size:
-        raise ValueError(
+        raise UserError(
             f"a data-parallel rank received {size} samples, which is not a multiple of micro_batch_size="
             f"{micro_batch_size}; make the per-rank batch (global_batch_size / data parallel size) a multiple of it"
         )
@@ -111,5 +113,5 @@ def run_schedule(
             dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())
     loss_sum, num_tokens = total.tolist()
     if num_tokens == 0:
-        raise ValueError("every token of the global batch is masked out of the loss (loss_mask is all zeros)")
+        raise UserError("every token of the global batch is masked out of the loss (loss_mask is all zeros)")
     return StepResult(loss=torch.tensor(loss_sum / num_tokens), num_tokens=int(num_tokens))

@@ -39,14 +39,16 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from typing_extensions import override
 
 from lightning_megatron import checkpoint as ckpt
-from lightning_megatron import parallel
+from lightning_megatron import parallel, preflight
 from lightning_megatron.backends import use_foreach_multi_tensor_kernels
 from lightning_megatron.cpu import CPUEmulation
+from lightning_megatron.errors import UserError
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
 from lightning_megatron.parallel import DDPConfig, LayoutError, ParallelConfig, RecomputeConfig
 from lightning_megatron.precision import MegatronPrecision
 from lightning_megatron.schedule import StepResult, batch_size_of, run_schedule, split_microbatches
+from lightning_megatron.threads import set_threads
 
 
 def transformer_fields(parallel_config: ParallelConfig, precision: MegatronPrecision, recompute: RecomputeConfig,
@@ -74,7 +76,7 @@ def _given_or_flat(name: str, given: Any, flat: Any) -> Any:
     if given is None:
         return flat
     if flat != type(flat)():
-        raise ValueError(f"pass MegatronStrategy either {name}=... or its flat keyword arguments, not both")
+        raise UserError(f"pass MegatronStrategy either {name}=... or its flat keyword arguments, not both")
     return given
 
 
@@ -206,6 +208,7 @@ class MegatronStrategy(ParallelStrategy):
         """Validate everything that could hang a collective, then create the process groups."""
         super().setup_environment()
         self._set_world_ranks()
+        set_threads(self.num_processes, self.root_device.type)
         self._validate()
         if self.root_device.type == "cpu":
             self._cpu.__enter__()
@@ -262,6 +265,7 @@ class MegatronStrategy(ParallelStrategy):
         if trainer.gradient_clip_val is not None:
             self._clip_grad = float(trainer.gradient_clip_val)
         datamodule = trainer.datamodule
+        preflight.check_model_fits_data(module, datamodule)
         seq_length = getattr(datamodule, "seq_length", None)
         if seq_length is not None:
             self.parallel_config.check_sequence_length(seq_length)
@@ -501,6 +505,10 @@ class MegatronStrategy(ParallelStrategy):
         io = self.checkpoint_io
         if isinstance(io, ckpt.MegatronCheckpointIO):
             io.finalize(blocking=False)
+        # Every batch is one optimizer step here, so the step that loggers see is the global step; Lightning's own
+        # count comes back one off after resuming from a checkpoint saved at validation.
+        trainer = self.lightning_module.trainer
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
         super().on_train_batch_start(batch, batch_idx)
 
     @classmethod
@@ -517,7 +525,7 @@ def _to_megatron_precision(plugin: Any) -> MegatronPrecision:
     # subclass Precision with behaviour megatron's optimizer would not honour.
     if isinstance(plugin, (MixedPrecision, HalfPrecision)) or type(plugin) is Precision:
         return MegatronPrecision(str(plugin.precision))
-    raise ValueError(
+    raise UserError(
         f"the megatron strategy cannot honour the precision plugin {type(plugin).__name__}; pass "
         f"precision='32-true', 'bf16-mixed', '16-mixed' or 'fp8-mixed', or a lightning_megatron.MegatronPrecision"
     )

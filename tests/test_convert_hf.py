@@ -22,6 +22,7 @@ from lightning_megatron.convert import (
     ConversionError,
     build_module,
     checkpoint_to_hf,
+    export_hf,
     hf_to_checkpoint,
     load_checkpoint,
     load_hf,
@@ -349,3 +350,68 @@ def test_build_module_gives_the_fields_the_strategy_gives(one_rank):
     expected = transformer_fields(one_rank, MegatronPrecision("32-true"), recompute, torch.device("cpu"))
     assert {name: getattr(config, name) for name in expected} == expected
     assert config.recompute_granularity == "full" and config.calculate_per_token_loss and not config.batch_p2p_comm
+
+
+def test_export_names_the_tokenizers_special_tokens(one_rank, tmp_path):
+    """transformers needs bos/eos ids inside the vocabulary (its GPT-2 default, 50256, is not in a 4096 one)."""
+    from lightning_megatron.data.tokenizer import bundled_tokenizer
+    from lightning_megatron.models.gpt import GPTConfig
+
+    tokenizer = bundled_tokenizer()
+    config = GPTConfig.gpt2(vocab_size=tokenizer.vocab_size, num_layers=2, hidden_size=64, num_attention_heads=4,
+                            seq_length=64, hidden_dropout=0.1, attention_dropout=0.1)
+    module = build_module(GPT(config), one_rank)
+    export_hf(module, tmp_path / "hf", tokenizer=tokenizer.path)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["bos_token_id"] == hf_config["eos_token_id"] == tokenizer.eod < hf_config["vocab_size"]
+    assert (hf_config["resid_pdrop"], hf_config["attn_pdrop"]) == (0.1, 0.1)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert loaded.generation_config.eos_token_id == tokenizer.eod
+
+
+@pytest.mark.slow
+def test_an_imported_gpt_generates_and_evaluates_without_a_recipe(tmp_path):
+    """hf-to-megatron output is a checkpoint like any other for generate/evaluate: architecture and tokenizer come
+    from the directory; the HF config's special tokens and dropout survive the round trip."""
+    import shutil
+    import subprocess
+
+    from launch import child_env
+    from lightning_megatron.data.tokenizer import bundled_tokenizer
+
+    tokenizer = bundled_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=tokenizer.vocab_size, n_positions=64,
+                                     bos_token_id=tokenizer.eod, eos_token_id=tokenizer.eod)  # dropout 0.1
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    hf, ckpt, back = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "back"
+    model.save_pretrained(hf)
+    shutil.copy(tokenizer.path, hf / "tokenizer.json")
+    assert convert_main(["hf-to-megatron", "--hf", str(hf), "--out", str(ckpt)]) == 0
+    assert json.loads((ckpt / "lightning_megatron.json").read_text())["config"]["hidden_dropout"] == 0.1
+
+    prompt = "In the beginning"
+    ids = tokenizer.encode(prompt)
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                              pad_token_id=tokenizer.eod)[0, len(ids):].tolist()
+    for recipe in ([], ["--config", str(REPO / "recipes" / "gpt-tiny.yaml")]):  # the checkpoint's own model wins
+        out = tmp_path / f"completions{len(recipe)}.jsonl"
+        result = subprocess.run([sys.executable, "-m", "lightning_megatron", "generate", "--ckpt", str(ckpt),
+                                 "--prompt", prompt, "--max-new-tokens", "8", "--output", str(out), *recipe],
+                                capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(out.read_text())["tokens"] == expected
+    (tmp_path / "held.txt").write_text("In the beginning God created the heaven and the earth.\n")
+    result = subprocess.run([sys.executable, "-m", "lightning_megatron", "evaluate", "--ckpt", str(ckpt), "--text",
+                             str(tmp_path / "held.txt")], capture_output=True, text=True, cwd=REPO, env=child_env(),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["text"]["perplexity"] > 1
+
+    assert convert_main(["megatron-to-hf", "--ckpt", str(ckpt), "--out", str(back)]) == 0
+    exported = json.loads((back / "config.json").read_text())
+    assert exported["eos_token_id"] == exported["bos_token_id"] == tokenizer.eod
+    assert (exported["resid_pdrop"], exported["attn_pdrop"]) == (0.1, 0.1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from lightning_megatron.cli import TOOLS
+from lightning_megatron_cli import COMMANDS
 from lightning_megatron.data.corpus import BUNDLED_CORPUS, read_texts
 from lightning_megatron.data.indexed import check_vocab_size, inspect_indexed, max_token_id
 from lightning_megatron.data.preprocess import PreprocessConfig, main, preprocess, split_sentences
@@ -52,7 +52,7 @@ def test_round_trip_yields_the_tokenizers_ids_with_eod(prefix):
 
 
 def test_cli_plain_text_per_file_with_sentences(tmp_path, capsys):
-    assert TOOLS["preprocess"] == "lightning_megatron.data.preprocess:main"
+    assert COMMANDS["preprocess"][0] == "lightning_megatron.data.preprocess:main"
     docs = tmp_path / "docs"
     docs.mkdir()
     for i, text in enumerate(TEXTS[:3]):
@@ -149,3 +149,41 @@ def test_vocabulary_larger_than_the_model(prefix):
     check_vocab_size([prefix], largest + 1)
     with pytest.raises(ValueError, match=rf"kjv\.bin holds token id {largest}, but the model's vocab_size is 100"):
         check_vocab_size([prefix], 100)
+
+
+def test_a_tokenizer_file_with_padding_and_truncation_writes_exactly_its_ids(tmp_path):
+    """A tokenizer.json saved with inference-time padding and truncation (as packaged BERT tokenizers are) must not
+    cut long documents nor pad short ones."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    bundled = bundled_tokenizer()
+    packaged = HFTokenizer.from_file(str(bundled.path))
+    packaged.enable_truncation(max_length=16)
+    packaged.enable_padding(length=16, pad_id=bundled.pad, pad_token="<|pad|>")
+    packaged.save(str(tmp_path / "tokenizer.json"))
+    texts = ["In the beginning", TEXTS[0]]  # far shorter and far longer than 16 tokens
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    assert main(["--input", str(tmp_path / "docs.jsonl"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                 "--append-eod", "--output-prefix", str(tmp_path / "out"), "--workers", "1", "--quiet"]) == 0
+    dataset = IndexedDataset(str(tmp_path / "out"))
+    expected = [bundled.encode(text) + [bundled.eod] for text in texts]
+    assert len(expected[1]) > 100 and len(expected[0]) < 16
+    assert [dataset[i].tolist() for i in range(2)] == expected
+
+
+@pytest.mark.slow
+def test_the_command_exits_right_after_its_summary(corpus, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from launch import REPO, child_env
+
+    command = [sys.executable, "-m", "lightning_megatron", "preprocess", "--input", str(corpus), "--append-eod",
+               "--output-prefix", str(tmp_path / "p"), "--workers", "2", "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO, env=child_env())
+    summary = process.stdout.readline()
+    printed = time.perf_counter()
+    assert process.wait(timeout=120) == 0
+    assert summary.startswith(f"wrote {tmp_path / 'p'}.bin/.idx: 60 documents")
+    assert time.perf_counter() - printed < 2.0

@@ -74,3 +74,28 @@ def test_serve_two_replicas_share_concurrent_requests(tmp_path):
     routed = [int(re.search(rf'replica_requests_total{{replica="{r}"}} (\d+)', metrics).group(1)) for r in (0, 1)]
     assert sum(routed) == 2 * len(prompts) and min(routed) >= 2, routed  # each replica took its share
     assert 'lightning_megatron_replica_running_requests{replica="1"} 0' in metrics
+
+
+@pytest.mark.slow
+def test_serve_logs_a_client_that_goes_away_in_one_line_and_stops_at_once_on_sigterm(tmp_path):
+    import json
+    import socket
+    import time
+
+    log = open(tmp_path / "serve.log", "w+")
+    with launch.serving(["--config", RECIPE], log) as (process, port):
+        body = json.dumps({"prompt": "In the beginning", "max_tokens": 100, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as client:  # reads the first event, then hangs up
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            client.recv(256)
+        time.sleep(2)
+        assert request(port, "GET", "/health")[0] == 200  # still serving
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        stopped = time.monotonic() - start
+    output = Path(log.name).read_text()
+    assert "Traceback" not in output, output[-3000:]
+    assert len([line for line in output.splitlines() if "the client disconnected" in line]) == 1, output[-3000:]
+    assert stopped < 2.0, f"{stopped:.2f} s from SIGTERM to exit"

@@ -20,10 +20,38 @@ def format_metric(name: str, value: float) -> str:
 
 
 class MegatronProgressBar(TQDMProgressBar):
-    """Lightning's TQDM bar (elapsed, ETA, it/s) with the megatron run's metrics formatted for reading."""
+    """Lightning's TQDM bar (elapsed, ETA, it/s) with the megatron run's metrics formatted for reading.
+
+    With ``max_steps`` set, one bar counts optimizer steps to ``max_steps`` across epochs (a resumed run starts at
+    its step), so its ETA is the run's; the description still names the epoch.
+    """
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return {name: format_metric(name, value) if isinstance(value, (int, float)) else value
                 for name, value in metrics.items()}
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        if trainer.max_steps >= 0:  # a run resumed mid-epoch starts here, without an epoch start
+            bar = self.train_progress_bar
+            bar.reset(total=trainer.max_steps)
+            bar.initial = bar.n = trainer.global_step  # the rate and ETA count this run's steps only
+            bar.set_description(f"Epoch {trainer.current_epoch}")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.max_steps < 0:
+            super().on_train_epoch_start(trainer, *args)
+            return
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch}")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.max_steps < 0:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        bar = self.train_progress_bar
+        if self._should_update(trainer.global_step, trainer.max_steps):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_megatron.errors import UserError, one_line
 from lightning_megatron.generation import SamplingParams, generate
+
+_log = logging.getLogger(__name__)
 
 
 class SampleText(pl.Callback):
@@ -43,16 +47,25 @@ class SampleText(pl.Callback):
             return
         self._validations += 1
         if self._validations % self.every_n_val == 0:
-            self.sample(trainer, pl_module)
+            self._sample_or_warn(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sample(trainer, pl_module)
+        self._sample_or_warn(trainer, pl_module)
+
+    def _sample_or_warn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A sample is a courtesy: whatever generation raises, the run it decorates still succeeds."""
+        try:
+            self.sample(trainer, pl_module)
+        except Exception as error:  # noqa: BLE001 - see the docstring
+            if trainer.is_global_zero:
+                _log.warning(f"SampleText: no sample ({one_line(error)}); training is unaffected")
 
     def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         """Generate now (collectively on all ranks) and report the text; returns it."""
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is None:
-            raise ValueError("SampleText needs a datamodule with a `tokenizer` attribute (e.g. TextDataModule)")
+            raise UserError("SampleText needs a datamodule with a `tokenizer` attribute; use one such as "
+                            "TextDataModule, or remove the callback")
         params = self.params
         room = pl_module.config.seq_length - len(tokenizer.encode(self.prompt))
         if params.max_new_tokens is not None and params.max_new_tokens > room:

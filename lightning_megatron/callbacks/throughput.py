@@ -50,7 +50,8 @@ def peak_tflops(device: torch.device) -> float | None:
 class Throughput(pl.Callback):
     """Logs ``tokens_per_s`` (global), ``tflops`` per device, ``mfu`` and ``peak_mem_gb`` every training step.
 
-    Tokens per step are counted from the batch (tokens × data-parallel size); FLOPs per token come from
+    Tokens per step are counted from the batch (``tokens``, or T5's encoder and decoder tokens, × data-parallel
+    size); FLOPs per token come from
     :func:`gpt_flops_per_token` when the module is a :class:`~lightning_megatron.GPT`.
     """
 
@@ -70,7 +71,7 @@ class Throughput(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        tokens = batch["tokens"].numel() * getattr(trainer.strategy, "data_parallel_size", trainer.world_size)
+        tokens = _batch_tokens(batch) * getattr(trainer.strategy, "data_parallel_size", trainer.world_size)
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         self._times.append(time.perf_counter())
@@ -89,6 +90,13 @@ class Throughput(pl.Callback):
         if trainer.strategy.root_device.type == "cuda":
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         pl_module.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+
+
+def _batch_tokens(batch: Any) -> int:
+    """Token ids of a batch: a decoder's or encoder's ``tokens``, or an encoder-decoder's inputs and targets."""
+    if "tokens" in batch:
+        return batch["tokens"].numel()
+    return sum(batch[key].numel() for key in ("enc_tokens", "dec_tokens") if key in batch)
 
 
 def _module_flops_per_token(module: pl.LightningModule) -> float | None:

@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 
 from lightning_megatron import parallel
 from lightning_megatron.convert.consolidated import SafetensorsFiles, TensorSource
+from lightning_megatron.errors import UserError
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
 from lightning_megatron.precision import MegatronPrecision
 from lightning_megatron.strategy import RecomputeConfig, transformer_fields
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint or config that cannot be converted; the message names the tensor or field at fault."""
 
 

@@ -54,6 +54,7 @@ class GPT2(Architecture):
             num_attention_heads=hf["n_head"], ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
             seq_length=hf["n_positions"], layernorm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
             activation=activation, init_method_std=hf.get("initializer_range", 0.02),
+            hidden_dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
         )
 
     def config_to_hf(self, config: GPTConfig) -> dict[str, Any]:

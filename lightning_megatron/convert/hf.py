@@ -157,12 +157,24 @@ def load_hf(module: MegatronModule, hf_dir: str | Path) -> None:
     load_consolidated(module, source, str(hf_dir), expected.vocab_size, ConversionError)
 
 
+def _token_ids(tokenizer: str | Path | None) -> dict[str, int]:
+    """``bos/eos/pad_token_id`` for the HF config of a model trained with ``tokenizer``: its end-of-document and
+    padding tokens (without them transformers falls back to GPT-2's 50256, outside a small vocabulary)."""
+    from lightning_megatron.data.tokenizer import Tokenizer
+
+    try:
+        found = Tokenizer(tokenizer) if tokenizer is not None else None
+    except (FileNotFoundError, ValueError):  # no tokenizer.json, or no end-of-document token: nothing to name
+        found = None
+    return {} if found is None else {"bos_token_id": found.eod, "eos_token_id": found.eod, "pad_token_id": found.pad}
+
+
 def _write_hf(arch: Architecture, config: Any, source: Any, out: str | Path, tokenizer: str | Path | None,
-              max_shard_bytes: int) -> Path:
+              max_shard_bytes: int, token_ids: dict[str, int]) -> Path:
     writer = ShardedWriter(out, max_shard_bytes)
     for name, tensor in hf_tensors(arch.rules(config), source):
         writer.add(name, tensor)
-    hf_config = {**arch.config_to_hf(config), "dtype": "float32"}
+    hf_config = {**arch.config_to_hf(config), **token_ids, "dtype": "float32"}
     (writer.files_dir() / "config.json").write_text(json.dumps(hf_config, indent=2))
     _copy_tokenizer(Path(tokenizer) if tokenizer else None, writer.files_dir())
     return writer.finish()
@@ -173,7 +185,9 @@ def checkpoint_to_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2
     metadata = read_checkpoint_metadata(path)
     arch = architecture_named(metadata["architecture"])
     config = arch.config_from_hf(metadata["hf_config"])
-    return _write_hf(arch, config, SafetensorsFiles(path, ConversionError), out, path, max_shard_bytes)
+    token_ids = {key: value for key, value in metadata["hf_config"].items()
+                 if key.endswith("_token_id") and value is not None}  # the special tokens it was imported with
+    return _write_hf(arch, config, SafetensorsFiles(path, ConversionError), out, path, max_shard_bytes, token_ids)
 
 
 def export_hf(module: MegatronModule, out: str | Path, tokenizer: str | Path | None = None,
@@ -189,7 +203,7 @@ def export_hf(module: MegatronModule, out: str | Path, tokenizer: str | Path | N
         # HF checkpoints of ours are fp32 whatever the training precision (config.json says so).
         full = TensorDict({name: t.float() if t.is_floating_point() else t for name, t in tensors.items()},
                           "the gathered model", ConversionError)
-        path = _write_hf(arch, module.config, full, out, tokenizer, max_shard_bytes)
+        path = _write_hf(arch, module.config, full, out, tokenizer, max_shard_bytes, _token_ids(tokenizer))
     if dist.is_initialized():
         dist.barrier()
     return path

@@ -42,7 +42,7 @@ class Llama(Architecture):
             ffn_hidden_size=hf["intermediate_size"], seq_length=hf.get("max_position_embeddings", 2048),
             rotary_base=int(rope.get("rope_theta", 10000.0)), layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            init_method_std=hf.get("initializer_range", 0.02),
+            init_method_std=hf.get("initializer_range", 0.02), attention_dropout=hf.get("attention_dropout", 0.0),
         )
 
     def config_to_hf(self, config: GPTConfig) -> dict[str, Any]:

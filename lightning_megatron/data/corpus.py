@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from lightning_megatron.errors import UserError
+
 BUNDLED_CORPUS = Path(__file__).with_name("corpus") / "kjv.jsonl.gz"
 """The King James Bible, one document per chapter (see corpus/README.md for source and licence)."""
 
@@ -30,7 +32,7 @@ def read_texts(path: str | os.PathLike, json_key: str = "text") -> Iterator[str]
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number} is not valid JSON ({error.msg})") from None
+                raise UserError(f"{path}:{line_number} is not valid JSON ({error.msg})") from None
             if json_key not in record:
-                raise KeyError(f"{path}:{line_number} has no field {json_key!r}; pass the right json_key")
+                raise UserError(f"{path}:{line_number} has no field {json_key!r}; pass the right json_key")
             yield record[json_key]

@@ -19,8 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_megatron.atomic import atomic_write
 from lightning_megatron.data.corpus import BUNDLED_CORPUS, read_texts
-from lightning_megatron.data.sampler import GlobalBatchSampler, GlobalBatchSizes
+from lightning_megatron.data.sampler import GlobalBatchLoader, GlobalBatchSampler, GlobalBatchSizes
 from lightning_megatron.data.tokenizer import LazyTokenizer, cache_dir
+from lightning_megatron.errors import UserError
+from lightning_megatron.preflight import check_batch_sizes
 
 
 class TokenWindows(Dataset):
@@ -68,10 +70,7 @@ class MegatronDataModule(pl.LightningDataModule):
     def __init__(self, global_batch_size: int = 16, micro_batch_size: int = 4, seed: int = 1234, num_workers: int = 0,
                  rampup_batch_size: list[int] | None = None) -> None:
         super().__init__()
-        if global_batch_size % micro_batch_size:
-            raise ValueError(
-                f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size={micro_batch_size}"
-            )
+        check_batch_sizes(global_batch_size, micro_batch_size)
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.batch_sizes = GlobalBatchSizes(global_batch_size, rampup_batch_size)
@@ -101,9 +100,9 @@ class MegatronDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None or len(dataset) == 0:
-            raise ValueError(f"the {split} split of {self.data_description()} is empty; add data or change the split")
+            raise UserError(f"the {split} split of {self.data_description()} is empty; add data or change the split")
         if len(dataset) < self.global_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"the {split} split of {self.data_description()} holds {len(dataset)} samples, fewer than one global "
                 f"batch of {self.global_batch_size}; add data, change the split or use a smaller global_batch_size"
             )
@@ -117,7 +116,7 @@ class MegatronDataModule(pl.LightningDataModule):
             seed=self.seed,
             consumed_samples=self._consumed_samples if train else (lambda: 0),
         )
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers)
+        return GlobalBatchLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, "train", train=True)
@@ -145,7 +144,7 @@ class TextDataModule(MegatronDataModule, LazyTokenizer):
         self.json_key = json_key
         self.seq_length = seq_length
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+            raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
         self.val_fraction = val_fraction
 
     def data_description(self) -> str:
@@ -173,7 +172,7 @@ class TextDataModule(MegatronDataModule, LazyTokenizer):
                 return saved["train"], saved["held_out"]
         documents = list(read_texts(self.path, self.json_key))
         if len(documents) < 2:
-            raise ValueError(f"{self.path} holds {len(documents)} document(s); need at least 2 to hold one out")
+            raise UserError(f"{self.path} holds {len(documents)} document(s); need at least 2 to hold one out")
         split = max(1, int(len(documents) * (1.0 - self.val_fraction)))
         encoded = self.tokenizer.encode_batch(documents)
         eod = self.tokenizer.eod

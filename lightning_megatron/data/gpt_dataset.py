@@ -11,6 +11,7 @@ from typing import Any
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from lightning_megatron.data.megatron_datasets import IndexedDataModule
+from lightning_megatron.errors import UserError
 
 
 class MegatronGPTDataModule(IndexedDataModule):
@@ -25,7 +26,7 @@ class MegatronGPTDataModule(IndexedDataModule):
                  reset_position_ids: bool = False, **kwargs: Any) -> None:
         """``kwargs`` are :class:`IndexedDataModule`'s (``seq_length``, ``tokenizer``, batch sizes, ...)."""
         if (paths is None) != mock:
-            raise ValueError("pass data paths (the --output-prefix of `lightning-megatron preprocess`) or mock=True")
+            raise UserError("pass data paths (the --output-prefix of `lightning-megatron preprocess`) or mock=True")
         super().__init__(paths=paths, **kwargs)
         self.mock = mock
         self.eod_mask_loss = eod_mask_loss

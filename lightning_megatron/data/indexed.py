@@ -15,6 +15,8 @@ from typing import Iterable
 import numpy as np
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, get_bin_path, get_idx_path
 
+from lightning_megatron.errors import UserError
+
 _HEADER_BYTES = len(_INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
 _READ_CHUNK = 1 << 24  # tokens per read when scanning a .bin (bounded memory whatever the file size)
 
@@ -45,17 +47,17 @@ def inspect_indexed(prefix: str | os.PathLike) -> IndexedFiles:
     with open(idx_path, "rb") as handle:
         header = handle.read(_HEADER_BYTES)
     if len(header) < _HEADER_BYTES or not header.startswith(_INDEX_HEADER):
-        raise ValueError(f"{idx_path} is not a megatron-core index file (bad or truncated header); {_fix(prefix)}")
+        raise UserError(f"{idx_path} is not a megatron-core index file (bad or truncated header); {_fix(prefix)}")
     version, code, num_sequences, num_documents = struct.unpack("<QBQQ", header[len(_INDEX_HEADER) :])
     if version != 1:
-        raise ValueError(f"{idx_path} has index version {version}; only version 1 is supported")
+        raise UserError(f"{idx_path} has index version {version}; only version 1 is supported")
     try:
         dtype = DType.dtype_from_code(code)
     except ValueError:
-        raise ValueError(f"{idx_path} names an unknown token dtype code {code}; {_fix(prefix)}") from None
+        raise UserError(f"{idx_path} names an unknown token dtype code {code}; {_fix(prefix)}") from None
     expected_idx = _HEADER_BYTES + num_sequences * (4 + 8) + num_documents * 8
     if idx_size < expected_idx:
-        raise ValueError(
+        raise UserError(
             f"{idx_path} is truncated: {idx_size} bytes, its header promises at least {expected_idx}; {_fix(prefix)}"
         )
     lengths = np.memmap(idx_path, dtype=np.int32, mode="r", offset=_HEADER_BYTES, shape=(num_sequences,))
@@ -64,7 +66,7 @@ def inspect_indexed(prefix: str | os.PathLike) -> IndexedFiles:
     bin_size, expected_bin = bin_path.stat().st_size, num_tokens * DType.size(dtype)
     if bin_size != expected_bin:
         state = "truncated" if bin_size < expected_bin else "longer than its index says"
-        raise ValueError(
+        raise UserError(
             f"{bin_path} does not match {idx_path}: the index describes {num_tokens} tokens ({expected_bin} bytes) "
             f"but the .bin holds {bin_size} bytes ({state}); the two files come from different runs or one was cut "
             f"short: {_fix(prefix)}"
@@ -86,7 +88,7 @@ def check_vocab_size(prefixes: Iterable[str | os.PathLike], vocab_size: int) -> 
     for prefix in prefixes:
         largest = max_token_id(prefix)
         if largest >= vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"{get_bin_path(str(prefix))} holds token id {largest}, but the model's vocab_size is {vocab_size}: "
                 f"the data was tokenised with a larger vocabulary. Set the model's vocab_size to at least "
                 f"{largest + 1} (the tokenizer's vocabulary size), or preprocess with the model's tokenizer"

@@ -22,6 +22,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from lightning_megatron.atomic import atomic_write
 from lightning_megatron.data.megatron_datasets import IndexedDataModule
 from lightning_megatron.data.tokenizer import Tokenizer
+from lightning_megatron.errors import UserError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
@@ -51,9 +52,9 @@ class MaskedLMTokenizer(Tokenizer):
         vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         missing = [token for token in ("[PAD]", "[CLS]", "[SEP]", "[MASK]") if token not in vocab]
         if missing:
-            raise ValueError(f"tokenizer {self.path} lacks {missing}: BERT/T5 data needs a WordPiece tokenizer with them")
+            raise UserError(f"tokenizer {self.path} lacks {missing}: BERT/T5 data needs a WordPiece tokenizer with them")
         if vocab["[PAD]"] != 0:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer {self.path} has [PAD] = {vocab['[PAD]']}; megatron-core's masked datasets write padding "
                 f"as id 0 and mark it by the pad id, so [PAD] must be id 0"
             )
@@ -105,7 +106,7 @@ class _MaskedDataModule(IndexedDataModule):
 
     def load_tokenizer(self, spec: str | None) -> MaskedLMTokenizer:
         if spec in (None, "", "bundled"):
-            raise ValueError("BERT/T5 data needs a WordPiece tokenizer: pass data.tokenizer=<tokenizer.json>")
+            raise UserError("BERT/T5 data needs a WordPiece tokenizer: pass data.tokenizer=<tokenizer.json>")
         return MaskedLMTokenizer(spec)
 
 
@@ -154,7 +155,7 @@ class MegatronT5DataModule(_MaskedDataModule):
     def load_tokenizer(self, spec: str | None) -> MaskedLMTokenizer:
         tokenizer = super().load_tokenizer(spec)
         if not tokenizer.additional_special_tokens_ids:
-            raise ValueError(f"tokenizer {tokenizer.path} has no sentinel tokens <extra_id_N>, which T5 data needs")
+            raise UserError(f"tokenizer {tokenizer.path} has no sentinel tokens <extra_id_N>, which T5 data needs")
         return tokenizer
 
     def dataset_class(self) -> type:

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from lightning_megatron.data.datamodule import MegatronDataModule
 from lightning_megatron.data.indexed import IndexedFiles, check_vocab_size, inspect_indexed
 from lightning_megatron.data.tokenizer import LazyTokenizer, cache_dir
+from lightning_megatron.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 
@@ -31,14 +32,14 @@ def parse_blend(paths: str | Sequence[str], weights: Sequence[float] | None = No
     """(prefixes, weights) from prefixes plus weights, or from megatron's ``["0.7", "a", "0.3", "b"]`` form."""
     paths = [str(paths)] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
     if not paths:
-        raise ValueError("no data paths given: pass data.paths=[<prefix>, ...] (the --output-prefix of preprocess)")
+        raise UserError("no data paths given: pass data.paths=[<prefix>, ...] (the --output-prefix of preprocess)")
     if weights is None:
         prefixes, parsed = get_blend_from_list(paths)
         return prefixes, None if parsed is None else [float(w) for w in parsed]
     if len(weights) != len(paths):
-        raise ValueError(f"{len(paths)} data paths but {len(weights)} weights; give one weight per path")
+        raise UserError(f"{len(paths)} data paths but {len(weights)} weights; give one weight per path")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"blend weights must be non-negative and not all zero, got {list(weights)}")
+        raise UserError(f"blend weights must be non-negative and not all zero, got {list(weights)}")
     return paths, [float(w) for w in weights]
 
 
@@ -91,7 +92,7 @@ class IndexedDataModule(MegatronDataModule, LazyTokenizer, abc.ABC):
         self.tokenizer_spec = tokenizer
         self.index_cache_dir = index_cache_dir
         if num_samples is not None and len(num_samples) != 3:
-            raise ValueError(f"num_samples takes three sizes (train, valid, test), got {num_samples}")
+            raise UserError(f"num_samples takes three sizes (train, valid, test), got {num_samples}")
         self.num_samples = num_samples
         self.eval_samples = eval_samples
         self.check_vocab = check_vocab
@@ -118,7 +119,7 @@ class IndexedDataModule(MegatronDataModule, LazyTokenizer, abc.ABC):
         needs_counts = weighted or self.needs_sample_counts
         if self.num_samples is not None:
             if needs_counts and None in self.num_samples:
-                raise ValueError(
+                raise UserError(
                     f"num_samples={self.num_samples}: {'blend weights' if weighted else type(self).__name__} need a "
                     f"count for every split (0 for a split you do not use)"
                 )
@@ -131,7 +132,7 @@ class IndexedDataModule(MegatronDataModule, LazyTokenizer, abc.ABC):
             evaluation = limit * self.global_batch_size
         if needs_counts and (train is None or evaluation is None):
             reason = "blend weights" if weighted else f"{type(self).__name__}"
-            raise ValueError(
+            raise UserError(
                 f"{reason} need sample counts: set trainer.max_steps and either trainer.limit_val_batches "
                 "(an integer) or data.eval_samples; or set data.num_samples=[train, valid, test]"
             )
@@ -164,7 +165,7 @@ class IndexedDataModule(MegatronDataModule, LazyTokenizer, abc.ABC):
                                                                                           "sequences")
         for name, bounds in zip(SPLITS, split_matrix):
             if bounds is not None and int(round(bounds[1] * total)) == int(round(bounds[0] * total)):
-                raise ValueError(
+                raise UserError(
                     f"the {name} split of {files.prefix}.idx is empty: split {self.split!r} gives it none of its "
                     f"{total} {unit}; change data.split (a 0 leaves a split out, e.g. '98,2,0') or add data"
                 )
@@ -172,4 +173,4 @@ class IndexedDataModule(MegatronDataModule, LazyTokenizer, abc.ABC):
     def setup(self, stage: str) -> None:
         self.train_dataset, self.val_dataset, self.test_dataset = self.build()
         if stage == "fit" and self.train_dataset is None:
-            raise ValueError(f"the train split of {self.data_description()} is empty; add data or change the split")
+            raise UserError(f"the train split of {self.data_description()} is empty; add data or change the split")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from lightning_megatron.data.corpus import read_texts
 from lightning_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from lightning_megatron.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -101,7 +102,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
             files.extend(found)
         elif path.is_file():
             if _kind(path) is None:
-                raise ValueError(f"{path}: unsupported input type; use .jsonl[.gz], .parquet or .txt[.gz]")
+                raise UserError(f"{path}: unsupported input type; use .jsonl[.gz], .parquet or .txt[.gz]")
             files.append(path)
         else:
             raise FileNotFoundError(f"input {path} does not exist")
@@ -123,7 +124,7 @@ def _kind(path: Path) -> str | None:
 def read_documents(files: Iterable[Path], json_key: str = "text", text_mode: str = "line") -> Iterator[str]:
     """Stream the documents of ``files``: a JSON field, a parquet column, or text lines (or whole text files)."""
     if text_mode not in ("line", "file"):
-        raise ValueError(f"text_mode must be 'line' or 'file', got {text_mode!r}")
+        raise UserError(f"text_mode must be 'line' or 'file', got {text_mode!r}")
     for path in files:
         kind = _kind(path)
         if kind == "parquet":
@@ -190,7 +191,7 @@ def preprocess(config: PreprocessConfig, progress: bool = True) -> PreprocessSum
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     if config.workers < 1 or config.chunk_size < 1:
-        raise ValueError(f"workers and chunk_size must be >= 1, got {config.workers} and {config.chunk_size}")
+        raise UserError(f"workers and chunk_size must be >= 1, got {config.workers} and {config.chunk_size}")
     files = expand_inputs(config.inputs)
     tokenizer = load_tokenizer(config.tokenizer)
     output = Path(config.output_prefix)
@@ -230,7 +231,7 @@ def preprocess(config: PreprocessConfig, progress: bool = True) -> PreprocessSum
                 write(pending.popleft().get())
         bar.close()
         if counts["documents"] == 0:
-            raise ValueError(
+            raise UserError(
                 f"no non-empty documents in {', '.join(map(str, files))} (json key {config.json_key!r}); "
                 f"nothing written"
             )

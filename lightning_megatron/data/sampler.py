@@ -8,11 +8,13 @@ sampler, so a resumed run continues with the exact next batch, ramp-up of the gl
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+from lightning_megatron.errors import UserError
 
 
 class GlobalBatchSizes:
@@ -27,10 +29,10 @@ class GlobalBatchSizes:
         self._ramp = None
         if rampup_batch_size is not None:
             if len(rampup_batch_size) != 3:
-                raise ValueError("rampup_batch_size is [start, increment, ramp-up samples], e.g. [8, 8, 100000]")
+                raise UserError("rampup_batch_size is [start, increment, ramp-up samples], e.g. [8, 8, 100000]")
             start, increment, samples = (int(v) for v in rampup_batch_size)
             if not 0 < start <= global_batch_size or increment <= 0 or (global_batch_size - start) % increment:
-                raise ValueError(
+                raise UserError(
                     f"rampup_batch_size={list(rampup_batch_size)} must start at or below global_batch_size="
                     f"{global_batch_size} and reach it in whole increments"
                 )
@@ -81,9 +83,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
             global_batch_size)
         for size in sizes.sizes():
             if size % dp_size:
-                raise ValueError(f"global batch size {size} is not divisible by the data parallel size {dp_size}")
+                raise UserError(f"global batch size {size} is not divisible by the data parallel size {dp_size}")
         if num_samples < sizes.global_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"the dataset holds {num_samples} samples, fewer than one global batch of "
                 f"{sizes.global_batch_size}; use more data or a smaller global_batch_size"
             )
@@ -144,3 +146,19 @@ class GlobalBatchSampler(Sampler[list[int]]):
             begin = start + self.dp_rank * local
             yield order[begin : begin + local].tolist()
 
+
+
+class GlobalBatchLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`GlobalBatchSampler`, resumable by construction.
+
+    Its position is the trainer's consumed samples, which the sampler reads at every pass, so it has no state of its
+    own to save; implementing Lightning's ``state_dict``/``load_state_dict`` says so (a run resumed mid-epoch reads
+    exactly the batches the uninterrupted run would have read).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the position comes from the trainer's step."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore (see :meth:`state_dict`)."""

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lightning_megatron.data.datamodule import MegatronDataModule
+from lightning_megatron.errors import UserError
 
 
 def _as_ids(value: Any) -> torch.Tensor:
@@ -49,9 +50,9 @@ class GPTSamples(Dataset):
             ids = _as_ids(item)
             mask, positions = torch.ones(len(ids)), torch.arange(len(ids))
         if len(ids) < 2:
-            raise ValueError(f"item {index} has {len(ids)} token(s); a GPT sample needs at least 2")
+            raise UserError(f"item {index} has {len(ids)} token(s); a GPT sample needs at least 2")
         if not len(mask) == len(positions) == len(ids):
-            raise ValueError(f"item {index}: input_ids, loss_mask and position_ids differ in length")
+            raise UserError(f"item {index}: input_ids, loss_mask and position_ids differ in length")
         length = min(len(ids), self.seq_length + 1)
         pad = self.seq_length + 1 - length
         ids = torch.nn.functional.pad(ids[:length], (0, pad), value=self.pad_id)

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from lightning_megatron.data.datamodule import MegatronDataModule
 from lightning_megatron.data.samples import GPTSamples
 from lightning_megatron.data.tokenizer import LazyTokenizer, Tokenizer
+from lightning_megatron.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 
@@ -42,22 +43,22 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict[str, str]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON ({error.msg})") from None
+                raise UserError(f"{path}:{number} is not valid JSON ({error.msg})") from None
             if "messages" in record:
                 messages = record["messages"]
                 bad = [m for m in messages if m.get("role") not in ROLES or not isinstance(m.get("content"), str)]
                 if bad:
-                    raise ValueError(f"{path}:{number}: each message needs a role in {ROLES} and a string content")
+                    raise UserError(f"{path}:{number}: each message needs a role in {ROLES} and a string content")
             elif "prompt" in record and "response" in record:
                 messages = [{"role": "user", "content": record["prompt"]},
                             {"role": "assistant", "content": record["response"]}]
             else:
-                raise ValueError(f"{path}:{number} needs 'prompt' and 'response', or 'messages'")
+                raise UserError(f"{path}:{number} needs 'prompt' and 'response', or 'messages'")
             if not any(m["role"] == "assistant" for m in messages):
-                raise ValueError(f"{path}:{number} has no assistant message: nothing to learn")
+                raise UserError(f"{path}:{number} has no assistant message: nothing to learn")
             conversations.append(messages)
     if not conversations:
-        raise ValueError(f"SFT file {path} holds no examples")
+        raise UserError(f"SFT file {path} holds no examples")
     return conversations
 
 
@@ -114,7 +115,7 @@ def sft_dataset(path: str | os.PathLike, tokenizer: Tokenizer, seq_length: int, 
     if dropped:
         warnings.warn(f"{path}: {dropped} example(s) dropped: their response starts after {seq_length} tokens")
     if not examples:
-        raise ValueError(f"{path}: no example has a response within seq_length={seq_length} tokens")
+        raise UserError(f"{path}: no example has a response within seq_length={seq_length} tokens")
     items = pack(examples, seq_length + 1) if packed else [
         {"input_ids": np.asarray(ids), "loss_mask": np.asarray(mask, dtype=np.float32)} for ids, mask in examples
     ]
@@ -132,7 +133,7 @@ class SFTDataModule(MegatronDataModule, LazyTokenizer):
         """``kwargs`` are :class:`MegatronDataModule`'s (batch sizes, seed, workers, ramp-up)."""
         super().__init__(**kwargs)
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.path, self.val_path, self.val_fraction = path, val_path, val_fraction
         self.tokenizer_spec = tokenizer
         self.seq_length = seq_length

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lightning_megatron.atomic import atomic_write
+from lightning_megatron.errors import UserError
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -46,9 +47,14 @@ class Tokenizer:
             )
         self.path = file
         self._tokenizer = HFTokenizer.from_file(str(file))
+        # A tokenizer.json keeps the padding and truncation it was last used with (a BERT's 128, say); training
+        # data and evaluation need exactly the tokenizer's ids, whatever their number.
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
         eod = self._find_token((EOD_TOKEN, "</s>", "[SEP]", "<eos>", "<|end_of_text|>"))
         if eod is None:
-            raise ValueError(f"tokenizer {file} has no end-of-document token (looked for {EOD_TOKEN}, </s>, [SEP])")
+            raise UserError(f"tokenizer {file} has no end-of-document token (looked for {EOD_TOKEN}, </s>, [SEP]); "
+                            f"use a tokenizer with one of them")
         self.eod: int = eod
         pad = self._find_token((PAD_TOKEN, "<pad>", "[PAD]"))
         self.pad: int = eod if pad is None else pad

@@ -19,6 +19,7 @@ import math
 from typing import Any, Sequence
 
 from lightning_megatron.data.corpus import read_texts
+from lightning_megatron.errors import UserError
 from lightning_megatron.generation import build_engine
 from lightning_megatron.generation.scoring import (
     continuation_loglikelihoods,
@@ -34,7 +35,7 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int
     documents = [ids for ids in tokenizer.encode_batch(list(texts)) if ids]
     tokens = sum(len(ids) for ids in documents)
     if not tokens:
-        raise ValueError("the text holds no tokens; nothing to score")
+        raise UserError("the text holds no tokens; nothing to score")
     engine = build_engine(model, tokenizer, max_batch_size=batch_size)
     total = sum(rolling_loglikelihoods(engine, documents, prefix_token(tokenizer)))
     return {"perplexity": math.exp(-total / tokens), "loss": -total / tokens, "tokens": tokens,
@@ -45,7 +46,7 @@ def split_last_word(text: str) -> tuple[str, str]:
     """``(context, " " + last word)`` of a LAMBADA example."""
     context, _, word = text.strip().rpartition(" ")
     if not context:
-        raise ValueError(f"a LAMBADA example needs a context and a last word: {text[:80]!r}")
+        raise UserError(f"a LAMBADA example needs a context and a last word: {text[:80]!r}")
     return context, " " + word
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lightning_megatron.errors import UserError
+
 
 @dataclass
 class SamplingParams:
@@ -76,7 +78,7 @@ class SamplingParams:
         """Raise ``ValueError`` naming the field and the accepted range for any setting that cannot work."""
         def check(ok: bool, message: str) -> None:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
 
         check(self.max_new_tokens is None or self.max_new_tokens >= 0,
               "max_new_tokens must be >= 0 (0 scores the prompt only; None: up to the sequence length)")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_megatron.atomic import atomic_write
 from lightning_megatron.data.tokenizer import LazyTokenizer
+from lightning_megatron.errors import UserError
 from lightning_megatron.generation import generate
 from lightning_megatron.generation.requests import GenerationOutput
 from lightning_megatron.generation.params import SamplingParams
@@ -40,22 +41,22 @@ def read_prompts(path: str | os.PathLike, defaults: SamplingParams) -> list[dict
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON: {error}") from None
+                raise UserError(f"{path}:{number} is not valid JSON: {error}") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{path}:{number} needs a "prompt" string')
+                raise UserError(f'{path}:{number} needs a "prompt" string')
             unknown = set(record) - _PARAM_FIELDS - {"prompt", "id"}
             if unknown:
-                raise ValueError(f"{path}:{number} has unknown keys {sorted(unknown)}; use SamplingParams fields")
+                raise UserError(f"{path}:{number} has unknown keys {sorted(unknown)}; use SamplingParams fields")
             params = defaults.replace(**{k: v for k, v in record.items() if k in _PARAM_FIELDS})
             try:
                 params.validate()
             except ValueError as error:
-                raise ValueError(f"{path}:{number}: {error}") from None
+                raise UserError(f"{path}:{number}: {error}") from None
             items.append({"id": record.get("id", len(items)), "prompt": record["prompt"], "params": params})
         else:
             items.append({"id": len(items), "prompt": line, "params": defaults})
     if not items:
-        raise ValueError(f"{path} holds no prompts")
+        raise UserError(f"{path} holds no prompts")
     return items
 
 
@@ -81,7 +82,7 @@ class PromptsDataModule(pl.LightningDataModule, LazyTokenizer):
                  params: SamplingParams | None = None, prompts: list[str] | None = None) -> None:
         super().__init__()
         if (path is None) == (prompts is None):
-            raise ValueError("give PromptsDataModule either a prompts file (path) or a list of prompts")
+            raise UserError("give PromptsDataModule either a prompts file (path) or a list of prompts")
         self.path = path
         self.prompts = prompts
         self.tokenizer_spec = tokenizer

@@ -8,6 +8,9 @@ inference function runs on every rank with the loaded model (it must call collec
 from __future__ import annotations
 
 import argparse
+import pickle
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +20,7 @@ import torch
 import yaml
 
 from lightning_megatron.data.tokenizer import Tokenizer
+from lightning_megatron.errors import UserError
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.predict import PromptsDataModule
 from lightning_megatron.generation.quantize import MODES as QUANTIZE_MODES, quantize
@@ -31,8 +35,9 @@ InferenceFn = Callable[[GPT, Tokenizer], Any]
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every inference tool takes: where the model comes from and how it is split."""
     group = parser.add_argument_group("model")
-    group.add_argument("--ckpt", help="checkpoint to load (a Lightning .ckpt, or what the strategy's load accepts); "
-                                      "without it the model keeps its initial weights (smoke tests, benchmarks)")
+    group.add_argument("--ckpt", help="checkpoint to load: a directory saved by training (last.ckpt), one written by "
+                                      "'convert hf-to-megatron', or a one-process Lightning .ckpt file; without it "
+                                      "the model keeps its initial weights (smoke tests, benchmarks)")
     group.add_argument("--config", help="training recipe (YAML) naming the model config and the tokenizer; "
                                         "needed when the checkpoint does not carry the config")
     group.add_argument("--tokenizer", help="tokenizer.json or HF tokenizer dir (default: the recipe's, else bundled)")
@@ -56,15 +61,30 @@ def check_layout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     return args.devices // per_replica
 
 
+def converted(ckpt: str | None) -> bool:
+    """Whether ``ckpt`` is a checkpoint written by ``convert hf-to-megatron`` (it names its own architecture)."""
+    from lightning_megatron.convert.hf import METADATA
+
+    return bool(ckpt) and (Path(ckpt) / METADATA).is_file()
+
+
 def model_config(ckpt: str | None, config: str | None) -> tuple[GPTConfig, str | None]:
-    """The GPT architecture (from the recipe, else the checkpoint's hyper-parameters) and the recipe's tokenizer."""
+    """The GPT architecture and the tokenizer: a converted checkpoint's own (its directory holds the tokenizer),
+    else the recipe's, else the hyper-parameters a training checkpoint saved (and the bundled tokenizer)."""
+    if converted(ckpt):
+        from lightning_megatron.convert.hf import module_from_checkpoint
+
+        module = module_from_checkpoint(ckpt)
+        if not isinstance(module, GPT):
+            raise UserError(f"{ckpt} holds a {type(module).__name__}; generation, serving and evaluation run GPTs")
+        return module.config, ckpt if (Path(ckpt) / "tokenizer.json").is_file() else None
     if config:
         recipe = yaml.safe_load(Path(config).read_text()) or {}
         model = (recipe.get("model") or {}).get("init_args", {})
         data = (recipe.get("data") or {}).get("init_args", {})
         if "config" not in model:
-            raise ValueError(f"{config} has no model.init_args.config; pass a training recipe such as "
-                             f"recipes/gpt-tiny.yaml")
+            raise UserError(f"{config} has no model.init_args.config; pass a training recipe such as "
+                            f"recipes/gpt-tiny.yaml")
         return GPTConfig(**model["config"]), data.get("tokenizer")
     # A sharded checkpoint directory keeps Lightning's state (hyper-parameters included) in trainer.pt.
     state_file = Path(ckpt) / "trainer.pt" if ckpt and Path(ckpt).is_dir() else Path(ckpt) if ckpt else None
@@ -73,8 +93,8 @@ def model_config(ckpt: str | None, config: str | None) -> tuple[GPTConfig, str |
         hparams = checkpoint.get("hyper_parameters", {})
         if "config" in hparams:
             return GPTConfig(**hparams["config"]), None
-    raise ValueError("cannot tell the model's architecture: pass --config <training recipe.yaml> "
-                     "(the checkpoint carries no GPT hyper-parameters)")
+    raise UserError("cannot tell the model's architecture: pass --config <training recipe.yaml> "
+                    "(the checkpoint carries no GPT hyper-parameters)")
 
 
 def load_weights(model: GPT, path: str) -> None:
@@ -83,29 +103,33 @@ def load_weights(model: GPT, path: str) -> None:
     megatron's DDP saves its module's keys without its own prefix, which ``LightningModule.load_state_dict`` does
     not undo, so each chunk loads its share itself. The checkpoint must come from the same TP/PP layout.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as error:
+        raise UserError(f"{path} is not a readable Lightning checkpoint ({error}); pass the checkpoint directory "
+                        f"training wrote (e.g. runs/gpt-tiny/checkpoints/last.ckpt)") from None
     for index, chunk in enumerate(model.chunks):
         prefix = f"chunks.{index}."
         weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
         try:
             unwrap(chunk).load_state_dict(weights, strict=True)
         except RuntimeError as error:
-            raise RuntimeError(
+            raise UserError(
                 f"{path} does not fit this rank's model chunk {index}: load it with the parallel layout it was "
                 f"trained with (--tp/--pp), or convert it to a sharded checkpoint\n{error}"
             ) from None
 
 
 class _RunAfterWarmup(pl.Callback):
-    def __init__(self, fn: InferenceFn, weights: str | None, quantize: str | None = None) -> None:
+    def __init__(self, fn: InferenceFn, load: Callable[[GPT], None] | None, quantize: str | None = None) -> None:
         self.fn = fn
-        self.weights = weights
+        self.load = load
         self.quantize = quantize
         self.result: Any = None
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.weights is not None:
-            load_weights(pl_module, self.weights)
+        if self.load is not None:
+            self.load(pl_module)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.quantize is not None:
@@ -115,8 +139,10 @@ class _RunAfterWarmup(pl.Callback):
 
 def run_inference(args: argparse.Namespace, fn: InferenceFn) -> Any:
     """Load the model described by :func:`add_model_arguments`'s ``args`` and run ``fn`` on every rank."""
-    config, recipe_tokenizer = model_config(args.ckpt, args.config)
-    return run_with_model(config, fn, ckpt=args.ckpt, tokenizer=args.tokenizer or recipe_tokenizer,
+    config, model_tokenizer = model_config(args.ckpt, args.config)
+    if converted(args.ckpt) and args.config and not model_tokenizer:
+        model_tokenizer = model_config(None, args.config)[1]
+    return run_with_model(config, fn, ckpt=args.ckpt, tokenizer=args.tokenizer or model_tokenizer,
                           devices=args.devices, tp=args.tp, pp=args.pp, accelerator=args.accelerator,
                           precision=args.precision, quantize=args.quantize)
 
@@ -130,21 +156,30 @@ def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, 
     ``fn``'s value on global rank 0 (``None`` elsewhere).
     """
     if ckpt and not Path(ckpt).exists():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist; pass --ckpt <the path of a saved checkpoint>")
     if ckpt and Path(ckpt).is_file() and tp * pp > 1:
-        raise ValueError(f"{ckpt} is a Lightning .ckpt, which holds the weights of one process only; load it "
-                         f"with --tp 1 --pp 1, or save a sharded checkpoint to generate under TP/PP")
+        raise UserError(f"{ckpt} is a Lightning .ckpt, which holds the weights of one process only; load it "
+                        f"with --tp 1 --pp 1, or save a sharded checkpoint to generate under TP/PP")
     if not ckpt:
         rank_zero_warn("no --ckpt given: the model has its initial (untrained) weights")
     model = GPT(config)
     data = PromptsDataModule(prompts=["Hello"], tokenizer=tokenizer, params=SamplingParams(max_new_tokens=1))
-    # A Lightning .ckpt file is loaded here; anything else (a sharded checkpoint directory) by the strategy.
-    lightning_file = bool(ckpt) and Path(ckpt).is_file()
-    run = _RunAfterWarmup(fn, ckpt if lightning_file else None, quantize)
+    # A Lightning .ckpt file and a converted checkpoint are loaded here; a sharded checkpoint by the strategy.
+    load: Callable[[GPT], None] | None = None
+    if ckpt and Path(ckpt).is_file():
+        load = partial(load_weights, path=ckpt)
+    elif converted(ckpt):
+        from lightning_megatron.convert.hf import load_checkpoint
+
+        load = partial(load_checkpoint, path=ckpt)
+    run = _RunAfterWarmup(fn, load, quantize)
     trainer = pl.Trainer(
         strategy=MegatronStrategy(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-        accelerator=accelerator, devices=devices, precision=precision, logger=False,
+        accelerator=accelerator, devices=devices, precision=precision, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[run],
     )
-    trainer.predict(model, datamodule=data, ckpt_path=None if lightning_file else ckpt, return_predictions=False)
+    with warnings.catch_warnings():
+        # Lightning asks for the training run's callbacks to restore their state; inference needs none of them.
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
+        trainer.predict(model, datamodule=data, ckpt_path=None if load else ckpt, return_predictions=False)
     return run.result if trainer.is_global_zero else None

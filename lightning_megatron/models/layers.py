@@ -25,6 +25,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from lightning_megatron.errors import UserError
 from lightning_megatron.models.attention import SDPAttention
 
 
@@ -60,7 +61,7 @@ class Norm:
         elif config.normalization == "LayerNorm":
             norm = torch.nn.LayerNorm(hidden_size, eps=eps)
         else:
-            raise ValueError(f"normalization={config.normalization!r} is not supported; use 'LayerNorm' or 'RMSNorm'")
+            raise UserError(f"normalization={config.normalization!r} is not supported; use 'LayerNorm' or 'RMSNorm'")
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
@@ -88,9 +89,9 @@ def gpt_layer_spec(qk_layernorm: bool = False, attention: AttentionBackend = "sd
     if attention == "sdpa":
         replaced["core_attention"] = ModuleSpec(module=SDPAttention, params={"alibi": True}) if alibi else SDPAttention
     elif attention != "local":
-        raise ValueError(f"attention={attention!r} is not one of 'sdpa', 'local'")
+        raise UserError(f"attention={attention!r} is not one of 'sdpa', 'local'")
     elif alibi:
-        raise ValueError("ALiBi needs attention='sdpa' (megatron-core's local attention takes no position bias)")
+        raise UserError("ALiBi needs attention='sdpa' (megatron-core's local attention takes no position bias)")
     self_attention = dataclasses.replace(
         self_attention, submodules=dataclasses.replace(self_attention.submodules, **replaced)
     )
@@ -106,7 +107,7 @@ def gpt_block_spec(
 ) -> TransformerBlockSubmodules:
     """The decoder block of one pipeline stage (or virtual stage): its layers and a final :class:`Norm`."""
     if attention == "local" and config.context_parallel_size > 1:
-        raise ValueError("context parallelism needs attention='sdpa' (megatron-core's local attention refuses it)")
+        raise UserError("context parallelism needs attention='sdpa' (megatron-core's local attention refuses it)")
     layer = gpt_layer_spec(qk_layernorm, attention, alibi)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=Norm
@@ -210,7 +211,7 @@ class BiasedAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is not None:
-            raise ValueError("packed sequences need Transformer Engine's attention; unset packed_seq_params")
+            raise UserError("packed sequences need Transformer Engine's attention; unset packed_seq_params")
         scores = torch.einsum("qbnh,kbnh->bnqk", query.float(), key.float()) * self.softmax_scale
         if attention_bias is not None:
             scores = scores + attention_bias.float()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from megatron.core.models.T5.t5_model import T5Model
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from lightning_megatron.errors import UserError
 from lightning_megatron.models.config import ModelConfig
 from lightning_megatron.models.layers import (
     gelu_tanh,
@@ -84,8 +85,8 @@ class T5(MegatronModule):
         # megatron fuses only GeLU (as its tanh approximation) and SwiGLU: T5's ReLU / gated tanh-GeLU stay unfused.
         config = TransformerConfig(**{**base, **fields, "bias_activation_fusion": False})
         if config.pipeline_model_parallel_size > 1:
-            raise ValueError("T5 does not support pipeline_model_parallel_size > 1 yet; use tensor or data "
-                             "parallelism (see docs/models.md)")
+            raise UserError("T5 does not support pipeline_model_parallel_size > 1 yet; use tensor or data "
+                            "parallelism (see docs/models.md)")
         return config
 
     def build_stage(self, config: TransformerConfig, pre_process: bool, post_process: bool,

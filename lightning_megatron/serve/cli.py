@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 from typing import Any, Sequence
 
@@ -15,6 +16,17 @@ from lightning_megatron.generation import build_engine
 from lightning_megatron.generation.replicas import replica
 from lightning_megatron.generation.session import add_model_arguments, check_layout, run_inference
 from lightning_megatron.serve.server import LOOPBACK, Server
+
+
+class _DisconnectsInOneLine(logging.Filter):
+    """A client that goes away mid-stream is routine for a server: one line, not aiohttp's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ConnectionResetError):
+            record.msg, record.args = f"{record.getMessage()}: the client disconnected ({error})", ()
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def main(argv: Sequence[str]) -> int:
@@ -31,6 +43,7 @@ def main(argv: Sequence[str]) -> int:
     group.add_argument("--model-name", default="lightning-megatron")
     group.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request omits it")
     args = parser.parse_args(list(argv))
+    logging.getLogger("aiohttp.server").addFilter(_DisconnectsInOneLine())
     check_layout(parser, args)  # --devices / (tp x pp) replicas of the model share the requests
 
     def serve(model: Any, tokenizer: Any) -> None:
