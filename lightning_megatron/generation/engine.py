@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from lightning_megatron.errors import UserError
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.requests import GenerationOutput, Request, prompt_tokens, request_limits
 from lightning_megatron.generation.runner import ModelRunner
@@ -101,25 +102,25 @@ class Engine:
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                session_id: str | None = None, replica: int = 0) -> int:
         """Queue a request (text or token ids) for the engine of data-parallel ``replica``; returns its id. Raises
-        ``ValueError`` for input that cannot run.
+        :class:`~lightning_megatron.errors.UserError` (a ``ValueError``) for input that cannot run.
 
         With ``session_id`` the prompt continues that session's conversation (a new id starts one); sessions run in
         replica 0.
         """
         if session_id is not None and replica != 0:
-            raise ValueError("sessions are kept by replica 0 (the leader's); submit session requests there")
+            raise UserError("sessions are kept by replica 0 (the leader's); submit session requests there")
         params = params or SamplingParams()
         params.validate()
         tokens = prompt_tokens(prompt, self.tokenizer)
         cached = 0
         if session_id is not None:
             if not self.use_cache:
-                raise ValueError("sessions keep keys/values: they need the engine's cache (use_cache=True)")
+                raise UserError("sessions keep keys/values: they need the engine's cache (use_cache=True)")
             if params.beam_width > 1:
-                raise ValueError("beam search cannot continue a session; set beam_width to 1 or drop session_id")
+                raise UserError("beam search cannot continue a session; set beam_width to 1 or drop session_id")
             tokens, cached = self.sessions.begin(session_id, tokens)
             if cached and params.prompt_logprobs is not None:
-                raise ValueError("prompt log probabilities need the whole prompt computed; they cannot continue a "
+                raise UserError("prompt log probabilities need the whole prompt computed; they cannot continue a "
                                  "session (drop session_id or prompt_logprobs)")
         max_new, bad_words = request_limits(tokens, params, self.tokenizer, self.runner.vocab_size,
                                             self.max_sequence_length, self.max_batch_size)
@@ -525,7 +526,7 @@ class Engine:
         prompts = list(prompts)
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
-            raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+            raise UserError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
         ids = [self.submit(prompt, p) for prompt, p in zip(prompts, per_prompt)]
         with self.runner.inference_mode():
             while any(i not in self.finished for i in ids):

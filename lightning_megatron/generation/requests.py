@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from lightning_megatron.errors import UserError
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.sampling import RowState
 from lightning_megatron.generation.scoring import TokenScores
@@ -72,36 +73,36 @@ class Request:
 
 
 def prompt_tokens(prompt: str | Sequence[int], tokenizer: Any | None) -> list[int]:
-    """The token ids of a prompt given as text or ids; raises ``ValueError`` for an empty one."""
+    """The token ids of a prompt given as text or ids; raises :class:`UserError` for an empty one."""
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
+            raise UserError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
         tokens = tokenizer.encode(prompt)
     else:
         tokens = [int(t) for t in prompt]
     if not tokens:
-        raise ValueError("the prompt is empty; give at least one token")
+        raise UserError("the prompt is empty; give at least one token")
     return tokens
 
 
 def request_limits(tokens: list[int], params: SamplingParams, tokenizer: Any | None, vocab_size: int,
                    max_sequence_length: int, max_batch_size: int) -> tuple[int, tuple[tuple[int, ...], ...]]:
-    """``(max new tokens, bad word token sequences)`` of a request, or ``ValueError`` naming what cannot run."""
+    """``(max new tokens, bad word token sequences)`` of a request, or :class:`UserError` naming what cannot run."""
     if min(tokens) < 0 or max(tokens) >= vocab_size:
-        raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+        raise UserError(f"prompt token ids must lie in [0, {vocab_size})")
     if (params.stop or params.bad_words) and tokenizer is None:
-        raise ValueError("stop strings and bad words need a tokenizer; use stop_token_ids / bad_word_ids")
+        raise UserError("stop strings and bad words need a tokenizer; use stop_token_ids / bad_word_ids")
     room = max_sequence_length - len(tokens)
     if room < (params.max_new_tokens != 0):
-        raise ValueError(f"the prompt has {len(tokens)} tokens; the model reads at most "
+        raise UserError(f"the prompt has {len(tokens)} tokens; the model reads at most "
                          f"{max_sequence_length - 1} to leave room for one new token "
                          f"({max_sequence_length} when only scoring it)")
     max_new = room if params.max_new_tokens is None else params.max_new_tokens
     if max_new > room:
-        raise ValueError(f"prompt ({len(tokens)} tokens) + max_new_tokens ({max_new}) exceeds the model's "
+        raise UserError(f"prompt ({len(tokens)} tokens) + max_new_tokens ({max_new}) exceeds the model's "
                          f"sequence length {max_sequence_length}; lower max_new_tokens to {room} or less")
     if params.beam_width > max_batch_size:
-        raise ValueError(f"beam_width {params.beam_width} exceeds the engine's max_batch_size {max_batch_size}")
+        raise UserError(f"beam_width {params.beam_width} exceeds the engine's max_batch_size {max_batch_size}")
     bad_words = list(params.bad_word_ids)
     if params.bad_words:
         bad_words.extend(tuple(tokenizer.encode(word)) for word in params.bad_words)
