@@ -209,22 +209,21 @@ def compile_layers(chunks: Sequence[torch.nn.Module]) -> None:
 
 
 def wrap_chunks(
-    chunks: Sequence[torch.nn.Module], config: TransformerConfig, ddp_config: DistributedDataParallelConfig
-) -> list[DistributedDataParallel]:
-    """Cast chunks to the training dtype (megatron's ``Float16Module``) and wrap them in megatron's DDP."""
-    wrapped = []
+    chunks: Sequence[torch.nn.Module], config: TransformerConfig, ddp_config: DistributedDataParallelConfig | None
+) -> list[torch.nn.Module]:
+    """Cast chunks to the training dtype (megatron's ``Float16Module``) and, given a DDP config, wrap them in
+    megatron's DDP (whose fp32 gradient buffer a run that never trains does not need)."""
+    wrapped: list[torch.nn.Module] = []
     for index, chunk in enumerate(chunks):
-        if config.fp16 or config.bf16:
+        if isinstance(chunk, DistributedDataParallel):  # wrapped by an earlier run of the same module
+            wrapped.append(chunk)
+            continue
+        if (config.fp16 or config.bf16) and not isinstance(chunk, Float16Module):
             chunk = Float16Module(config, chunk)
-        wrapped.append(
-            DistributedDataParallel(
-                config,
-                ddp_config,
-                chunk,
-                # Later chunks overlap their communication with compute anyway; megatron's loop does the same.
-                disable_bucketing=index > 0,
-            )
-        )
+        if ddp_config is not None:
+            # Later chunks overlap their communication with compute anyway; megatron's loop does the same.
+            chunk = DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
+        wrapped.append(chunk)
     return wrapped
 
 

@@ -290,7 +290,8 @@ class MegatronStrategy(ParallelStrategy):
     # ------------------------------------------------------------------ model and optimizer
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        """Move the chunks to the device, wrap them in megatron's DDP, and build the optimizer when fitting."""
+        """Move the chunks to the device, cast them to the training dtype, and when fitting wrap them in megatron's
+        DDP and build the optimizer (evaluation and inference hold no gradient buffers)."""
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
@@ -299,13 +300,15 @@ class MegatronStrategy(ParallelStrategy):
         if self.compile_layers:
             parallel.compile_layers(module.chunks)
         config = module.megatron_config
-        module.chunks = torch.nn.ModuleList(parallel.wrap_chunks(module.chunks, config, self.ddp.megatron()))
-        config.finalize_model_grads_func = finalize_model_grads
-        if self.ddp.overlap_grad_reduce:
-            no_sync = [chunk.no_sync for chunk in module.chunks]
-            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        module.chunks = torch.nn.ModuleList(
+            parallel.wrap_chunks(module.chunks, config, self.ddp.megatron() if fitting else None))
         self.model = module
-        if trainer.state.fn == TrainerFn.FITTING:
+        if fitting:
+            config.finalize_model_grads_func = finalize_model_grads
+            if self.ddp.overlap_grad_reduce:
+                no_sync = [chunk.no_sync for chunk in module.chunks]
+                config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
             self.setup_optimizers(trainer)
             optimizer = self.optimizers[0]
             config.grad_scale_func = optimizer.scale_loss
