@@ -45,6 +45,24 @@ def test_kv_cache_decoding_equals_recompute(models, tokenizer, arch):
         assert a.cumulative_logprob == pytest.approx(sum(a.logprobs), abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "alibi"])
+def test_compiled_decoding_is_one_graph_and_equals_eager(models, tokenizer, arch):
+    ensure_parallel_state()
+    params = SamplingParams(max_new_tokens=12, logprobs=True, ignore_eos=True)
+    engine = build_engine(models[arch], tokenizer, max_batch_size=len(PROMPTS), compile=True)
+    compiled = engine.generate(PROMPTS, [params] * len(PROMPTS))
+    eager = generate(models[arch], PROMPTS, params, tokenizer=tokenizer)
+    assert tokens_of(compiled) == tokens_of(eager)
+    for a, b in zip(compiled, eager):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    # A graph break splits the step into pieces that cannot fuse (what made compiled decoding slow before).
+    runner = engine.runner
+    with runner.inference_mode():
+        explained = torch._dynamo.explain(runner._decode_step)(2, 16)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_mixed_lengths_in_one_batch_equal_each_alone(gpt, tokenizer):
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     together = generate(gpt, PROMPTS, params, tokenizer=tokenizer)

@@ -73,6 +73,7 @@ def test_compiled_graphed_decoding_equals_eager(models):
 
 @pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled"])
 def test_int8_graphed_decoding_equals_eager(models, compile):
+    ensure_parallel_state()
     model = tiny_gpt("llama", seq_length=256)
     model.chunks.cuda()
     quantize_weights(model, "int8")

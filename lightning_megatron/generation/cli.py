@@ -67,6 +67,9 @@ def main(argv: Sequence[str]) -> int:
     source.add_argument("--output", help="write completions here as jsonl")
     source.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     source.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
+    source.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step into one fused graph (--tp 1 --pp 1; the first tokens "
+                        "wait for compilation)")
     args = parser.parse_args(list(argv))
     check_layout(parser, args)
     try:
@@ -82,7 +85,8 @@ def main(argv: Sequence[str]) -> int:
         parser.error("--stream prints one completion as it is generated: give exactly one prompt")
 
     def complete(model: Any, tokenizer: Any) -> list[dict[str, Any]]:
-        engine = build_engine(model, tokenizer, max_batch_size=max(args.batch_size, params.beam_width))
+        engine = build_engine(model, tokenizer, max_batch_size=max(args.batch_size, params.beam_width),
+                              compile=args.compile)
         streamer = None
         if args.stream and _is_rank_zero():  # rank 0's replica gets the first (here: the only) prompt
             sys.stdout.write(items[0]["prompt"])

@@ -27,6 +27,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.attention import Attention
 from torch import Tensor
 
+from lightning_megatron.generation.compiled import compile_step
 from lightning_megatron.generation.graphs import StepGraphs
 from lightning_megatron.generation.kv_cache import (
     AttentionWindow,
@@ -44,8 +45,8 @@ class ModelRunner:
 
     ``cuda_graphs``: replay decode steps (and the prefill of a fresh batch) from CUDA graphs (default: on CUDA when
     this process holds the whole model replica; tensor/pipeline/context-parallel replicas run eagerly).
-    ``compile``: also ``torch.compile`` the decode step before capturing it (fuses small kernels; costs compilation
-    time at the first step of each shape).
+    ``compile``: ``torch.compile`` the decode step (before capturing it in graphs), one graph per model (see
+    :mod:`.compiled`); fuses small kernels on any device, at the cost of compiling at the first steps.
     """
 
     def __init__(self, chunks: Sequence[torch.nn.Module], vocab_size: int, cuda_graphs: bool | None = None,
@@ -67,17 +68,10 @@ class ModelRunner:
             raise ValueError("cuda_graphs=True needs a CUDA model held by one process (tensor, pipeline and "
                              "context parallel size 1); leave it unset to decode eagerly elsewhere")
         self.use_graphs = single and self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if compile and not self.use_graphs:
-            raise ValueError("compile=True applies to the CUDA-graph decode step: it needs cuda_graphs on")
-        self._decode_fn = self._decode_step
-        if compile:
-            # megatron's layers break dynamo's graph, and each layer re-enters the code after a break with its own
-            # modules: let every layer of every shape compile (process-wide; the default limit of 8 would leave
-            # later layers eager).
-            from torch import _dynamo
-
-            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 512)
-            self._decode_fn = torch.compile(self._decode_step)
+        if compile and not single:
+            raise ValueError("compile=True needs a model held by one process (tensor, pipeline and context parallel "
+                             "size 1)")
+        self._decode_fn = compile_step(self._decode_step) if compile else self._decode_step
         self.cache: KVCache | None = None
         self.window = AttentionWindow(bias=None)
         self.tokens: Tensor | None = None
@@ -274,7 +268,7 @@ class ModelRunner:
             logits = self.graphs.run("decode", self._decode_fn, self.graphs.batch(count),
                                      self.graphs.length(clock + 1), eager=self._decode_step)
         else:
-            logits = self._decode_step(count, clock + 1)
+            logits = self._decode_fn(count, clock + 1)
         self.lengths[:count] += 1
         return None if logits is None else logits[:count]
 

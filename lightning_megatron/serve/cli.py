@@ -41,6 +41,9 @@ def main(argv: Sequence[str]) -> int:
     group.add_argument("--cache-length", type=int, default=None,
                        help="key/value cache positions (default 2 x the model's sequence length)")
     group.add_argument("--model-name", default="lightning-megatron")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the decode step into one fused graph (--tp 1 --pp 1; the first tokens "
+                       "wait for compilation)")
     group.add_argument("--default-max-tokens", type=int, default=16, help="max_tokens when a request omits it")
     args = parser.parse_args(list(argv))
     logging.getLogger("aiohttp.server").addFilter(_DisconnectsInOneLine())
@@ -48,7 +51,8 @@ def main(argv: Sequence[str]) -> int:
 
     def serve(model: Any, tokenizer: Any) -> None:
         engine = build_engine(model, tokenizer, max_batch_size=args.max_batch_size, leader_submits=True,
-                              cache_length=args.cache_length or 2 * model.config.seq_length, replica=replica()[0])
+                              cache_length=args.cache_length or 2 * model.config.seq_length, replica=replica()[0],
+                              compile=args.compile)
         server = Server(engine, tokenizer, host=args.host, port=args.port, model_name=args.model_name,
                         default_max_tokens=args.default_max_tokens)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,49 @@
+"""``torch.compile`` of a generation step: one graph for the whole megatron-core forward, tuned for decoding.
+
+Two helpers of megatron-core stop dynamo's tracing in every layer: the row-parallel linear layers pass
+``tp_group=None`` and its fallback calls ``warnings.warn`` with a warning class (dynamo cannot trace that), and the
+transformer block makes its hidden states "viewless" with ``torch.empty(..., requires_grad=True)`` (dynamo refuses
+tensor factories that require grad). Each break splits the step into ~8 graphs per layer, recompiled for every layer,
+and kernels cannot fuse across them. :func:`register_tracing_rules` gives dynamo a traceable stand-in for each (used
+only while tracing; eager calls are unchanged), and the decode step compiles into one graph.
+
+Inductor's coordinate-descent tuning is what makes a batch-1 step fast: under it, a matrix-vector product becomes a
+Triton reduction fused with its bias (and, for int8 weights, the dequantization), which reads the weights closer to
+the memory bandwidth than the cuBLAS kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import torch
+from megatron.core import parallel_state
+from megatron.core import utils as megatron_utils
+from torch import Tensor
+
+F = TypeVar("F", bound=Callable)
+
+INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
+"""Inductor settings of compiled generation steps (see the module's docstring)."""
+
+
+@functools.cache
+def register_tracing_rules() -> None:
+    """Register dynamo's stand-ins for megatron-core's untraceable helpers (once per process)."""
+    from torch._dynamo.decorators import substitute_in_graph
+
+    @substitute_in_graph(megatron_utils.get_tensor_model_parallel_group_if_none, skip_signature_check=True)
+    def tensor_parallel_group(tp_group=None, is_expert=False, check_initialized=True):  # noqa: ANN001, ANN202
+        return parallel_state.get_tensor_model_parallel_group() if tp_group is None else tp_group
+
+    # Generation runs without autograd, where a view and a viewless copy of the hidden states are the same tensor.
+    @substitute_in_graph(megatron_utils.make_viewless_tensor, skip_signature_check=True)
+    def viewless(inp: Tensor, requires_grad: bool, keep_graph: bool) -> Tensor:
+        return inp
+
+
+def compile_step(step: F) -> F:
+    """``step`` compiled by ``torch.compile`` with the tracing rules and :data:`INDUCTOR_OPTIONS`."""
+    register_tracing_rules()
+    return torch.compile(step, options=INDUCTOR_OPTIONS)  # type: ignore[return-value]
