@@ -29,6 +29,7 @@ from torch import Tensor
 
 from lightning_megatron.generation.compiled import compile_step
 from lightning_megatron.generation.graphs import StepGraphs
+from lightning_megatron.generation.quantize import Int8Linear
 from lightning_megatron.generation.kv_cache import (
     AttentionWindow,
     CachedAttention,
@@ -71,7 +72,8 @@ class ModelRunner:
         if compile and not single:
             raise ValueError("compile=True needs a model held by one process (tensor, pipeline and context parallel "
                              "size 1)")
-        self._decode_fn = compile_step(self._decode_step) if compile else self._decode_step
+        int8 = any(isinstance(module, Int8Linear) for model in self.models for module in model.modules())
+        self._decode_fn = compile_step(self._decode_step, int8) if compile else self._decode_step
         self.cache: KVCache | None = None
         self.window = AttentionWindow(bias=None)
         self.tokens: Tensor | None = None
