@@ -36,7 +36,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bloom(), Bert(), T5(
 """Every supported mapping."""
 
 METADATA = "lightning_megatron.json"
-_TRAINING_FIELDS = frozenset({"seed", "hidden_dropout", "attention_dropout", "init_method_std"})
+TRAINING_FIELDS = frozenset({"seed", "hidden_dropout", "attention_dropout", "init_method_std"})
 """Config fields that do not shape the weights: a module may differ from the checkpoint in these."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "vocab.txt", "spiece.model", "tokenizer.model", "generation_config.json")
@@ -69,11 +69,15 @@ def architecture_named(name: str) -> Architecture:
     raise ConversionError(f"unknown architecture {name!r}; known: {[a.name for a in ARCHITECTURES]}")
 
 
-def architecture_for_module(module: MegatronModule) -> Architecture:
-    """The mapping that can export a live module."""
+def architecture_for_module(module: MegatronModule, hf_architecture: str | None = None) -> Architecture:
+    """The mapping that can export a live module (the first that can, or the one writing ``hf_architecture``)."""
     for arch in ARCHITECTURES:
-        if arch.matches(module):
+        if arch.matches(module) and hf_architecture in (None, *arch.hf_architectures):
             return arch
+    fitting = [name for arch in ARCHITECTURES if arch.matches(module) for name in arch.hf_architectures]
+    if hf_architecture is not None and fitting:
+        raise ConversionError(f"a {type(module).__name__} cannot be written as {hf_architecture}; pass "
+                              f"--architecture {' or '.join(fitting)}")
     raise ConversionError(f"no HF architecture matches this {type(module).__name__} and its config; supported: "
                           f"{[a.name for a in ARCHITECTURES]}")
 
@@ -116,6 +120,11 @@ def hf_to_checkpoint(hf_dir: str | Path, out: str | Path, tensor_model_parallel_
     return writer.finish()
 
 
+def converted(path: str | Path | None) -> bool:
+    """Whether ``path`` is a checkpoint written by :func:`hf_to_checkpoint` (it names its own architecture)."""
+    return bool(path) and (Path(path) / METADATA).is_file()
+
+
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     """A converted checkpoint's ``lightning_megatron.json``."""
     file = Path(path) / METADATA
@@ -150,7 +159,7 @@ def load_hf(module: MegatronModule, hf_dir: str | Path) -> None:
     arch = architecture_for_hf(hf_config)
     expected = arch.config_from_hf(hf_config)
     diff = {k: (v, getattr(module.config, k)) for k, v in asdict(expected).items()
-            if k not in _TRAINING_FIELDS and getattr(module.config, k) != v}
+            if k not in TRAINING_FIELDS and getattr(module.config, k) != v}
     if diff:
         raise ConversionError(f"the module's config differs from {hf_dir}'s (field: (checkpoint, module)): {diff}")
     source = Converted(arch.rules(expected), SafetensorsFiles(hf_dir, ConversionError), arch.ignored_hf)
@@ -180,8 +189,9 @@ def _write_hf(arch: Architecture, config: Any, source: Any, out: str | Path, tok
     return writer.finish()
 
 
-def checkpoint_to_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Convert a consolidated checkpoint into an HF ``save_pretrained`` directory, one tensor at a time."""
+def converted_to_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Convert a checkpoint of :func:`hf_to_checkpoint` into an HF ``save_pretrained`` directory, one tensor at a
+    time (:func:`lightning_megatron.convert.export.checkpoint_to_hf` takes any checkpoint)."""
     metadata = read_checkpoint_metadata(path)
     arch = architecture_named(metadata["architecture"])
     config = arch.config_from_hf(metadata["hf_config"])
@@ -191,12 +201,13 @@ def checkpoint_to_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2
 
 
 def export_hf(module: MegatronModule, out: str | Path, tokenizer: str | Path | None = None,
-              max_shard_bytes: int = 2 * 1024**3) -> Path | None:
+              max_shard_bytes: int = 2 * 1024**3, architecture: str | None = None) -> Path | None:
     """Write a live module of any TP/PP layout as an HF directory (collective: call on every rank).
 
-    Rank 0 writes; ``tokenizer`` is an HF directory or a ``tokenizer.json`` to include. Returns the path on rank 0.
+    Rank 0 writes; ``tokenizer`` is an HF directory or a ``tokenizer.json`` to include; ``architecture`` the HF
+    class to write where several fit (``BertModel``: a BERT's encoder alone). Returns the path on rank 0.
     """
-    arch = architecture_for_module(module)
+    arch = architecture_for_module(module, architecture)
     tensors = gather_consolidated(module, unpad=True)
     path = None
     if tensors is not None:
