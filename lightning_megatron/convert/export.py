@@ -160,7 +160,7 @@ def checkpoint_to_hf(ckpt: str | Path, out: str | Path, config: str | Path | Non
         from lightning_megatron.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(recipe_tokenizer).path
-        if recipe_tokenizer is None:
+        if config is None:
             rank_zero_info(f"tokenizer: the bundled corpus's ({tokenizer}); pass --tokenizer <tokenizer.json or HF "
                            f"directory> if the model was trained with another")
     precision = "32-true"

@@ -35,7 +35,7 @@ class ReportThreads(L.Callback):
 
 class RecordOutputs(L.Callback):
     """After training, write what the trained GPT computes in its own layout: ``<directory>/logits.pt``
-    ({"tokens": [4, 16], "logits": [4, 16, vocab]}, by the last pipeline stage) and ``<directory>/greedy.json``
+    ({"tokens": [8, 16], "logits": [8, 16, vocab]}, by the last pipeline stage) and ``<directory>/greedy.json``
     (the greedy continuation of ``prompt``, by rank 0)."""
 
     def __init__(self, directory: str, prompt: str = "In the beginning", new_tokens: int = 12) -> None:
@@ -47,7 +47,7 @@ class RecordOutputs(L.Callback):
         tokenizer = trainer.datamodule.tokenizer
         ids = tokenizer.encode("In the beginning God created the heaven and the earth. And the earth was without "
                                "form, and void; and darkness was upon the face of the deep.")
-        tokens = torch.tensor([ids[i: i + 16] for i in range(4)])
+        tokens = torch.tensor([ids[i: i + 16] for i in range(8)])  # two microbatches: what VP needs
         pl_module.collected_logits = []
         trainer.strategy.run_step(pl_module, {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones_like(
             tokens, dtype=torch.float)}, forward_only=True)
