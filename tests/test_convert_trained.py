@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from launch import REPO, SCRIPTS, child_env
 from lightning_megatron.checkpoint import read_layout
@@ -125,6 +126,13 @@ def test_bert_and_t5_fit_checkpoints_export_to_their_auto_classes(one_process_ru
         ours = _our_logits(ckpt, inputs, one_rank)
         valid = padding.bool() if recipe == "bert-tiny" else torch.ones(2, 8, dtype=torch.bool)
         assert (theirs - ours)[valid].abs().max() <= 1e-4, recipe
+    # The encoder alone, as the BertModel that downstream fine-tuning code loads.
+    encoder = tmp_path / "encoder"
+    assert export(one_process_runs["bert-tiny"], encoder, "--architecture", "BertModel").returncode == 0
+    assert type(transformers.AutoModel.from_pretrained(encoder)).__name__ == "BertModel"
+    whole, alone = load_file(tmp_path / "bert-tiny" / "model.safetensors"), load_file(encoder / "model.safetensors")
+    assert sorted(alone) == sorted(name.removeprefix("bert.") for name in whole if name.startswith("bert."))
+    assert all(torch.equal(alone[name], whole[f"bert.{name}"]) for name in alone)
 
 
 @pytest.mark.slow

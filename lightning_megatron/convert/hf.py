@@ -17,7 +17,7 @@ from typing import Any
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from lightning_megatron.convert.bert import Bert
+from lightning_megatron.convert.bert import Bert, BertEncoder
 from lightning_megatron.convert.bloom import Bloom
 from lightning_megatron.convert.consolidated import (
     SafetensorsFiles,
@@ -32,8 +32,8 @@ from lightning_megatron.convert.t5 import T5
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
 
-ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bloom(), Bert(), T5())
-"""Every supported mapping."""
+ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bloom(), Bert(), T5(), BertEncoder())
+"""Every supported mapping; a live module exports with the first that matches it."""
 
 METADATA = "lightning_megatron.json"
 TRAINING_FIELDS = frozenset({"seed", "hidden_dropout", "attention_dropout", "init_method_std"})
@@ -82,6 +82,11 @@ def architecture_for_module(module: MegatronModule, hf_architecture: str | None 
                           f"{[a.name for a in ARCHITECTURES]}")
 
 
+def _config(arch: Architecture, hf_config: dict[str, Any], weights: SafetensorsFiles) -> Any:
+    """Our model config of an HF config, with the optional parts ``weights`` (HF or converted) hold."""
+    return arch.config_for_weights(arch.config_from_hf(hf_config), weights.keys())
+
+
 def _copy_tokenizer(source: Path | None, target: Path) -> None:
     if source is None:
         return
@@ -104,11 +109,12 @@ def hf_to_checkpoint(hf_dir: str | Path, out: str | Path, tensor_model_parallel_
     hf_dir = Path(hf_dir)
     hf_config = read_hf_config(hf_dir)
     arch = architecture_for_hf(hf_config)
-    config = arch.config_from_hf(hf_config)
+    files = SafetensorsFiles(hf_dir, ConversionError)
+    config = _config(arch, hf_config, files)
     layout = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
                             pipeline_model_parallel_size=pipeline_model_parallel_size)
     arch.check_layout(config, layout)
-    source = Converted(arch.rules(config), SafetensorsFiles(hf_dir, ConversionError), arch.ignored_hf)
+    source = Converted(arch.rules(config), files, arch.ignored_hf)
     writer = ShardedWriter(out, max_shard_bytes)
     for name in tqdm(source.keys(), desc=f"{arch.name} HF -> megatron", unit="tensor"):
         writer.add(name, source.get(name))
@@ -137,7 +143,7 @@ def module_from_checkpoint(path: str | Path) -> MegatronModule:
     """An unbuilt module with the architecture and config of a converted checkpoint."""
     metadata = read_checkpoint_metadata(path)
     arch = architecture_named(metadata["architecture"])
-    return arch.module(arch.config_from_hf(metadata["hf_config"]))
+    return arch.module(_config(arch, metadata["hf_config"], SafetensorsFiles(path, ConversionError)))
 
 
 def load_checkpoint(module: MegatronModule, path: str | Path) -> None:
@@ -150,19 +156,20 @@ def module_from_hf(hf_dir: str | Path) -> MegatronModule:
     """An unbuilt module with the architecture and config of an HF directory."""
     hf_config = read_hf_config(hf_dir)
     arch = architecture_for_hf(hf_config)
-    return arch.module(arch.config_from_hf(hf_config))
+    return arch.module(_config(arch, hf_config, SafetensorsFiles(hf_dir, ConversionError)))
 
 
 def load_hf(module: MegatronModule, hf_dir: str | Path) -> None:
     """Load an HF directory straight into a built module of any layout (each rank reads only what it needs)."""
     hf_config = read_hf_config(hf_dir)
     arch = architecture_for_hf(hf_config)
-    expected = arch.config_from_hf(hf_config)
+    files = SafetensorsFiles(hf_dir, ConversionError)
+    expected = _config(arch, hf_config, files)
     diff = {k: (v, getattr(module.config, k)) for k, v in asdict(expected).items()
             if k not in TRAINING_FIELDS and getattr(module.config, k) != v}
     if diff:
         raise ConversionError(f"the module's config differs from {hf_dir}'s (field: (checkpoint, module)): {diff}")
-    source = Converted(arch.rules(expected), SafetensorsFiles(hf_dir, ConversionError), arch.ignored_hf)
+    source = Converted(arch.rules(expected), files, arch.ignored_hf)
     load_consolidated(module, source, str(hf_dir), expected.vocab_size, ConversionError)
 
 
@@ -194,10 +201,11 @@ def converted_to_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2 
     time (:func:`lightning_megatron.convert.export.checkpoint_to_hf` takes any checkpoint)."""
     metadata = read_checkpoint_metadata(path)
     arch = architecture_named(metadata["architecture"])
-    config = arch.config_from_hf(metadata["hf_config"])
+    files = SafetensorsFiles(path, ConversionError)
+    config = _config(arch, metadata["hf_config"], files)
     token_ids = {key: value for key, value in metadata["hf_config"].items()
                  if key.endswith("_token_id") and value is not None}  # the special tokens it was imported with
-    return _write_hf(arch, config, SafetensorsFiles(path, ConversionError), out, path, max_shard_bytes, token_ids)
+    return _write_hf(arch, config, files, out, path, max_shard_bytes, token_ids)
 
 
 def export_hf(module: MegatronModule, out: str | Path, tokenizer: str | Path | None = None,
