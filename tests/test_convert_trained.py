@@ -106,8 +106,9 @@ def test_bert_and_t5_fit_checkpoints_export_to_their_auto_classes(one_process_ru
     tokens = torch.randint(0, 4096, (2, 16))
     padding = torch.ones(2, 16, dtype=torch.long)
     padding[1, 12:] = 0
+    types = (torch.arange(16) >= 8).long().expand(2, 16)
     bert_inputs = {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(2, 16), "padding_mask": padding,
-                   "tokentype_ids": (torch.arange(16) >= 8).long().expand(2, 16), "sentence_order": torch.tensor([0, 1])}
+                   "tokentype_ids": types, "sentence_order": torch.tensor([0, 1])}
     decoder = torch.randint(0, 4096, (2, 8))
     t5_inputs = {"enc_tokens": tokens, "enc_mask": padding, "dec_tokens": decoder, "labels": decoder,
                  "loss_mask": torch.ones(2, 8)}
@@ -120,7 +121,7 @@ def test_bert_and_t5_fit_checkpoints_export_to_their_auto_classes(one_process_ru
         transformers.AutoTokenizer.from_pretrained(out)
         with torch.no_grad():
             if recipe == "bert-tiny":
-                theirs = model(tokens, attention_mask=padding, token_type_ids=inputs["tokentype_ids"]).prediction_logits
+                theirs = model(tokens, attention_mask=padding, token_type_ids=types).prediction_logits
             else:
                 theirs = model(tokens, attention_mask=padding, decoder_input_ids=decoder).logits
         ours = _our_logits(ckpt, inputs, one_rank)

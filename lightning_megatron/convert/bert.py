@@ -1,9 +1,11 @@
-"""BERT (``BertForMaskedLM``, ``BertForPreTraining``, ``BertModel``) <-> our :class:`~lightning_megatron.models.bert.Bert`.
+"""BERT (``BertForMaskedLM``, ``BertForPreTraining``, ``BertModel``) <-> our
+:class:`~lightning_megatron.models.bert.Bert`.
 
 Our BERT layers are post-LN like HF's, so every HF norm has a counterpart: the attention output LayerNorm is the
 norm of the attention's ``self_attn_bda``, the layer output LayerNorm that of ``mlp_bda``. Separate q/k/v become
 megatron's fused QKV (per head ``[q_h, k_h, v_h]``). The MLM decoder is tied to the word embeddings and keeps its
-bias; ``BertForPreTraining``'s pooler and next-sentence head become the pooler and binary head.
+bias; ``BertForPreTraining``'s pooler and next-sentence head become the pooler and binary head. A ``BertModel``
+(the encoder alone) imports with fresh heads (:class:`BertEncoder`).
 """
 
 from __future__ import annotations
