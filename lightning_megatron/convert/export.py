@@ -30,6 +30,7 @@ from lightning_megatron.checkpoint import (
 )
 from lightning_megatron.convert.core import ConversionError, build_module
 from lightning_megatron.convert.hf import (
+    METADATA,
     TRAINING_FIELDS,
     converted,
     converted_to_hf,
@@ -129,7 +130,7 @@ def _describe(path: Path) -> CheckpointLayout:
         raise ConversionError(f"checkpoint {path} does not exist; pass --ckpt <a checkpoint directory written by "
                               f"fit or hf-to-megatron, e.g. runs/gpt-tiny/checkpoints/last.ckpt>")
     if path.is_dir() and not (path / LAYOUT_FILE).is_file() and not any(path.glob("*.distcp")):
-        raise ConversionError(f"{path} is not a checkpoint (no {LAYOUT_FILE}, no lightning_megatron.json); pass "
+        raise ConversionError(f"{path} is not a checkpoint (no {LAYOUT_FILE}, no {METADATA}); pass "
                               f"--ckpt <a checkpoint directory written by fit or hf-to-megatron>")
     return read_layout(path)
 
@@ -144,18 +145,18 @@ def checkpoint_to_hf(ckpt: str | Path, out: str | Path, config: str | Path | Non
     the model (``BertModel`` for a BERT's encoder alone). Call it in a process without other process groups.
     """
     ckpt = Path(ckpt)
-    if converted(ckpt) and architecture is None:
-        return converted_to_hf(ckpt, out, max_shard_bytes)
-    layout = None if converted(ckpt) else _describe(ckpt)
-    recipe_tokenizer = None
+    layout, recipe_tokenizer = None, None
     if converted(ckpt):
-        module = module_from_checkpoint(ckpt)
-        tokenizer = tokenizer or ckpt
-    elif config is not None:
-        module, recipe_tokenizer = recipe_model(config)
-        _check_recipe_fits(module, ckpt, layout)
+        if architecture is None:
+            return converted_to_hf(ckpt, out, max_shard_bytes)
+        module, tokenizer = module_from_checkpoint(ckpt), tokenizer or ckpt
     else:
-        module = trained_module(ckpt, layout)
+        layout = _describe(ckpt)
+        if config is None:
+            module = trained_module(ckpt, layout)
+        else:
+            module, recipe_tokenizer = recipe_model(config)
+            _check_recipe_fits(module, ckpt, layout)
     if tokenizer is None:
         from lightning_megatron.data.tokenizer import load_tokenizer
 
