@@ -1,7 +1,7 @@
-"""``convert megatron-to-hf`` from checkpoints written by ``fit``: a GPT trained under TP=2 and PP=2 x VP=2, exported
-in one process, gives in ``transformers`` (``AutoModelForCausalLM`` + ``AutoTokenizer``) the logits and the greedy
-text the trained model gave in its own layout; BERT and T5 runs export to their Auto classes; bad input fails in one
-line naming the fix."""
+"""``convert megatron-to-hf`` from checkpoints written by ``fit``: a GPT trained under TP=2, PP=2 x VP=2 and DP=2
+(distributed optimizer), exported in one process, gives in ``transformers`` (``AutoModelForCausalLM`` +
+``AutoTokenizer``) the logits and the greedy text the trained model gave in its own layout; BERT and T5 runs export
+to their Auto classes; bad input fails in one line naming the fix."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ LAYOUTS = {
     "tp2": ["--trainer.strategy.tensor_model_parallel_size", "2"],
     "pp2vp2": ["--trainer.strategy.pipeline_model_parallel_size", "2",
                "--trainer.strategy.virtual_pipeline_model_parallel_size", "2"],
+    "dp2": ["--trainer.strategy.use_distributed_optimizer", "true"],
 }
 
 
@@ -165,6 +166,7 @@ def test_bad_checkpoints_and_recipes_fail_in_one_line(one_process_runs, tmp_path
     wider = tmp_path / "wider.yaml"
     wider.write_text((RECIPES / "gpt-tiny.yaml").read_text().replace("hidden_size: 128", "hidden_size: 64"))
     assert "'hidden_size': (128, 64)" in error_of(gpt, tmp_path / "o5", "--config", wider)
+    assert "tokenizer nowhere.json does not exist" in error_of(gpt, tmp_path / "o7", "--tokenizer", "nowhere.json")
     assert "cannot be written as T5ForConditionalGeneration; pass --architecture GPT2LMHeadModel" in error_of(
         gpt, tmp_path / "o6", "--architecture", "T5ForConditionalGeneration")
     assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())  # no partial output left behind

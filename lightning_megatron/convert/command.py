@@ -26,7 +26,7 @@ def main(argv: Sequence[str]) -> int:
     to_hf.add_argument("--config", help="training recipe (YAML) of a fit checkpoint: its model and tokenizer "
                                         "(default: the model config the checkpoint saved, the bundled tokenizer)")
     to_hf.add_argument("--tokenizer", help="tokenizer.json or HF tokenizer directory to include (default: the "
-                                           "recipe's, else the bundled one)")
+                                           "checkpoint's own, else the recipe's, else the bundled one)")
     to_hf.add_argument("--architecture", help="HF class to write where several fit the model (BertModel: the "
                                               "encoder of a BERT without its heads)")
     for command in (to_megatron, to_hf):

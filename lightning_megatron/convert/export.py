@@ -145,6 +145,9 @@ def checkpoint_to_hf(ckpt: str | Path, out: str | Path, config: str | Path | Non
     the model (``BertModel`` for a BERT's encoder alone). Call it in a process without other process groups.
     """
     ckpt = Path(ckpt)
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise ConversionError(f"tokenizer {tokenizer} does not exist; pass --tokenizer <a tokenizer.json or an HF "
+                              f"tokenizer directory>")
     layout, recipe_tokenizer = None, None
     if converted(ckpt):
         if architecture is None:

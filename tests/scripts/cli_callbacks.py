@@ -35,7 +35,7 @@ class ReportThreads(L.Callback):
 
 class RecordOutputs(L.Callback):
     """After training, write what the trained GPT computes in its own layout: ``<directory>/logits.pt``
-    ({"tokens": [8, 16], "logits": [8, 16, vocab]}, by the last pipeline stage) and ``<directory>/greedy.json``
+    ({"tokens": [8, 16], "logits": [8, 16, vocab]}, by the last rank) and ``<directory>/greedy.json``
     (the greedy continuation of ``prompt``, by rank 0)."""
 
     def __init__(self, directory: str, prompt: str = "In the beginning", new_tokens: int = 12) -> None:
@@ -51,7 +51,7 @@ class RecordOutputs(L.Callback):
         pl_module.collected_logits = []
         trainer.strategy.run_step(pl_module, {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones_like(
             tokens, dtype=torch.float)}, forward_only=True)
-        if pl_module.collected_logits:
+        if trainer.global_rank == trainer.world_size - 1:  # on the last pipeline stage in every layout
             logits = torch.cat(pl_module.collected_logits)
             torch.save({"tokens": tokens, "logits": logits}, Path(self.directory, "logits.pt"))
         pl_module.collected_logits = None
