@@ -1,6 +1,6 @@
-"""GPT-2, Llama (GQA, MQA, tied), BLOOM, BERT (MLM, pretraining heads) and T5 (v1.0, v1.1) conversion: logits equal
-HF's in one process and under TP=2 / PP=2, exports
-load in ``transformers`` and round-trip to identical tensors, and bad input fails with a clear error."""
+"""GPT-2, Llama (GQA, MQA, tied), BLOOM, BERT (MLM, pretraining heads, BertModel) and T5 (v1.0, v1.1) conversion:
+logits equal HF's in one process and under TP=2 / PP=2, exports load in ``transformers`` and round-trip to identical
+tensors, and bad input fails with a clear error."""
 
 from __future__ import annotations
 

@@ -112,7 +112,11 @@ def _check_recipe_fits(module: MegatronModule, path: Path, layout: CheckpointLay
 
 def load_any_checkpoint(module: MegatronModule, path: str | Path) -> None:
     """Load the weights of a checkpoint written by ``fit`` (sharded directory, any layout; or a one-process Lightning
-    ``.ckpt`` file) or by ``hf-to-megatron`` into a built module of any layout; every rank calls it."""
+    ``.ckpt`` file) or by ``hf-to-megatron`` into a built module of any layout; every rank calls it.
+
+    A ``fit`` checkpoint's vocabulary rows are padded for the TP size it was saved with: the module's padded
+    vocabulary must be the same (:func:`checkpoint_to_hf` scales ``make_vocab_size_divisible_by`` for that).
+    """
     path = Path(path)
     if converted(path):
         load_checkpoint(module, path)
