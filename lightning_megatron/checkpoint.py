@@ -142,6 +142,14 @@ def check_compatible(path: _PATH, saved: CheckpointLayout, current: CheckpointLa
         )
 
 
+def restore_chunks(chunks: Sequence[torch.nn.Module], loaded: Mapping[str, Any], strict: bool = True) -> None:
+    """Copy a loaded model state (keyed as :func:`model_sharded_state_dict` keys it) into the model chunks."""
+    names = ["model"] if len(chunks) == 1 else [f"model{index}" for index in range(len(chunks))]
+    with torch.no_grad():
+        for name, chunk in zip(names, chunks):
+            unwrap(chunk).load_state_dict(loaded[name], strict=strict)
+
+
 def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
     """The sharded state of all model chunks of this rank, keyed ``model`` (or ``model0``, ``model1``... with VP)."""
     models = [unwrap(chunk) for chunk in chunks]
@@ -348,6 +356,13 @@ class MegatronCheckpointIO(CheckpointIO):
         raise_on_any_rank(problem)
         return dist_checkpointing.load(template, str(path))
 
+    def load_weights(self, path: _PATH, chunks: Sequence[torch.nn.Module], strict: bool = True) -> dict[str, Any]:
+        """Load a checkpoint's model weights into built chunks of any layout (resharded; no optimizer state) and
+        return its Lightning state; every rank."""
+        state = self.load_checkpoint(path)
+        restore_chunks(chunks, self.load_sharded(path, model_sharded_state_dict(chunks)), strict)
+        return state
+
     # ------------------------------------------------------------------ remove, teardown
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
@@ -405,4 +420,5 @@ __all__ = [
     "model_sharded_state_dict",
     "optimizer_sharded_state_dict",
     "read_layout",
+    "restore_chunks",
 ]

@@ -1,6 +1,6 @@
-"""GPT-2, Llama (GQA, MQA, tied), BLOOM, BERT (MLM, pretraining heads) and T5 (v1.0, v1.1) conversion: logits equal
-HF's in one process and under TP=2 / PP=2, exports
-load in ``transformers`` and round-trip to identical tensors, and bad input fails with a clear error."""
+"""GPT-2, Llama (GQA, MQA, tied), BLOOM, BERT (MLM, pretraining heads, BertModel) and T5 (v1.0, v1.1) conversion:
+logits equal HF's in one process and under TP=2 / PP=2, exports load in ``transformers`` and round-trip to identical
+tensors, and bad input fails with a clear error."""
 
 from __future__ import annotations
 
@@ -415,3 +415,49 @@ def test_an_imported_gpt_generates_and_evaluates_without_a_recipe(tmp_path):
     exported = json.loads((back / "config.json").read_text())
     assert exported["eos_token_id"] == exported["bos_token_id"] == tokenizer.eod
     assert (exported["resid_pdrop"], exported["attn_pdrop"]) == (0.1, 0.1)
+
+
+@pytest.mark.parametrize("pooler", [True, False], ids=["pooler", "no-pooler"])
+def test_bert_model_encoder_imports_with_fresh_heads_and_exports_back(one_rank, tmp_path, pooler):
+    """A ``BertModel`` (no pretraining heads) gives our encoder its hidden states, gets the heads a new Bert of its
+    seed starts with, and ``megatron-to-hf`` writes it back as the same ``BertModel``."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                     vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    hf = transformers.BertModel(config, add_pooling_layer=pooler).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    source, ckpt, back = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "back"
+    hf.save_pretrained(source)
+    assert convert_main(["hf-to-megatron", "--hf", str(source), "--out", str(ckpt)]) == 0
+    module = build_module(module_from_checkpoint(ckpt), one_rank)
+    module.chunks.eval()
+    load_checkpoint(module, ckpt)
+    assert module.config.binary_head == pooler  # megatron has a pooler only beside its binary head
+
+    fresh = dict(build_module(Bert(module.config), one_rank).chunks.named_parameters())
+    heads = [name for name, _ in module.chunks.named_parameters() if "head" in name or "output_layer" in name]
+    assert len(heads) == (5 + 2 * pooler)
+    for name, tensor in module.chunks.named_parameters():
+        if name in heads:
+            assert torch.equal(tensor, fresh[name]), name
+
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    padding = torch.ones(2, SEQ, dtype=torch.long)
+    padding[1, SEQ - 4:] = 0
+    types = (torch.arange(SEQ) >= SEQ // 2).long().expand(2, SEQ)
+    hidden = []
+    hook = parallel.unwrap(module.chunks[0]).encoder.register_forward_hook(lambda m, i, out: hidden.append(out))
+    logits_of(module, {"tokens": tokens, "labels": tokens, "loss_mask": torch.ones(2, SEQ), "padding_mask": padding,
+                       "tokentype_ids": types, "sentence_order": torch.tensor([0, 1])})
+    hook.remove()
+    with torch.no_grad():
+        expected = hf(tokens, attention_mask=padding, token_type_ids=types).last_hidden_state
+    assert (hidden[0].transpose(0, 1) - expected)[padding.bool()].abs().max() <= 1e-4
+
+    assert convert_main(["megatron-to-hf", "--ckpt", str(ckpt), "--out", str(back)]) == 0
+    assert json.loads((back / "config.json").read_text())["architectures"] == ["BertModel"]
+    assert_same_tensors(source, back)
+    assert type(transformers.AutoModel.from_pretrained(back)).__name__ == "BertModel"

@@ -7,9 +7,10 @@ from lightning_megatron.convert.consolidated import (
     load_consolidated,
 )
 from lightning_megatron.convert.core import ConversionError, build_module
+from lightning_megatron.convert.export import checkpoint_to_hf, load_any_checkpoint
 from lightning_megatron.convert.hf import (
     ARCHITECTURES,
-    checkpoint_to_hf,
+    converted_to_hf,
     export_hf,
     hf_to_checkpoint,
     load_checkpoint,
@@ -23,11 +24,13 @@ __all__ = [
     "ConversionError",
     "build_module",
     "checkpoint_to_hf",
+    "converted_to_hf",
     "export_consolidated",
     "export_hf",
     "gather_consolidated",
     "hf_to_checkpoint",
     "import_consolidated",
+    "load_any_checkpoint",
     "load_checkpoint",
     "load_consolidated",
     "load_hf",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from lightning_megatron.convert.core import ConversionError
+from lightning_megatron.errors import UserError
 
 
 def main(argv: Sequence[str]) -> int:
@@ -19,22 +19,30 @@ def main(argv: Sequence[str]) -> int:
     to_megatron.add_argument("--out", required=True, help="new checkpoint directory")
     to_megatron.add_argument("--tp", type=int, default=1, help="tensor parallel size to validate the model against")
     to_megatron.add_argument("--pp", type=int, default=1, help="pipeline parallel size to validate against")
-    to_hf = sub.add_parser("megatron-to-hf", help="consolidated checkpoint -> HF save_pretrained directory")
-    to_hf.add_argument("--ckpt", required=True, help="checkpoint directory written by hf-to-megatron")
+    to_hf = sub.add_parser("megatron-to-hf", help="checkpoint of fit or hf-to-megatron -> HF save_pretrained directory")
+    to_hf.add_argument("--ckpt", required=True, help="checkpoint directory written by fit (any layout, e.g. "
+                                                     "runs/gpt-tiny/checkpoints/last.ckpt) or by hf-to-megatron")
     to_hf.add_argument("--out", required=True, help="new HF directory")
+    to_hf.add_argument("--config", help="training recipe (YAML) of a fit checkpoint: its model and tokenizer "
+                                        "(default: the model config the checkpoint saved, the bundled tokenizer)")
+    to_hf.add_argument("--tokenizer", help="tokenizer.json or HF tokenizer directory to include (default: the "
+                                           "checkpoint's own, else the recipe's, else the bundled one)")
+    to_hf.add_argument("--architecture", help="HF class to write where several fit the model (BertModel: the "
+                                              "encoder of a BERT without its heads)")
     for command in (to_megatron, to_hf):
         command.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors file")
     args = parser.parse_args(list(argv))
 
-    from lightning_megatron.convert.hf import checkpoint_to_hf, hf_to_checkpoint
+    from lightning_megatron.convert.export import checkpoint_to_hf
+    from lightning_megatron.convert.hf import hf_to_checkpoint
 
     shard_bytes = int(args.max_shard_size * 1024**3)
     try:
         if args.direction == "hf-to-megatron":
             out = hf_to_checkpoint(args.hf, args.out, args.tp, args.pp, shard_bytes)
         else:
-            out = checkpoint_to_hf(args.ckpt, args.out, shard_bytes)
-    except ConversionError as error:
+            out = checkpoint_to_hf(args.ckpt, args.out, args.config, args.tokenizer, args.architecture, shard_bytes)
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

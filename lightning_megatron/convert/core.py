@@ -20,7 +20,7 @@ import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -128,6 +128,11 @@ class Architecture(ABC):
     @abstractmethod
     def config_from_hf(self, hf: Mapping[str, Any]) -> Any:
         """Our model config from an HF ``config.json`` dict; raises :class:`ConversionError` for what we lack."""
+
+    def config_for_weights(self, config: Any, names: Collection[str]) -> Any:
+        """``config`` with the optional parts that tensors ``names`` hold or lack (a config.json that does not
+        say whether a ``BertModel`` has its pooler); HF and megatron names alike."""
+        return config
 
     @abstractmethod
     def config_to_hf(self, config: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from lightning_megatron.convert.bert import Bert
+from lightning_megatron.convert.bert import Bert, BertEncoder
 from lightning_megatron.convert.bloom import Bloom
 from lightning_megatron.convert.consolidated import (
     SafetensorsFiles,
@@ -32,11 +32,11 @@ from lightning_megatron.convert.t5 import T5
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
 
-ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bloom(), Bert(), T5())
-"""Every supported mapping."""
+ARCHITECTURES: tuple[Architecture, ...] = (GPT2(), Llama(), Bloom(), Bert(), T5(), BertEncoder())
+"""Every supported mapping; a live module exports with the first that matches it."""
 
 METADATA = "lightning_megatron.json"
-_TRAINING_FIELDS = frozenset({"seed", "hidden_dropout", "attention_dropout", "init_method_std"})
+TRAINING_FIELDS = frozenset({"seed", "hidden_dropout", "attention_dropout", "init_method_std"})
 """Config fields that do not shape the weights: a module may differ from the checkpoint in these."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "vocab.txt", "spiece.model", "tokenizer.model", "generation_config.json")
@@ -69,13 +69,22 @@ def architecture_named(name: str) -> Architecture:
     raise ConversionError(f"unknown architecture {name!r}; known: {[a.name for a in ARCHITECTURES]}")
 
 
-def architecture_for_module(module: MegatronModule) -> Architecture:
-    """The mapping that can export a live module."""
+def architecture_for_module(module: MegatronModule, hf_architecture: str | None = None) -> Architecture:
+    """The mapping that can export a live module (the first that can, or the one writing ``hf_architecture``)."""
     for arch in ARCHITECTURES:
-        if arch.matches(module):
+        if arch.matches(module) and hf_architecture in (None, *arch.hf_architectures):
             return arch
+    fitting = [name for arch in ARCHITECTURES if arch.matches(module) for name in arch.hf_architectures]
+    if hf_architecture is not None and fitting:
+        raise ConversionError(f"a {type(module).__name__} cannot be written as {hf_architecture}; pass "
+                              f"--architecture {' or '.join(fitting)}")
     raise ConversionError(f"no HF architecture matches this {type(module).__name__} and its config; supported: "
                           f"{[a.name for a in ARCHITECTURES]}")
+
+
+def _config(arch: Architecture, hf_config: dict[str, Any], weights: SafetensorsFiles) -> Any:
+    """Our model config of an HF config, with the optional parts ``weights`` (HF or converted) hold."""
+    return arch.config_for_weights(arch.config_from_hf(hf_config), weights.keys())
 
 
 def _copy_tokenizer(source: Path | None, target: Path) -> None:
@@ -100,11 +109,12 @@ def hf_to_checkpoint(hf_dir: str | Path, out: str | Path, tensor_model_parallel_
     hf_dir = Path(hf_dir)
     hf_config = read_hf_config(hf_dir)
     arch = architecture_for_hf(hf_config)
-    config = arch.config_from_hf(hf_config)
+    files = SafetensorsFiles(hf_dir, ConversionError)
+    config = _config(arch, hf_config, files)
     layout = ParallelConfig(tensor_model_parallel_size=tensor_model_parallel_size,
                             pipeline_model_parallel_size=pipeline_model_parallel_size)
     arch.check_layout(config, layout)
-    source = Converted(arch.rules(config), SafetensorsFiles(hf_dir, ConversionError), arch.ignored_hf)
+    source = Converted(arch.rules(config), files, arch.ignored_hf)
     writer = ShardedWriter(out, max_shard_bytes)
     for name in tqdm(source.keys(), desc=f"{arch.name} HF -> megatron", unit="tensor"):
         writer.add(name, source.get(name))
@@ -114,6 +124,11 @@ def hf_to_checkpoint(hf_dir: str | Path, out: str | Path, tensor_model_parallel_
     (writer.files_dir() / METADATA).write_text(json.dumps(metadata, indent=2))
     _copy_tokenizer(hf_dir, writer.files_dir())
     return writer.finish()
+
+
+def converted(path: str | Path | None) -> bool:
+    """Whether ``path`` is a checkpoint written by :func:`hf_to_checkpoint` (it names its own architecture)."""
+    return bool(path) and (Path(path) / METADATA).is_file()
 
 
 def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
@@ -128,7 +143,7 @@ def module_from_checkpoint(path: str | Path) -> MegatronModule:
     """An unbuilt module with the architecture and config of a converted checkpoint."""
     metadata = read_checkpoint_metadata(path)
     arch = architecture_named(metadata["architecture"])
-    return arch.module(arch.config_from_hf(metadata["hf_config"]))
+    return arch.module(_config(arch, metadata["hf_config"], SafetensorsFiles(path, ConversionError)))
 
 
 def load_checkpoint(module: MegatronModule, path: str | Path) -> None:
@@ -141,19 +156,20 @@ def module_from_hf(hf_dir: str | Path) -> MegatronModule:
     """An unbuilt module with the architecture and config of an HF directory."""
     hf_config = read_hf_config(hf_dir)
     arch = architecture_for_hf(hf_config)
-    return arch.module(arch.config_from_hf(hf_config))
+    return arch.module(_config(arch, hf_config, SafetensorsFiles(hf_dir, ConversionError)))
 
 
 def load_hf(module: MegatronModule, hf_dir: str | Path) -> None:
     """Load an HF directory straight into a built module of any layout (each rank reads only what it needs)."""
     hf_config = read_hf_config(hf_dir)
     arch = architecture_for_hf(hf_config)
-    expected = arch.config_from_hf(hf_config)
+    files = SafetensorsFiles(hf_dir, ConversionError)
+    expected = _config(arch, hf_config, files)
     diff = {k: (v, getattr(module.config, k)) for k, v in asdict(expected).items()
-            if k not in _TRAINING_FIELDS and getattr(module.config, k) != v}
+            if k not in TRAINING_FIELDS and getattr(module.config, k) != v}
     if diff:
         raise ConversionError(f"the module's config differs from {hf_dir}'s (field: (checkpoint, module)): {diff}")
-    source = Converted(arch.rules(expected), SafetensorsFiles(hf_dir, ConversionError), arch.ignored_hf)
+    source = Converted(arch.rules(expected), files, arch.ignored_hf)
     load_consolidated(module, source, str(hf_dir), expected.vocab_size, ConversionError)
 
 
@@ -180,23 +196,26 @@ def _write_hf(arch: Architecture, config: Any, source: Any, out: str | Path, tok
     return writer.finish()
 
 
-def checkpoint_to_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Convert a consolidated checkpoint into an HF ``save_pretrained`` directory, one tensor at a time."""
+def converted_to_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Convert a checkpoint of :func:`hf_to_checkpoint` into an HF ``save_pretrained`` directory, one tensor at a
+    time (:func:`lightning_megatron.convert.export.checkpoint_to_hf` takes any checkpoint)."""
     metadata = read_checkpoint_metadata(path)
     arch = architecture_named(metadata["architecture"])
-    config = arch.config_from_hf(metadata["hf_config"])
+    files = SafetensorsFiles(path, ConversionError)
+    config = _config(arch, metadata["hf_config"], files)
     token_ids = {key: value for key, value in metadata["hf_config"].items()
                  if key.endswith("_token_id") and value is not None}  # the special tokens it was imported with
-    return _write_hf(arch, config, SafetensorsFiles(path, ConversionError), out, path, max_shard_bytes, token_ids)
+    return _write_hf(arch, config, files, out, path, max_shard_bytes, token_ids)
 
 
 def export_hf(module: MegatronModule, out: str | Path, tokenizer: str | Path | None = None,
-              max_shard_bytes: int = 2 * 1024**3) -> Path | None:
+              max_shard_bytes: int = 2 * 1024**3, architecture: str | None = None) -> Path | None:
     """Write a live module of any TP/PP layout as an HF directory (collective: call on every rank).
 
-    Rank 0 writes; ``tokenizer`` is an HF directory or a ``tokenizer.json`` to include. Returns the path on rank 0.
+    Rank 0 writes; ``tokenizer`` is an HF directory or a ``tokenizer.json`` to include; ``architecture`` the HF
+    class to write where several fit (``BertModel``: a BERT's encoder alone). Returns the path on rank 0.
     """
-    arch = architecture_for_module(module)
+    arch = architecture_for_module(module, architecture)
     tensors = gather_consolidated(module, unpad=True)
     path = None
     if tensors is not None:

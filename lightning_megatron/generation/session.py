@@ -63,9 +63,9 @@ def check_layout(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
 def converted(ckpt: str | None) -> bool:
     """Whether ``ckpt`` is a checkpoint written by ``convert hf-to-megatron`` (it names its own architecture)."""
-    from lightning_megatron.convert.hf import METADATA
+    from lightning_megatron.convert.hf import converted as is_converted
 
-    return bool(ckpt) and (Path(ckpt) / METADATA).is_file()
+    return is_converted(ckpt)
 
 
 def model_config(ckpt: str | None, config: str | None) -> tuple[GPTConfig, str | None]:

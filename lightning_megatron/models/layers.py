@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import math
 import re
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +132,13 @@ def _seed_for(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def initial_weight(name: str, shape: Sequence[int], std: float, seed: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """The initial value :func:`init_weights` gives the full (unsplit) matrix ``name``: normal(0, ``std``)."""
+    generator = torch.Generator(device).manual_seed(_seed_for(seed, name))
+    return torch.empty(list(shape), device=device).normal_(0.0, std, generator=generator)
+
+
 @torch.no_grad()
 def init_weights(model: torch.nn.Module, config: TransformerConfig, seed: int, tied_output_name: str | None = None) -> None:
     """Initialise every parameter from a generator keyed on (seed, global parameter name).
@@ -158,8 +165,7 @@ def init_weights(model: torch.nn.Module, config: TransformerConfig, seed: int, t
         dim = getattr(param, "partition_dim", 0) if sharded else 0
         full_shape = list(param.shape)
         full_shape[dim] *= tp_size if sharded else 1
-        generator = torch.Generator(param.device).manual_seed(_seed_for(seed, full_name))
-        full = torch.empty(full_shape, device=param.device).normal_(0.0, std, generator=generator)
+        full = initial_weight(full_name, full_shape, std, seed, param.device)
         if sharded:
             gated = config.gated_linear_unit and "linear_fc1" in name
             if gated:

@@ -1,0 +1,191 @@
+"""``megatron-to-hf`` from any checkpoint: one written by ``fit`` (any TP/PP/VP/CP/DP layout) or by ``hf-to-megatron``.
+
+The model comes from the training recipe (``--config``: its ``model`` and ``data`` sections, read the way ``fit``
+reads them) or, without one, from the checkpoint itself: ``layout.json`` names the module class and ``trainer.pt``
+holds its config among the saved hyper-parameters. The tokenizer is ``--tokenizer``, else the recipe datamodule's,
+else the bundled corpus's (what a recipe without a ``tokenizer`` trains with). The model is built in this one
+process on the CPU, where megatron's ``dist_checkpointing`` reshards whatever layout the checkpoint was saved in,
+and written by :func:`~lightning_megatron.convert.hf.export_hf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_megatron import parallel
+from lightning_megatron.checkpoint import (
+    LAYOUT_FILE,
+    TRAINER_FILE,
+    CheckpointLayout,
+    MegatronCheckpointIO,
+    read_layout,
+)
+from lightning_megatron.convert.core import ConversionError, build_module
+from lightning_megatron.convert.hf import (
+    METADATA,
+    TRAINING_FIELDS,
+    converted,
+    converted_to_hf,
+    export_hf,
+    load_checkpoint,
+    module_from_checkpoint,
+)
+from lightning_megatron.cpu import CPUEmulation
+from lightning_megatron.data.megatron_datasets import process_group_for_build
+from lightning_megatron.models.bert import Bert, BertConfig
+from lightning_megatron.models.gpt import GPT, GPTConfig
+from lightning_megatron.models.t5 import T5, T5Config
+from lightning_megatron.module import MegatronModule
+from lightning_megatron.parallel import ParallelConfig
+
+_MODULES = {"GPT": (GPT, GPTConfig), "Bert": (Bert, BertConfig), "T5": (T5, T5Config)}
+"""The modules a ``fit`` checkpoint can be rebuilt from without a recipe, by the class name it records."""
+_PRECISIONS = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
+"""A checkpoint's ``params_dtype`` -> the precision its module is built with to load it."""
+
+
+def recipe_model(recipe: str | Path) -> tuple[MegatronModule, str | None]:
+    """The (unbuilt) module of a training recipe and its datamodule's tokenizer (``None``: the bundled one)."""
+    from jsonargparse import ArgumentParser
+
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConversionError(f"recipe {recipe} does not exist; pass --config <the training recipe, e.g. "
+                              f"recipes/gpt-tiny.yaml>")
+    sections = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(sections, dict) or "model" not in sections:
+        raise ConversionError(f"{recipe} has no model section; pass --config <the recipe the checkpoint was trained "
+                              f"with>")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(pl.LightningModule, "model", required=True)
+    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=False)
+    try:
+        built = parser.instantiate_classes(parser.parse_object(
+            {key: sections[key] for key in ("model", "data") if sections.get(key) is not None}))
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"{recipe}: {str(error).splitlines()[0]}; fix the recipe's model/data section") from None
+    if not isinstance(built.model, MegatronModule):
+        raise ConversionError(f"{recipe}'s model is a {type(built.model).__name__}, not a lightning_megatron "
+                              f"MegatronModule; only those convert")
+    return built.model, getattr(built.get("data"), "tokenizer_spec", None)
+
+
+def _saved_config(path: Path) -> dict[str, Any] | None:
+    """The model config a ``fit`` checkpoint saved with its hyper-parameters, if any."""
+    state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
+    config = state.get("hyper_parameters", {}).get("config")
+    return config if isinstance(config, dict) else None
+
+
+def trained_module(path: str | Path, layout: CheckpointLayout) -> MegatronModule:
+    """An unbuilt module of the class (``layout.json``) and config (saved hyper-parameters) of a ``fit``
+    checkpoint of one of the modules the converters know (GPT, BERT, T5)."""
+    config = _saved_config(Path(path))
+    if config is None or layout.module not in _MODULES:
+        raise ConversionError(f"{path} (a {layout.module}) carries no model config this command can rebuild; pass "
+                              f"--config <the training recipe>")
+    module_class, config_class = _MODULES[layout.module]
+    return module_class(config_class(**config))
+
+
+def _check_recipe_fits(module: MegatronModule, path: Path, layout: CheckpointLayout) -> None:
+    """A recipe whose model is not the checkpoint's fails here, naming the fields that differ."""
+    if type(module).__qualname__ != layout.module:
+        raise ConversionError(f"{path} holds a {layout.module}, the recipe's model is a {type(module).__name__}; "
+                              f"pass --config <the recipe it was trained with> (or leave --config out)")
+    saved = _saved_config(path)
+    current = dataclasses.asdict(module.config)
+    diff = {key: (value, current.get(key)) for key, value in (saved or {}).items()
+            if key not in TRAINING_FIELDS and current.get(key) != value}
+    if diff:
+        raise ConversionError(f"the recipe's model differs from the one {path} holds (field: (checkpoint, recipe)): "
+                              f"{diff}; pass --config <the recipe it was trained with> (or leave --config out)")
+
+
+def load_any_checkpoint(module: MegatronModule, path: str | Path) -> None:
+    """Load the weights of a checkpoint written by ``fit`` (sharded directory, any layout; or a one-process Lightning
+    ``.ckpt`` file) or by ``hf-to-megatron`` into a built module of any layout; every rank calls it.
+
+    A ``fit`` checkpoint's vocabulary rows are padded for the TP size it was saved with: the module's padded
+    vocabulary must be the same (:func:`checkpoint_to_hf` scales ``make_vocab_size_divisible_by`` for that).
+    """
+    path = Path(path)
+    if converted(path):
+        load_checkpoint(module, path)
+    elif path.is_file():
+        from lightning_megatron.generation.session import load_weights
+
+        load_weights(module, str(path))
+    else:
+        MegatronCheckpointIO().load_weights(path, module.chunks)
+
+
+def _describe(path: Path) -> CheckpointLayout:
+    """The layout of a ``fit`` checkpoint, or a one-line error saying what ``path`` is instead."""
+    if not path.exists():
+        raise ConversionError(f"checkpoint {path} does not exist; pass --ckpt <a checkpoint directory written by "
+                              f"fit or hf-to-megatron, e.g. runs/gpt-tiny/checkpoints/last.ckpt>")
+    if path.is_dir() and not (path / LAYOUT_FILE).is_file() and not any(path.glob("*.distcp")):
+        raise ConversionError(f"{path} is not a checkpoint (no {LAYOUT_FILE}, no {METADATA}); pass "
+                              f"--ckpt <a checkpoint directory written by fit or hf-to-megatron>")
+    return read_layout(path)
+
+
+def checkpoint_to_hf(ckpt: str | Path, out: str | Path, config: str | Path | None = None,
+                     tokenizer: str | Path | None = None, architecture: str | None = None,
+                     max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write a checkpoint of ``fit`` or ``hf-to-megatron`` as an HF ``save_pretrained`` directory with its tokenizer.
+
+    ``config`` is the training recipe (needed only when the checkpoint carries no model config), ``tokenizer`` a
+    tokenizer.json or HF directory overriding the recipe's, ``architecture`` the HF class to write when several fit
+    the model (``BertModel`` for a BERT's encoder alone). Call it in a process without other process groups.
+    """
+    ckpt = Path(ckpt)
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise ConversionError(f"tokenizer {tokenizer} does not exist; pass --tokenizer <a tokenizer.json or an HF "
+                              f"tokenizer directory>")
+    layout, recipe_tokenizer = None, None
+    if converted(ckpt):
+        if architecture is None:
+            return converted_to_hf(ckpt, out, max_shard_bytes)
+        module, tokenizer = module_from_checkpoint(ckpt), tokenizer or ckpt
+    else:
+        layout = _describe(ckpt)
+        if config is None:
+            module = trained_module(ckpt, layout)
+        else:
+            module, recipe_tokenizer = recipe_model(config)
+            _check_recipe_fits(module, ckpt, layout)
+    if tokenizer is None:
+        from lightning_megatron.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(recipe_tokenizer).path
+        if config is None:
+            rank_zero_info(f"tokenizer: the bundled corpus's ({tokenizer}); pass --tokenizer <tokenizer.json or HF "
+                           f"directory> if the model was trained with another")
+    precision = "32-true"
+    if layout is not None:
+        precision = _PRECISIONS.get(layout.params_dtype, "32-true")
+        # Pad the vocabulary as the saving layout did, so that its vocabulary tensors load unchanged.
+        tp = layout.parallel.tensor_model_parallel_size
+        module.config = dataclasses.replace(
+            module.config, make_vocab_size_divisible_by=module.config.make_vocab_size_divisible_by * tp)
+    with ExitStack() as stack:
+        stack.enter_context(process_group_for_build())
+        stack.enter_context(CPUEmulation())
+        parallel.initialize(ParallelConfig(), seed=module.config.seed)
+        stack.callback(parallel.destroy)
+        build_module(module, ParallelConfig(), precision)
+        load_any_checkpoint(module, ckpt)
+        path = export_hf(module, out, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes,
+                         architecture=architecture)
+    assert path is not None  # one process: it is rank 0
+    return path
