@@ -28,12 +28,39 @@ ForwardStep = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], tuple[torc
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one step computed, identical on every rank."""
+    """What one step computed, identical on every rank, kept on the device: nothing is read back until asked."""
 
-    loss: torch.Tensor
-    """Mean loss per token over the global batch (a 0-dim float32 tensor)."""
-    num_tokens: int
-    """Tokens that counted towards the loss, summed over the global batch."""
+    totals: torch.Tensor
+    """``[sum of token losses, tokens that counted]`` over the global batch (float32, on the model's device)."""
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Mean loss per token over the global batch (a 0-dim float32 tensor on the model's device)."""
+        return self.totals[0] / self.totals[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens that counted towards the loss, summed over the global batch (reads the count back)."""
+        return int(self.totals[1].item())
+
+
+class EmptyBatchCheck:
+    """Raises once a global batch without loss tokens has been seen, reading the token counts back only when
+    :meth:`check` is called (once per logging interval, so that training steps need not wait for the device)."""
+
+    def __init__(self) -> None:
+        self._fewest: torch.Tensor | None = None
+
+    def add(self, result: StepResult) -> None:
+        """Remember the token count of one step, on the device."""
+        tokens = result.totals[1]
+        self._fewest = tokens if self._fewest is None else torch.minimum(self._fewest, tokens)
+
+    def check(self) -> None:
+        """Raise :class:`UserError` if a step since the last check had no loss tokens."""
+        fewest, self._fewest = self._fewest, None
+        if fewest is not None and fewest.item() == 0:
+            raise UserError("every token of a global batch is masked out of the loss (loss_mask is all zeros); check the data's loss_mask and padding")
 
 
 def batch_size_of(batch: Mapping[str, Any]) -> int:
@@ -111,7 +138,9 @@ def run_schedule(
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             last = parallel_state.get_pipeline_model_parallel_last_rank()
             dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    loss_sum, num_tokens = total.tolist()
-    if num_tokens == 0:
-        raise UserError("every token of the global batch is masked out of the loss (loss_mask is all zeros)")
-    return StepResult(loss=torch.tensor(loss_sum / num_tokens), num_tokens=int(num_tokens))
+    result = StepResult(total)
+    if forward_only:
+        check = EmptyBatchCheck()
+        check.add(result)
+        check.check()
+    return result
