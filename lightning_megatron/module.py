@@ -106,13 +106,14 @@ class MegatronModule(pl.LightningModule, ABC):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Forward and backward over all microbatches of ``batch``; logs ``train_loss`` and the learning rate.
 
-        Nothing is read back from the device here: the loss is logged as a device tensor (loggers and the progress
-        bar read it when they refresh) and the learning rate as a CPU tensor (a Python number would be copied to the
-        device, which waits for it)."""
+        Nothing is read back from the device here: the loss is logged as a device tensor that loggers read once per
+        logging interval (not as a progress-bar metric, which Lightning reads back after every step;
+        :class:`~lightning_megatron.callbacks.MegatronProgressBar` shows it when it refreshes), and the learning rate
+        as a CPU tensor (a Python number would be copied to the device, which waits for the step)."""
         result = self._run(batch, forward_only=False)
         size = batch_size_of(batch)
         loss = result.loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=size)
+        self.log("train_loss", loss, batch_size=size)
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
         if optimizer is not None:
             self.log("lr", torch.tensor(optimizer.param_groups[0]["lr"]), prog_bar=True, batch_size=size)
