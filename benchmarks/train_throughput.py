@@ -129,6 +129,8 @@ class SyncCensus(L.Callback):
             self._caught = None
 
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
         outside_torch = [f"{_short_path(frame.filename)}:{frame.lineno} {frame.name}"
                          for frame in traceback.extract_stack()[:-1]
                          if "/torch/" not in frame.filename and "warnings" not in frame.filename]
@@ -187,11 +189,10 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
     use_foreach_multi_tensor_kernels()
     module = lm.GPT(config)
     bf16 = args.precision.startswith("bf16")
-    fused = args.device == "cuda"
     tconfig = module.transformer_config(
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, calculate_per_token_loss=True,
-        bias_activation_fusion=fused, bias_dropout_fusion=fused, cross_entropy_loss_fusion=fused,
+        **({} if args.device == "cuda" else dict.fromkeys(FUSIONS, False)),  # as the strategy decides
     )
     model = module.build_stage(tconfig, True, True, None).to(args.device)
     if bf16:

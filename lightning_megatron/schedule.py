@@ -60,7 +60,8 @@ class EmptyBatchCheck:
         """Raise :class:`UserError` if a step since the last check had no loss tokens."""
         fewest, self._fewest = self._fewest, None
         if fewest is not None and fewest.item() == 0:
-            raise UserError("every token of a global batch is masked out of the loss (loss_mask is all zeros); check the data's loss_mask and padding")
+            raise UserError("every token of a global batch is masked out of the loss (loss_mask is all zeros); "
+                            "check the data's loss_mask and padding")
 
 
 def batch_size_of(batch: Mapping[str, Any]) -> int:

@@ -404,8 +404,9 @@ class MegatronStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        """Leave CPU emulation and drop megatron's CUDA graphs. megatron's process groups stay, like Lightning's default group, so that
-        ``trainer.save_checkpoint`` still works after ``fit`` returns; the next run replaces them."""
+        """Leave CPU emulation and drop megatron's CUDA graphs. megatron's process groups stay, like Lightning's
+        default group, so that ``trainer.save_checkpoint`` still works after ``fit`` returns; the next run replaces
+        them."""
         super().teardown()
         self._cpu.__exit__(None, None, None)
         if self.cuda_graphs:  # megatron keeps its graphs process-wide; a later run records its own

@@ -39,24 +39,27 @@ def train(model_config: lm.GPTConfig, steps: int = STEPS, callback: L.Callback |
     losses = Losses()
     trainer = L.Trainer(strategy=lm.MegatronStrategy(**strategy), accelerator="gpu", devices=1, precision="bf16-mixed",
                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[losses, callback or losses])
-    # Four distinct batches, seen five times each: the model memorises them, so the losses fall.
-    data = RandomData(model_config.vocab_size, SEQ, GLOBAL_BATCH, MICRO_BATCH, 4)
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[losses, *([callback] if callback else [])])
+    # Each sample counts up from a random token, so the next token is learnable and the losses fall quickly.
+    data = RandomData(model_config.vocab_size, SEQ, GLOBAL_BATCH, MICRO_BATCH, steps)
+    starts = data.train_dataset.tokens[:, :1]
+    data.train_dataset.tokens = (starts + torch.arange(SEQ + 1)) % model_config.vocab_size
     trainer.fit(lm.GPT(model_config, lm.OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=steps)), datamodule=data)
     return losses.losses
 
 
 def assert_bf16_close(got: list[float], want: list[float]) -> None:
     assert len(got) == len(want) == STEPS
-    assert want[-1] < want[0] - 0.5, f"the model did not learn: {want}"
+    assert want[-1] < want[0] - 0.3, f"the model did not learn: {want}"
     for step, (a, b) in enumerate(zip(got, want)):
         assert abs(a - b) <= 0.02 * abs(b), f"step {step}: {a} != {b}\n{got}\n{want}"
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_fused_kernels_train_to_the_unfused_losses(arch):
-    fused = train(config(arch))
-    unfused = train(config(arch, **dict.fromkeys(FUSIONS, False)))
+def test_fused_kernels_train_to_the_unfused_losses():
+    # Llama's SwiGLU takes the bias-activation fusion too; every fusion megatron has without TE runs here.
+    fused = train(config("llama"))
+    unfused = train(config("llama", **dict.fromkeys(FUSIONS, False)))
     assert_bf16_close(fused, unfused)
 
 
