@@ -172,8 +172,10 @@ def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus 
 
 
 def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
-    """The same model trained by megatron-core's own pieces in a hand-written loop (what Megatron-LM does)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    """The same model trained by megatron-core's own pieces in a hand-written loop (what Megatron-LM does), with the
+    read-back-free clipping and token division the strategy gives megatron, so that the ratio is the strategy's
+    own overhead."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
@@ -181,6 +183,7 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
     from lightning_megatron import parallel
     from lightning_megatron.backends import use_foreach_multi_tensor_kernels
     from lightning_megatron.cpu import CPUEmulation
+    from lightning_megatron.schedule import finalize_grads
 
     emulation = CPUEmulation() if args.device == "cpu" else None
     if emulation:
@@ -198,7 +201,7 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
     if bf16:
         model = Float16Module(tconfig, model)
     model = DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.finalize_model_grads_func = finalize_grads  # megatron's, without its read-back of the token count
     optimizer = get_megatron_optimizer(
         OptimizerConfig(lr=1e-4, bf16=bf16, params_dtype=tconfig.params_dtype, clip_grad=1.0), [model]
     )

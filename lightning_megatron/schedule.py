@@ -15,7 +15,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.utils import get_pp_last_rank
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from lightning_megatron.errors import UserError
 
@@ -104,6 +107,24 @@ def _megatron_forward_step(forward_step: ForwardStep) -> Callable:
         return output, megatron_loss
 
     return step
+
+
+def finalize_grads(model: list[torch.nn.Module], num_tokens: torch.Tensor | None = None,
+                   pg_collection: ProcessGroupCollection | None = None, force_all_reduce: bool = False) -> None:
+    """megatron's ``finalize_model_grads`` (gradient all-reduces, then division by the global batch's token count),
+    with the division made without reading the count back: megatron skips it when the count is 0, which dividing by
+    ``max(count, 1)`` does too, since a batch without loss tokens has zero gradients."""
+    finalize_model_grads(model, None, pg_collection, force_all_reduce)
+    if num_tokens is None:
+        return
+    pp_group = parallel_state.get_pipeline_model_parallel_group() if pg_collection is None else pg_collection.pp
+    dp_cp_group = (parallel_state.get_data_parallel_group(with_context_parallel=True) if pg_collection is None
+                   else pg_collection.dp_cp)
+    dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+    dist.all_reduce(num_tokens, group=dp_cp_group)
+    scaling = 1.0 / num_tokens.clamp(min=1)
+    for chunk in model:
+        chunk.scale_gradients(scaling)
 
 
 def run_schedule(

@@ -33,7 +33,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
 from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
 from megatron.core.utils import get_batch_on_this_cp_rank
 from typing_extensions import override
@@ -48,7 +47,14 @@ from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
 from lightning_megatron.parallel import DDPConfig, LayoutError, ParallelConfig, RecomputeConfig
 from lightning_megatron.precision import MegatronPrecision, to_megatron_precision
-from lightning_megatron.schedule import EmptyBatchCheck, StepResult, batch_size_of, run_schedule, split_microbatches
+from lightning_megatron.schedule import (
+    EmptyBatchCheck,
+    StepResult,
+    batch_size_of,
+    finalize_grads,
+    run_schedule,
+    split_microbatches,
+)
 from lightning_megatron.threads import set_threads
 
 
@@ -316,7 +322,7 @@ class MegatronStrategy(ParallelStrategy):
             parallel.wrap_chunks(module.chunks, config, self.ddp.megatron() if fitting else None))
         self.model = module
         if fitting:
-            config.finalize_model_grads_func = finalize_model_grads
+            config.finalize_model_grads_func = finalize_grads
             if self.ddp.overlap_grad_reduce:
                 no_sync = [chunk.no_sync for chunk in module.chunks]
                 config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
