@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Training speed on one GPU in one call of about 6 minutes (issue 18): the GPU training tests, then
+# Training speed on one GPU in one call of 5-7 minutes (issue 18): the GPU training tests, then
 # benchmarks/train_throughput.py on GPT-2 124M (micro batch 8 and 16) and the 1.3B preset (micro batch 16).
 # Every row is appended to $OUT/train_throughput.jsonl as soon as it is measured, each step's output goes to
 # $OUT/<step>.log, and a summary table is printed at the end. Each step runs under `timeout`, so a hang or a slow
@@ -35,10 +35,12 @@ run_step() {  # name, seconds, command...
 BENCH="python benchmarks/train_throughput.py --out $RESULTS --steps 12 --warmup 4"
 # The comparison the targets are about first: overhead, transformers eager and compiled, each fusion, where the
 # step synchronises, CUDA graphs (last in its process: megatron's graphs are process-wide).
-run_step mbs8 150 $BENCH --cases overhead hf fusions syncs cuda_graphs --global-batch 16 --micro-batch 8
-run_step gpu_tests 100 python -m pytest -v -p no:cacheprovider tests/test_training_gpu.py
-run_step 1_3b_mbs16 90 $BENCH --model gpt2_1_3b --cases hf --no-hf-compile --global-batch 32 --micro-batch 16
-run_step mbs16 75 $BENCH --cases hf cuda_graphs --global-batch 32 --micro-batch 16
+run_step mbs8 170 $BENCH --cases overhead hf fusions syncs cuda_graphs --global-batch 16 --micro-batch 8
+run_step gpu_tests 90 python -m pytest -v -p no:cacheprovider tests/test_training_gpu.py
+run_step 1_3b_mbs16 100 $BENCH --model gpt2_1_3b --cases hf --no-hf-compile --global-batch 32 --micro-batch 16 \
+    --steps 10 --warmup 3
+# Least needed last: micro batch 16 without the compiled peer (a second compile would not fit the call).
+run_step mbs16 70 $BENCH --cases hf cuda_graphs --no-hf-compile --global-batch 32 --micro-batch 16
 
 python - "$RESULTS" <<'EOF' | tee "$OUT/summary_table.txt"
 import json, os, sys
