@@ -1,6 +1,6 @@
 """Profile training steps of Trainer(strategy="megatron") with torch.profiler; prints where the time goes.
 
-python benchmarks/profile_step.py --preset gpt2_124m   (GPU)
+python benchmarks/profile_step.py --preset gpt2_124m [--cuda-graphs]   (GPU)
 Prints the top operators by device time and by host time, and the step's wall time against busy GPU time
 (the gap is host overhead: Python, syncs, launches).
 """
@@ -47,13 +47,14 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--cuda-graphs", action="store_true", help="MegatronStrategy(cuda_graphs=True)")
     args = parser.parse_args()
     config = getattr(lm.GPTConfig, args.preset)(seq_length=args.seq)
     skip, active = 6, 3
     steps = skip + 1 + active + 1
     prof = Profile(skip, active)
-    trainer = L.Trainer(strategy=lm.MegatronStrategy(), accelerator="gpu", devices=1, precision="bf16-mixed",
-                        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(strategy=lm.MegatronStrategy(cuda_graphs=args.cuda_graphs), accelerator="gpu", devices=1,
+                        precision="bf16-mixed", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[prof], limit_val_batches=0)
     trainer.fit(lm.GPT(config), datamodule=RandomData(config.vocab_size, args.seq, args.global_batch,
                                                       args.micro_batch, steps))

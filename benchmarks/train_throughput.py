@@ -1,25 +1,35 @@
 """Training throughput of Trainer(strategy="megatron") against baselines run in the same process.
 
-Cases (each prints a table row and appends a JSON line to --out):
-  overhead  our strategy vs a bare megatron-core loop on the same model (schedule + DDP + optimizer, no Lightning)
-  hf        our strategy vs Hugging Face transformers GPT-2 (same shape, bf16 autocast, SDPA, fused AdamW)
-  mfu       our strategy on GPT presets (124M, 350M, 1.3B)
-  memory    peak memory with no / selective / full recompute and with the distributed optimizer
-  compile   compile_layers=True (torch.compile of each transformer layer) vs eager, on the --presets
+Cases (each prints a JSON row and appends it to --out; a case that fails prints an error row and the others run):
+  overhead     our strategy vs a bare megatron-core loop on the same model (schedule + DDP + optimizer, no Lightning)
+  hf           our strategy vs Hugging Face transformers GPT-2 (same shape, bf16 autocast, SDPA, fused AdamW), eager
+               and compiled with torch.compile (rows named "... compile"; --no-hf-compile skips them)
+  fusions      each of megatron's fusions switched off in turn, against the default (all on)
+  syncs        synchronising CUDA calls per training step and the Python lines they come from
+  cuda_graphs  cuda_graphs=True (megatron's local CUDA graphs of every layer) vs eager; run last in a process
+  mfu          our strategy on the --presets
+  memory       peak memory with no / selective / full recompute and with the distributed optimizer
+  compile      compile_layers=True (torch.compile of each transformer layer) vs eager, on the --presets
+overhead, hf, fusions, syncs and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
+each baseline measured earlier in the same run ("vs").
 
-GPU:  python benchmarks/train_throughput.py --cases overhead hf mfu memory
+GPU:  python benchmarks/train_throughput.py --cases overhead hf fusions cuda_graphs mfu memory
 CPU smoke (tiny model, overhead ratio only): python benchmarks/train_throughput.py --device cpu --cases overhead
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import os
 import platform
 import time
+import traceback
+import warnings
 from dataclasses import asdict, replace
+from typing import Callable
 
 import lightning as L
 import torch
@@ -27,8 +37,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_megatron as lm
+from lightning_megatron.backends import HAVE_TE
 from lightning_megatron.callbacks.throughput import gpt_flops_per_token, peak_tflops
 from lightning_megatron.data.datamodule import MegatronDataModule
+from lightning_megatron.models.config import FUSIONS
 
 
 class RandomTokens(Dataset):
@@ -76,12 +88,62 @@ class StepTimer(L.Callback):
         self.times.append(self._now(trainer) - self._start)
 
 
+def _short_path(filename: str) -> str:
+    """A file's path from its package root (``megatron/core/...``, ``lightning/...``, ``lightning_megatron/...``)."""
+    installed = filename.rsplit("site-packages/", 1)
+    if len(installed) == 2:
+        return installed[1]
+    relative = os.path.relpath(filename)
+    return filename if relative.startswith("..") else relative
+
+
+class SyncCensus(L.Callback):
+    """Counts the synchronising CUDA calls (``torch.cuda.set_sync_debug_mode``) from the start of step ``warmup`` to
+    the start of the last step, and the Python lines (outside torch) that made them."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.steps = 0
+        self.sites: collections.Counter = collections.Counter()
+        self._caught: warnings.catch_warnings | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self._caught = warnings.catch_warnings()
+            self._caught.__enter__()
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record
+            torch.cuda.set_sync_debug_mode("warn")
+        elif self._caught is not None:
+            self.steps += 1
+            if batch_idx == trainer.max_steps - 1:
+                self._stop()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._caught is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self._caught.__exit__(None, None, None)
+            self._caught = None
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        outside_torch = [f"{_short_path(frame.filename)}:{frame.lineno} {frame.name}"
+                         for frame in traceback.extract_stack()[:-1]
+                         if "/torch/" not in frame.filename and "warnings" not in frame.filename]
+        self.sites[" < ".join(reversed(outside_torch[-3:]))] += 1
+
+
 def median_step(times: list[float], warmup: int) -> float:
     steady = sorted(times[warmup:])
     return steady[len(steady) // 2]
 
 
-def run_ours(config: lm.GPTConfig, args: argparse.Namespace, **strategy_kwargs) -> dict:
+def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus | None = None,
+             **strategy_kwargs) -> dict:
     baseline = 0
     if args.device == "cuda":
         gc.collect()
@@ -93,11 +155,16 @@ def run_ours(config: lm.GPTConfig, args: argparse.Namespace, **strategy_kwargs) 
     trainer = L.Trainer(
         strategy=lm.MegatronStrategy(**strategy_kwargs), accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1, precision=args.precision, max_steps=args.steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[census or timer], num_sanity_val_steps=0,
         limit_val_batches=0,
     )
     model = lm.GPT(config, lm.OptimConfig(lr=1e-4, warmup_steps=0, decay_steps=args.steps))
     trainer.fit(model, datamodule=data)
+    if census is not None:
+        steps = max(census.steps, 1)
+        del trainer, model
+        return {"syncs_per_step": sum(census.sites.values()) / steps,
+                "sites": [[site, count / steps] for site, count in census.sites.most_common(12)]}
     step = median_step(timer.times, args.warmup)
     peak = (torch.cuda.max_memory_allocated() - baseline) / 2**30 if args.device == "cuda" else None
     del trainer, model
@@ -105,8 +172,10 @@ def run_ours(config: lm.GPTConfig, args: argparse.Namespace, **strategy_kwargs) 
 
 
 def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
-    """The same model trained by megatron-core's own pieces in a hand-written loop (what Megatron-LM does)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    """The same model trained by megatron-core's own pieces in a hand-written loop (what Megatron-LM does), with the
+    read-back-free clipping and token division the strategy gives megatron, so that the ratio is the strategy's
+    own overhead."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
@@ -114,6 +183,7 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
     from lightning_megatron import parallel
     from lightning_megatron.backends import use_foreach_multi_tensor_kernels
     from lightning_megatron.cpu import CPUEmulation
+    from lightning_megatron.schedule import finalize_grads
 
     emulation = CPUEmulation() if args.device == "cpu" else None
     if emulation:
@@ -122,17 +192,16 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
     use_foreach_multi_tensor_kernels()
     module = lm.GPT(config)
     bf16 = args.precision.startswith("bf16")
-    fused = args.device == "cuda"
     tconfig = module.transformer_config(
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, calculate_per_token_loss=True,
-        bias_activation_fusion=fused, bias_dropout_fusion=fused, cross_entropy_loss_fusion=fused,
+        **({} if args.device == "cuda" else dict.fromkeys(FUSIONS, False)),  # as the strategy decides
     )
     model = module.build_stage(tconfig, True, True, None).to(args.device)
     if bf16:
         model = Float16Module(tconfig, model)
     model = DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.finalize_model_grads_func = finalize_grads  # megatron's, without its read-back of the token count
     optimizer = get_megatron_optimizer(
         OptimizerConfig(lr=1e-4, bf16=bf16, params_dtype=tconfig.params_dtype, clip_grad=1.0), [model]
     )
@@ -173,7 +242,7 @@ def _bare_forward_step(module: lm.GPT):
     return step
 
 
-def run_hf(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
+def run_hf(config: lm.GPTConfig, args: argparse.Namespace, compile: bool = False) -> dict:
     from transformers import AutoModelForCausalLM, GPT2Config
 
     hf_config = GPT2Config(vocab_size=config.padded_vocab_size(), n_positions=config.seq_length, n_embd=config.hidden_size,
@@ -181,6 +250,8 @@ def run_hf(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
                            embd_pdrop=0.0, attn_pdrop=0.0)
     model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
+    if compile:
+        model = torch.compile(model)
     dataset = RandomTokens(config.vocab_size, config.seq_length, args.global_batch * args.steps)
     loader = iter(DataLoader(dataset, batch_size=args.micro_batch))
     microbatches = args.global_batch // args.micro_batch
@@ -199,6 +270,8 @@ def run_hf(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
         sync(args.device)
         times.append(time.perf_counter() - start)
     del model, optimizer
+    if compile:
+        torch._dynamo.reset()
     return {"step_s": median_step(times, args.warmup)}
 
 
@@ -213,25 +286,84 @@ def hardware(device: str) -> str:
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU (torch {torch.__version__})"
 
 
+def emit(row: dict, out: str) -> None:
+    print(json.dumps(row), flush=True)
+    with open(out, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
 def report(case: str, name: str, config: lm.GPTConfig, args: argparse.Namespace, result: dict, out: str,
            **extra) -> dict:
     tokens = args.global_batch * config.seq_length
     flops = gpt_flops_per_token(config.num_layers, config.hidden_size, config.seq_length, config.padded_vocab_size(),
                                 config.num_attention_heads, config.num_query_groups, config.ffn_hidden_size,
                                 config.activation == "swiglu", extra.pop("recompute_layers", 0))
-    row = {"case": case, "name": name, "tokens_per_s": tokens / result["step_s"], **result,
-           "tflops": tokens * flops / result["step_s"] / 1e12, "hardware": hardware(args.device),
+    row = {"case": case, "name": name, "hardware": hardware(args.device), "torch": torch.__version__,
            "precision": args.precision, "shape": {k: v for k, v in asdict(config).items()
                                                    if k in ("num_layers", "hidden_size", "num_attention_heads",
                                                             "seq_length", "vocab_size")},
            "global_batch": args.global_batch, "micro_batch": args.micro_batch, **extra}
-    peak = peak_tflops(torch.device(args.device))
-    if peak:
-        row["mfu"] = row["tflops"] / peak
-    print(json.dumps(row), flush=True)
-    with open(out, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    if "step_s" in result:
+        row.update(tokens_per_s=tokens / result["step_s"], tflops=tokens * flops / result["step_s"] / 1e12)
+        peak = peak_tflops(torch.device(args.device))
+        if peak:
+            row["mfu"] = row["tflops"] / peak
+    row.update(result)
+    emit(row, out)
     return row
+
+
+class Session:
+    """The rows measured so far in this run: each measurement is made once, and a failing one becomes an error
+    row (and ``None``) so that the other cases still run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: dict[str, dict | None] = {}
+
+    def measure(self, case: str, name: str, config: lm.GPTConfig, run: Callable[[], dict],
+                baselines: tuple[str, ...] = (), **extra) -> dict | None:
+        """``run()`` reported as ``name`` with its tokens/s ratio to each measured baseline (``vs``)."""
+        if name in self.rows:
+            return self.rows[name]
+        try:
+            result = run()
+        except Exception as error:  # one failing case must not lose the others
+            traceback.print_exc()
+            emit({"case": case, "name": name, "hardware": hardware(self.args.device), "torch": torch.__version__,
+                  "micro_batch": self.args.micro_batch, "error": f"{type(error).__name__}: {error}"[:3000]},
+                 self.args.out)
+            self.rows[name] = None
+            return None
+        finally:
+            gc.collect()
+            if self.args.device == "cuda":
+                torch.cuda.empty_cache()
+        vs = {base: self.rows[base]["step_s"] / result["step_s"] for base in baselines
+              if "step_s" in result and "step_s" in (self.rows.get(base) or {})}
+        self.rows[name] = row = report(case, name, config, self.args, result, self.args.out,
+                                       **({"vs": vs} if vs else {}), **extra)
+        return row
+
+    def ratio(self, label: str, name: str, base: str) -> None:
+        """Print ``label: tokens/s name / base`` when both were measured."""
+        row, base_row = self.rows.get(name), self.rows.get(base)
+        if row and base_row:
+            print(f"{label}: tokens/s {name} / {base} = {base_row['step_s'] / row['step_s']:.3f}", flush=True)
+
+
+OURS = "Trainer(strategy='megatron')"
+BARE = "bare megatron-core loop"
+HF = "transformers GPT2LMHeadModel"
+HF_COMPILE = "transformers GPT2LMHeadModel compile"
+
+
+def fusion_variants(config: lm.GPTConfig) -> dict[str, dict]:
+    """The fusions that change something on this model, each switched off alone."""
+    applies = {"bias_activation_fusion": config.activation == "swiglu", "bias_dropout_fusion": True,
+               "cross_entropy_loss_fusion": True,
+               "apply_rope_fusion": HAVE_TE and config.position_embedding_type == "rope"}
+    return {f"{OURS} {name}=False": {name: False} for name in FUSIONS if applies[name]}
 
 
 def main() -> None:
@@ -244,6 +376,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--presets", nargs="+", default=["gpt2_124m", "gpt2_350m", "gpt2_1_3b"])
+    parser.add_argument("--model", default=None, help="preset of the overhead, hf, fusions, syncs and cuda_graphs "
+                                                      "cases (default gpt2_124m; a tiny GPT on the CPU)")
+    parser.add_argument("--no-hf-compile", action="store_true", help="skip the torch.compile'd transformers rows")
     parser.add_argument("--out", default="benchmarks/results/train_throughput.jsonl")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -260,30 +395,48 @@ def main() -> None:
         os.environ.setdefault("MASTER_PORT", "29533")
         dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
 
-    base = lm.GPTConfig.gpt2_124m(seq_length=seq) if cuda else lm.GPTConfig.tiny(vocab_size=4096, seq_length=seq,
-                                                                                   hidden_size=64)
+    if args.model or cuda:
+        base = getattr(lm.GPTConfig, args.model or "gpt2_124m")(seq_length=seq)
+    else:
+        base = lm.GPTConfig.tiny(vocab_size=4096, seq_length=seq, hidden_size=64)
     print(f"# hardware: {hardware(args.device)}; precision {args.precision}; global batch {args.global_batch}, "
           f"micro batch {args.micro_batch}, seq {seq}", flush=True)
+    session = Session(args)
+    measure = session.measure
+    # The baselines first, so that the row of ours carries its ratio to each.
     if "overhead" in args.cases:
-        bare = report("overhead", "bare megatron-core loop", base, args, run_bare_megatron(base, args), args.out)
-        ours = report("overhead", "Trainer(strategy='megatron')", base, args, run_ours(base, args), args.out)
-        print(f"strategy overhead: step time ours / bare = {ours['step_s'] / bare['step_s']:.3f}", flush=True)
+        measure("overhead", BARE, base, lambda: run_bare_megatron(base, args))
     if "hf" in args.cases and cuda:
-        ours = report("hf", "Trainer(strategy='megatron')", base, args, run_ours(base, args), args.out)
-        hf = report("hf", "transformers GPT2LMHeadModel", base, args, run_hf(base, args), args.out)
-        print(f"tokens/s ours / transformers = {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}", flush=True)
+        measure("hf", HF, base, lambda: run_hf(base, args))
+        if not args.no_hf_compile:
+            measure("hf", HF_COMPILE, base, lambda: run_hf(base, args, compile=True))
+    if {"overhead", "hf", "fusions", "cuda_graphs"} & set(args.cases):
+        case = next(case for case in ("overhead", "hf", "fusions", "cuda_graphs") if case in args.cases)
+        ours = measure(case, OURS, base, lambda: run_ours(base, args), (BARE, HF, HF_COMPILE))
+        bare = session.rows.get(BARE)
+        if bare and ours:
+            print(f"strategy overhead: step time ours / bare = {ours['step_s'] / bare['step_s']:.3f}", flush=True)
+        session.ratio("ours vs transformers eager", OURS, HF)
+        session.ratio("ours vs transformers compiled", OURS, HF_COMPILE)
+    if "fusions" in args.cases and cuda:
+        for name, switches in fusion_variants(base).items():
+            config = replace(base, **switches)
+            measure("fusions", name, config, lambda: run_ours(config, args), (OURS,))
+            session.ratio("fusion off", name, OURS)
+    if "syncs" in args.cases and cuda:
+        census = SyncCensus(args.warmup)
+        measure("syncs", f"{OURS} synchronising CUDA calls", base, lambda: run_ours(base, args, census=census))
     if "compile" in args.cases and cuda:
         for preset in args.presets:
             config = getattr(lm.GPTConfig, preset)(seq_length=seq)
-            eager = report("compile", f"{preset} eager", config, args, run_ours(config, args), args.out)
-            compiled = report("compile", f"{preset} compile_layers", config, args,
-                              run_ours(config, args, compile_layers=True), args.out)
-            print(f"{preset}: tokens/s compiled / eager = {compiled['tokens_per_s'] / eager['tokens_per_s']:.3f}",
-                  flush=True)
+            measure("compile", f"{preset} eager", config, lambda: run_ours(config, args))
+            measure("compile", f"{preset} compile_layers", config, lambda: run_ours(config, args, compile_layers=True),
+                    (f"{preset} eager",))
+            session.ratio(preset, f"{preset} compile_layers", f"{preset} eager")
     if "mfu" in args.cases and cuda:
         for preset in args.presets:
             config = getattr(lm.GPTConfig, preset)(seq_length=seq)
-            report("mfu", preset, config, args, run_ours(config, args), args.out)
+            measure("mfu", preset, config, lambda: run_ours(config, args))
     if "memory" in args.cases and cuda:
         config = lm.GPTConfig.gpt2_350m(seq_length=seq)
         variants = {
@@ -295,8 +448,15 @@ def main() -> None:
         }
         for name, kwargs in variants.items():
             recompute = config.num_layers if kwargs.get("recompute_granularity") == "full" else 0
-            report("memory", name, config, args, run_ours(config, args, **kwargs), args.out,
-                   recompute_layers=recompute)
+            measure("memory", name, config, lambda: run_ours(config, args, **kwargs), recompute_layers=recompute)
+    if "cuda_graphs" in args.cases and cuda:
+        # Last: megatron's graphs and the side stream they run on are process-wide.
+        name = f"{OURS} cuda_graphs"
+        measure("cuda_graphs", name, base, lambda: run_ours(base, args, cuda_graphs=True),
+                (OURS, BARE, HF, HF_COMPILE))
+        session.ratio("cuda graphs", name, OURS)
+        session.ratio("cuda graphs vs transformers eager", name, HF)
+        session.ratio("cuda graphs vs transformers compiled", name, HF_COMPILE)
 
 
 if __name__ == "__main__":

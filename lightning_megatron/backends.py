@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def _importable(name: str) -> bool:
@@ -26,12 +28,44 @@ def _foreach_scale(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list,
     torch._foreach_copy_(tensor_lists[1], torch._foreach_mul(tensor_lists[0], scale))
 
 
+def _grad_norm_on_device(grads_for_norm: list | torch.Tensor, norm_type: float = 2,
+                         grad_stats_parallel_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """megatron's ``get_grad_norm_fp32`` for the 2-norm, left on the device (a 0-dim float64 tensor)."""
+    grads = [grads_for_norm] if isinstance(grads_for_norm, torch.Tensor) else list(grads_for_norm)
+    if norm_type != 2 or any(isinstance(grad, DTensor) for grad in grads):
+        from megatron.core.optimizer import clip_grads
+
+        return clip_grads.get_grad_norm_fp32(grads, norm_type, grad_stats_parallel_group)
+    if grads:
+        total = _foreach_l2_norm(0, None, [grads], False)[0] ** 2
+    else:
+        total = torch.zeros(1, dtype=torch.float32, device=torch.cuda.current_device())
+    dist.all_reduce(total, group=grad_stats_parallel_group)
+    return total.double().sqrt().reshape(())
+
+
+def _clip_on_device(parameters: list | torch.Tensor, max_norm: float, total_norm: torch.Tensor | float,
+                    use_decoupled_grad: bool = False) -> None:
+    """megatron's ``clip_grad_by_total_norm_fp32`` with the clip coefficient kept on the device: gradients are
+    scaled by ``min(1, max_norm / (norm + 1e-6))``, which leaves them unchanged where megatron skips the scaling."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else parameters
+    name = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, name).detach() for p in params if getattr(p, name, None) is not None]
+    if grads:
+        coefficient = (max_norm / (torch.as_tensor(total_norm, dtype=torch.float64) + 1.0e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coefficient.to(device=grads[0].device, dtype=torch.float32))
+
+
 def use_foreach_multi_tensor_kernels() -> None:
-    """Give megatron's optimizer torch's foreach kernels where it would fall back to per-tensor Python loops.
+    """Give megatron's optimizer torch's foreach kernels where it would fall back to per-tensor Python loops, and
+    keep its gradient norm and clipping on the device.
 
     Without Apex or Transformer Engine, megatron-core's fallback gradient norm reads every tensor's norm back to the
     host (one device sync per parameter) and scales tensors one by one; on small and medium models that leaves the
-    GPU idle for much of each step. Apex's and TE's fused kernels, when present, are left alone.
+    GPU idle for much of each step. Its clipping then reads the global norm back to decide whether to scale; here
+    the norm stays a device tensor (the value logged as ``grad_norm``) and the scaling is
+    ``min(1, max_norm / norm)``, the same arithmetic without the read-back. Apex's and TE's fused kernels, when
+    present, are left alone (and so is megatron's clipping with them).
 
     The patch is process-wide and stays for the life of the process (megatron's module attributes are replaced,
     for every model in it); calling it again changes nothing.
@@ -41,6 +75,8 @@ def use_foreach_multi_tensor_kernels() -> None:
 
     if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = _foreach_l2_norm
+        optimizer.get_grad_norm_fp32 = _grad_norm_on_device
+        optimizer.clip_grad_by_total_norm_fp32 = _clip_on_device
     if clip_grads.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
         clip_grads.multi_tensor_scale_impl = _foreach_scale
     if optimizer.multi_tensor_scale_impl is utils.local_multi_tensor_scale:

@@ -104,17 +104,24 @@ class MegatronModule(pl.LightningModule, ABC):
         return self.trainer.strategy.run_step(self, batch, forward_only=forward_only)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Forward and backward over all microbatches of ``batch``; logs ``train_loss`` and the learning rate."""
+        """Forward and backward over all microbatches of ``batch``; logs ``train_loss`` and the learning rate.
+
+        Nothing is read back from the device here: the loss is logged as a device tensor that loggers read once per
+        logging interval (not as a progress-bar metric, which Lightning reads back after every step;
+        :class:`~lightning_megatron.callbacks.MegatronProgressBar` shows it when it refreshes), and the learning rate
+        as a CPU tensor (a Python number would be copied to the device, which waits for the step)."""
         result = self._run(batch, forward_only=False)
         size = batch_size_of(batch)
-        self.log("train_loss", result.loss, prog_bar=True, batch_size=size)
+        loss = result.loss
+        self.log("train_loss", loss, batch_size=size)
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
         if optimizer is not None:
-            self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True, batch_size=size)
-        return result.loss
+            self.log("lr", torch.tensor(optimizer.param_groups[0]["lr"]), prog_bar=True, batch_size=size)
+        return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log the global gradient norm megatron's optimizer computed, and fp16's loss scale and skipped steps."""
+        """Log the global gradient norm megatron's optimizer computed (a device tensor, not read back here), and
+        fp16's loss scale and skipped steps (fp16 steps read the overflow check back anyway)."""
         precision = getattr(self.trainer.strategy, "precision_plugin", None)
         if precision is None or not hasattr(precision, "last_grad_norm"):
             return
@@ -135,10 +142,11 @@ class MegatronModule(pl.LightningModule, ABC):
 
     def _log_eval(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
         result = self._run(batch, forward_only=True)
+        loss, tokens = result.loss, result.num_tokens
         # Weighting each batch by its token count makes the epoch mean the per-token loss over the whole split.
-        self.log(f"{stage}_loss", result.loss, prog_bar=True, batch_size=result.num_tokens)
-        self.log(f"{stage}_ppl", math.exp(min(result.loss.item(), 50.0)), batch_size=result.num_tokens)
-        return result.loss
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=tokens)
+        self.log(f"{stage}_ppl", math.exp(min(loss.item(), 50.0)), batch_size=tokens)
+        return loss
 
     def predict_step(self, batch: Any, batch_idx: int = 0) -> Any:
         """What the datamodule's ``predict(module, batch)`` makes of ``batch`` (e.g. completions of prompts)."""

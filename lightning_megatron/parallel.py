@@ -159,8 +159,9 @@ class DDPConfig:
         return DistributedDataParallelConfig(grad_reduce_in_fp32=True, **asdict(self))
 
 
-def initialize(config: ParallelConfig, seed: int) -> None:
-    """Create megatron's process groups on top of the initialised default group, and seed its RNG tracker.
+def initialize(config: ParallelConfig, seed: int, cudagraphable_rng: bool = False) -> None:
+    """Create megatron's process groups on top of the initialised default group, and seed its RNG tracker (one
+    that CUDA graphs can capture if ``cudagraphable_rng``).
 
     Groups left by an earlier run in this process (kept so that it can still save after ``fit`` returns) are
     replaced."""
@@ -171,7 +172,8 @@ def initialize(config: ParallelConfig, seed: int) -> None:
         virtual_pipeline_model_parallel_size=config.vp,
         context_parallel_size=config.context_parallel_size,
     )
-    model_parallel_cuda_manual_seed(seed)
+    # megatron creates its tracker once per process; one that graphs can capture replaces an earlier plain one.
+    model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=cudagraphable_rng, force_reset_rng=cudagraphable_rng)
 
 
 def destroy() -> None:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from typing_extensions import override
 
 from lightning_megatron.backends import HAVE_TE
@@ -49,7 +49,8 @@ class MegatronPrecision(Precision):
         self.loss_scale_window = loss_scale_window
         self.hysteresis = hysteresis
         self.skipped_steps = 0
-        self.last_grad_norm: float | None = None
+        self.last_grad_norm: torch.Tensor | None = None
+        """The global gradient norm of the last step (a 0-dim tensor on the device; ``None`` without clipping)."""
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -94,7 +95,7 @@ class MegatronPrecision(Precision):
         closure_result = closure()
         self._after_closure(model, optimizer)
         succeeded, grad_norm, _ = optimizer.step()
-        self.last_grad_norm = None if grad_norm is None else float(grad_norm)
+        self.last_grad_norm = None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32)
         if not succeeded:
             self.skipped_steps += 1
         return closure_result
@@ -106,3 +107,17 @@ class MegatronPrecision(Precision):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+
+def to_megatron_precision(plugin: Any) -> MegatronPrecision:
+    """Turn Lightning's plain precision plugins (``precision="bf16-mixed"`` etc.) into :class:`MegatronPrecision`."""
+    if isinstance(plugin, MegatronPrecision):
+        return plugin
+    # Lightning's own plugins for plain, mixed and half precision only: others (FSDP, DeepSpeed, bitsandbytes, TE)
+    # subclass Precision with behaviour megatron's optimizer would not honour.
+    if isinstance(plugin, (MixedPrecision, HalfPrecision)) or type(plugin) is Precision:
+        return MegatronPrecision(str(plugin.precision))
+    raise UserError(
+        f"the megatron strategy cannot honour the precision plugin {type(plugin).__name__}; pass "
+        f"precision='32-true', 'bf16-mixed', '16-mixed' or 'fp8-mixed', or a lightning_megatron.MegatronPrecision"
+    )

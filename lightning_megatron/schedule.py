@@ -15,7 +15,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.utils import get_pp_last_rank
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from lightning_megatron.errors import UserError
 
@@ -28,12 +31,40 @@ ForwardStep = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], tuple[torc
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one step computed, identical on every rank."""
+    """What one step computed, identical on every rank, kept on the device: nothing is read back until asked."""
 
-    loss: torch.Tensor
-    """Mean loss per token over the global batch (a 0-dim float32 tensor)."""
-    num_tokens: int
-    """Tokens that counted towards the loss, summed over the global batch."""
+    totals: torch.Tensor
+    """``[sum of token losses, tokens that counted]`` over the global batch (float32, on the model's device)."""
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Mean loss per token over the global batch (a 0-dim float32 tensor on the model's device)."""
+        return self.totals[0] / self.totals[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens that counted towards the loss, summed over the global batch (reads the count back)."""
+        return int(self.totals[1].item())
+
+
+class EmptyBatchCheck:
+    """Raises once a global batch without loss tokens has been seen, reading the token counts back only when
+    :meth:`check` is called (once per logging interval, so that training steps need not wait for the device)."""
+
+    def __init__(self) -> None:
+        self._fewest: torch.Tensor | None = None
+
+    def add(self, result: StepResult) -> None:
+        """Remember the token count of one step, on the device."""
+        tokens = result.totals[1]
+        self._fewest = tokens if self._fewest is None else torch.minimum(self._fewest, tokens)
+
+    def check(self) -> None:
+        """Raise :class:`UserError` if a step since the last check had no loss tokens."""
+        fewest, self._fewest = self._fewest, None
+        if fewest is not None and fewest.item() == 0:
+            raise UserError("every token of a global batch is masked out of the loss (loss_mask is all zeros); "
+                            "check the data's loss_mask and padding")
 
 
 def batch_size_of(batch: Mapping[str, Any]) -> int:
@@ -78,6 +109,24 @@ def _megatron_forward_step(forward_step: ForwardStep) -> Callable:
     return step
 
 
+def finalize_grads(model: list[torch.nn.Module], num_tokens: torch.Tensor | None = None,
+                   pg_collection: ProcessGroupCollection | None = None, force_all_reduce: bool = False) -> None:
+    """megatron's ``finalize_model_grads`` (gradient all-reduces, then division by the global batch's token count),
+    with the division made without reading the count back: megatron skips it when the count is 0, which dividing by
+    ``max(count, 1)`` does too, since a batch without loss tokens has zero gradients."""
+    finalize_model_grads(model, None, pg_collection, force_all_reduce)
+    if num_tokens is None:
+        return
+    pp_group = parallel_state.get_pipeline_model_parallel_group() if pg_collection is None else pg_collection.pp
+    dp_cp_group = (parallel_state.get_data_parallel_group(with_context_parallel=True) if pg_collection is None
+                   else pg_collection.dp_cp)
+    dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+    dist.all_reduce(num_tokens, group=dp_cp_group)
+    scaling = 1.0 / num_tokens.clamp(min=1)
+    for chunk in model:
+        chunk.scale_gradients(scaling)
+
+
 def run_schedule(
     forward_step: ForwardStep,
     chunks: Sequence[torch.nn.Module],
@@ -111,7 +160,9 @@ def run_schedule(
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             last = parallel_state.get_pipeline_model_parallel_last_rank()
             dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    loss_sum, num_tokens = total.tolist()
-    if num_tokens == 0:
-        raise UserError("every token of the global batch is masked out of the loss (loss_mask is all zeros)")
-    return StepResult(loss=torch.tensor(loss_sum / num_tokens), num_tokens=int(num_tokens))
+    result = StepResult(total)
+    if forward_only:
+        check = EmptyBatchCheck()
+        check.add(result)
+        check.check()
+    return result

@@ -26,7 +26,6 @@ from lightning.fabric.utilities.distributed import (
 )
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer import call
@@ -34,7 +33,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
 from megatron.core.utils import get_batch_on_this_cp_rank
 from typing_extensions import override
 
@@ -43,19 +42,31 @@ from lightning_megatron import parallel, preflight
 from lightning_megatron.backends import use_foreach_multi_tensor_kernels
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.errors import UserError
+from lightning_megatron.models.config import FUSIONS
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
 from lightning_megatron.parallel import DDPConfig, LayoutError, ParallelConfig, RecomputeConfig
-from lightning_megatron.precision import MegatronPrecision
-from lightning_megatron.schedule import StepResult, batch_size_of, run_schedule, split_microbatches
+from lightning_megatron.precision import MegatronPrecision, to_megatron_precision
+from lightning_megatron.schedule import (
+    EmptyBatchCheck,
+    StepResult,
+    batch_size_of,
+    finalize_grads,
+    run_schedule,
+    split_microbatches,
+)
 from lightning_megatron.threads import set_threads
 
 
 def transformer_fields(parallel_config: ParallelConfig, precision: MegatronPrecision, recompute: RecomputeConfig,
-                       device: torch.device) -> dict[str, Any]:
+                       device: torch.device, cuda_graphs: bool = False) -> dict[str, Any]:
     """What a run decides in every model's ``TransformerConfig``: layout, precision, recomputation, loss reduction,
-    and what the device can do. The strategy and :func:`lightning_megatron.convert.build_module` both build from it."""
+    CUDA graphs, and what the device can do. The strategy and :func:`lightning_megatron.convert.build_module` both
+    build from it."""
     cuda = device.type == "cuda"
+    if cuda_graphs and not cuda:
+        raise UserError("cuda_graphs=True needs a GPU (CUDA graphs); leave MegatronStrategy(cuda_graphs=...) off "
+                        "for CPU runs")
     return {
         **parallel_config.transformer_fields(),
         **precision.transformer_fields(),
@@ -65,9 +76,10 @@ def transformer_fields(parallel_config: ParallelConfig, precision: MegatronPreci
         # send/recv (all four directions at once) pairs a gradient with an activation when PP=2 interleaves;
         # its unbatched path orders sends and receives by rank parity instead.
         "batch_p2p_comm": cuda,
-        # megatron-core's fused kernels (bias+activation where the model's function survives fusion, bias+dropout+
-        # add, vocab-parallel cross entropy) are torch.compile/JIT fusions that pay off on GPUs only.
-        **dict.fromkeys(("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion"), cuda),
+        # megatron-core's fused kernels are torch.compile/JIT fusions that pay off on GPUs only: CPU runs keep the
+        # unfused math, GPU runs the fusions the model config leaves on (see ModelConfig).
+        **({} if cuda else dict.fromkeys(FUSIONS, False)),
+        **({"cuda_graph_impl": "local"} if cuda_graphs else {}),
     }
 
 
@@ -88,8 +100,9 @@ class MegatronStrategy(ParallelStrategy):
     runs as gradient accumulation. The layout, recomputation and DDP options come as :class:`ParallelConfig`,
     :class:`RecomputeConfig` and :class:`DDPConfig` (``parallel_config=``, ``recompute=``, ``ddp=``) or as the flat keyword
     arguments that YAML recipes use (``tensor_model_parallel_size``, ``recompute_granularity``, ...), not both.
-    ``compile_layers`` runs each transformer layer through ``torch.compile``. See docs/parallelism.md for every knob
-    and what it costs.
+    ``compile_layers`` runs each transformer layer through ``torch.compile``; ``cuda_graphs`` replays each layer's
+    forward and backward from CUDA graphs (megatron-core's local implementation, GPU only). See docs/parallelism.md
+    and docs/performance.md for every knob and what it costs.
     """
 
     strategy_name = "megatron"
@@ -108,6 +121,7 @@ class MegatronStrategy(ParallelStrategy):
         recompute_method: Literal["uniform", "block"] | None = None,
         recompute_num_layers: int | None = None,
         compile_layers: bool = False,
+        cuda_graphs: bool = False,
         async_save: bool = False,
         ckpt_load_optimizer: bool = True,
         seed: int | None = None,
@@ -135,6 +149,7 @@ class MegatronStrategy(ParallelStrategy):
         self.async_save = async_save
         self.ckpt_load_optimizer = ckpt_load_optimizer
         self.compile_layers = compile_layers
+        self.cuda_graphs = cuda_graphs
         self.seed = seed
         self.num_nodes = 1
         self._process_group_backend = process_group_backend
@@ -142,6 +157,7 @@ class MegatronStrategy(ParallelStrategy):
         self._cpu = CPUEmulation()
         self._clip_grad: float | None = None
         self._micro_batch_size: int | None = None
+        self._empty_batches = EmptyBatchCheck()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -149,12 +165,12 @@ class MegatronStrategy(ParallelStrategy):
     def precision_plugin(self) -> MegatronPrecision:
         plugin = self._precision_plugin
         if not isinstance(plugin, MegatronPrecision):
-            self._precision_plugin = plugin = _to_megatron_precision(plugin)
+            self._precision_plugin = plugin = to_megatron_precision(plugin)
         return plugin
 
     @precision_plugin.setter
     def precision_plugin(self, plugin: Any) -> None:
-        self._precision_plugin = None if plugin is None else _to_megatron_precision(plugin)
+        self._precision_plugin = None if plugin is None else to_megatron_precision(plugin)
 
     @property
     @override
@@ -219,7 +235,7 @@ class MegatronStrategy(ParallelStrategy):
             torch.cuda.set_device(self.root_device)
             kwargs["device_id"] = self.root_device
         _init_dist_connection(self.cluster_environment, backend, **kwargs)
-        parallel.initialize(self.parallel_config, self._seed())
+        parallel.initialize(self.parallel_config, self._seed(), cudagraphable_rng=self.cuda_graphs)
         use_foreach_multi_tensor_kernels()
 
     def _set_world_ranks(self) -> None:
@@ -285,7 +301,8 @@ class MegatronStrategy(ParallelStrategy):
 
     def transformer_fields(self) -> dict[str, Any]:
         """What this strategy decides in every model's ``TransformerConfig`` (see :func:`transformer_fields`)."""
-        return transformer_fields(self.parallel_config, self.precision_plugin, self.recompute, self.root_device)
+        return transformer_fields(self.parallel_config, self.precision_plugin, self.recompute, self.root_device,
+                                  self.cuda_graphs)
 
     # ------------------------------------------------------------------ model and optimizer
     @override
@@ -305,7 +322,7 @@ class MegatronStrategy(ParallelStrategy):
             parallel.wrap_chunks(module.chunks, config, self.ddp.megatron() if fitting else None))
         self.model = module
         if fitting:
-            config.finalize_model_grads_func = finalize_model_grads
+            config.finalize_model_grads_func = finalize_grads
             if self.ddp.overlap_grad_reduce:
                 no_sync = [chunk.no_sync for chunk in module.chunks]
                 config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -366,7 +383,10 @@ class MegatronStrategy(ParallelStrategy):
             for chunk in module.chunks:
                 chunk.zero_grad_buffer()
             self.optimizers[0].zero_grad()
-        return run_schedule(module.forward_step, module.chunks, microbatches, seq_length, forward_only)
+        result = run_schedule(module.forward_step, module.chunks, microbatches, seq_length, forward_only)
+        if not forward_only:
+            self._empty_batches.add(result)
+        return result
 
     @override
     def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
@@ -390,10 +410,13 @@ class MegatronStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        """Leave CPU emulation. megatron's process groups stay, like Lightning's default group, so that
-        ``trainer.save_checkpoint`` still works after ``fit`` returns; the next run replaces them."""
+        """Leave CPU emulation and drop megatron's CUDA graphs. megatron's process groups stay, like Lightning's
+        default group, so that ``trainer.save_checkpoint`` still works after ``fit`` returns; the next run replaces
+        them."""
         super().teardown()
         self._cpu.__exit__(None, None, None)
+        if self.cuda_graphs:  # megatron keeps its graphs process-wide; a later run records its own
+            delete_cuda_graphs()
 
     @contextlib.contextmanager
     def _megatron_on_device(self) -> Iterator[None]:
@@ -501,7 +524,8 @@ class MegatronStrategy(ParallelStrategy):
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Publish background checkpoint saves that every rank has finished writing."""
+        """Publish background checkpoint saves that every rank has finished writing; after the first step and once
+        per logging interval, raise if a step had no loss tokens (the only read-back of the step's results)."""
         io = self.checkpoint_io
         if isinstance(io, ckpt.MegatronCheckpointIO):
             io.finalize(blocking=False)
@@ -509,6 +533,8 @@ class MegatronStrategy(ParallelStrategy):
         # count comes back one off after resuming from a checkpoint saved at validation.
         trainer = self.lightning_module.trainer
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        if trainer.global_step <= 1 or trainer.global_step % trainer.log_every_n_steps == 0:
+            self._empty_batches.check()
         super().on_train_batch_start(batch, batch_idx)
 
     @classmethod
@@ -516,16 +542,3 @@ class MegatronStrategy(ParallelStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="megatron-core parallelism")
 
-
-def _to_megatron_precision(plugin: Any) -> MegatronPrecision:
-    """Turn Lightning's plain precision plugins (``precision="bf16-mixed"`` etc.) into :class:`MegatronPrecision`."""
-    if isinstance(plugin, MegatronPrecision):
-        return plugin
-    # Lightning's own plugins for plain, mixed and half precision only: others (FSDP, DeepSpeed, bitsandbytes, TE)
-    # subclass Precision with behaviour megatron's optimizer would not honour.
-    if isinstance(plugin, (MixedPrecision, HalfPrecision)) or type(plugin) is Precision:
-        return MegatronPrecision(str(plugin.precision))
-    raise UserError(
-        f"the megatron strategy cannot honour the precision plugin {type(plugin).__name__}; pass "
-        f"precision='32-true', 'bf16-mixed', '16-mixed' or 'fp8-mixed', or a lightning_megatron.MegatronPrecision"
-    )

@@ -6,6 +6,7 @@ from megatron.core import parallel_state
 
 import lightning_megatron as lm
 from lightning_megatron.data import TextDataModule
+from lightning_megatron.errors import UserError
 from lightning_megatron.parallel import LayoutError, ParallelConfig
 
 
@@ -87,3 +88,9 @@ def test_trainer_rejects_precision_megatron_cannot_honour():
 def test_overlapping_communication_needs_a_gpu():
     with pytest.raises(LayoutError, match="overlap_grad_reduce / overlap_param_gather need CUDA streams"):
         _fit(lm.MegatronStrategy(overlap_grad_reduce=True))
+
+
+def test_cuda_graphs_need_a_gpu():
+    with pytest.raises(UserError, match=r"cuda_graphs=True needs a GPU .*; leave MegatronStrategy\(cuda_graphs=...\)"):
+        _fit(lm.MegatronStrategy(cuda_graphs=True))
+    assert not parallel_state.model_parallel_is_initialized()

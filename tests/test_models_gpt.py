@@ -1,6 +1,7 @@
 """GPT presets describe the published shapes and produce valid megatron configs; bad settings fail clearly."""
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 from lightning_megatron.models.gpt import GPT, GPTConfig
@@ -43,6 +44,26 @@ def test_gpu_fusions_never_change_the_activation(build, fused):
     # (whose fused kernel computes the same function) may take it, and no activation makes the config invalid.
     config = build().transformer_config(bias_activation_fusion=True, bias_dropout_fusion=True)
     assert config.bias_activation_fusion is fused and config.bias_dropout_fusion
+
+
+def test_fusion_switches_reach_megatron_on_gpus_and_cpu_runs_never_fuse():
+    from lightning_megatron.models.config import FUSIONS
+    from lightning_megatron.parallel import ParallelConfig, RecomputeConfig
+    from lightning_megatron.precision import MegatronPrecision
+    from lightning_megatron.strategy import transformer_fields
+
+    def fields(device):
+        return transformer_fields(ParallelConfig(), MegatronPrecision("bf16-mixed"), RecomputeConfig(),
+                                  torch.device(device))
+
+    llama = GPT(GPTConfig.llama_tiny(vocab_size=256))
+    gpu = llama.transformer_config(**fields("cuda"))
+    assert gpu.bias_activation_fusion and gpu.bias_dropout_fusion and gpu.cross_entropy_loss_fusion
+    assert gpu.cross_entropy_fusion_impl == "native" and not gpu.apply_rope_fusion  # fused RoPE needs TE
+    off = GPT(GPTConfig.llama_tiny(vocab_size=256, cross_entropy_loss_fusion=False)).transformer_config(**fields("cuda"))
+    assert not off.cross_entropy_loss_fusion and off.bias_dropout_fusion
+    cpu = llama.transformer_config(**fields("cpu"))
+    assert not any(getattr(cpu, name) for name in FUSIONS)
 
 
 def test_bert_and_t5_never_fuse_their_activation():

@@ -23,11 +23,18 @@ class MegatronProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar (elapsed, ETA, it/s) with the megatron run's metrics formatted for reading.
 
     With ``max_steps`` set, one bar counts optimizer steps to ``max_steps`` across epochs (a resumed run starts at
-    its step), so its ETA is the run's; the description still names the epoch.
+    its step), so its ETA is the run's; the description still names the epoch. ``train_loss`` is logged without
+    ``prog_bar`` (Lightning would read a progress-bar metric back from the GPU after every step); this bar shows it
+    anyway, reading it only when it refreshes.
     """
 
+    read_at_refresh: tuple[str, ...] = ("train_loss",)
+    """Logged metrics the bar shows although they are not progress-bar metrics."""
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
+        logged = trainer.callback_metrics
+        metrics = {name: float(logged[name]) for name in self.read_at_refresh if name in logged}
+        metrics.update(super().get_metrics(trainer, pl_module))
         metrics.pop("v_num", None)
         return {name: format_metric(name, value) if isinstance(value, (int, float)) else value
                 for name, value in metrics.items()}

@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion", "apply_rope_fusion")
+"""megatron ``TransformerConfig`` switches of fused kernels: model configs set them for GPU runs, and the strategy
+turns them all off on CPUs (whose runs keep the unfused math)."""
+
 
 @dataclass
 class ModelConfig:
@@ -27,6 +31,13 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     seed: int = 1234
     """Seeds the initial weights; the same seed gives the same weights under every parallel layout."""
+    bias_dropout_fusion: bool = True
+    """GPU runs: megatron's fused bias + dropout + residual add."""
+    cross_entropy_loss_fusion: bool = True
+    """GPU runs: megatron's native fused vocabulary-parallel cross entropy."""
+    bias_activation_fusion: bool = True
+    """GPU runs: megatron's fused bias + SwiGLU; other activations stay unfused (megatron's fused GeLU is the tanh
+    approximation, a different function)."""
 
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
         """Vocabulary rounded up so that it splits evenly into TP shards of a multiple of 128 rows (megatron's)."""
@@ -34,9 +45,9 @@ class ModelConfig:
         return math.ceil(self.vocab_size / multiple) * multiple
 
     def transformer_fields(self) -> dict[str, Any]:
-        """The ``TransformerConfig`` fields these settings give, with megatron's own initialisation and fusions off
-        (:func:`~lightning_megatron.models.layers.init_weights` redraws every tensor; the strategy turns fusions
-        on where the device pays for them)."""
+        """The ``TransformerConfig`` fields these settings give, with megatron's own initialisation
+        (:func:`~lightning_megatron.models.layers.init_weights` redraws every tensor) and the fusions switched on
+        here (the strategy turns them off on CPUs)."""
         return dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -48,8 +59,10 @@ class ModelConfig:
             init_method_std=self.init_method_std,
             # init_weights redraws every tensor layout-invariantly; megatron's draw still marks the TP shards.
             perform_initialization=True,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
+            bias_activation_fusion=self.bias_activation_fusion,
+            bias_dropout_fusion=self.bias_dropout_fusion,
+            cross_entropy_loss_fusion=self.cross_entropy_loss_fusion,
+            cross_entropy_fusion_impl="native",
             masked_softmax_fusion=False,
             gradient_accumulation_fusion=False,
         )

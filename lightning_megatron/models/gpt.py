@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from lightning_megatron.backends import HAVE_TE
 from lightning_megatron.models.config import ModelConfig
 from lightning_megatron.models.layers import (
     add_embedding_norm,
@@ -52,6 +53,8 @@ class GPTConfig(ModelConfig):
     tie_embeddings: bool = True
     embedding_layernorm: bool = False
     """A norm right after the word embeddings (BLOOM's ``word_embeddings_layernorm``)."""
+    apply_rope_fusion: bool = True
+    """GPU runs with Transformer Engine: fused RoPE (megatron's fused kernel needs TE; without it RoPE is unfused)."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -160,7 +163,7 @@ class GPT(MegatronModule):
             gated_linear_unit=swiglu,
             activation_func=activation,
             qk_layernorm=c.qk_layernorm,
-            apply_rope_fusion=False,
+            apply_rope_fusion=c.apply_rope_fusion and HAVE_TE and c.position_embedding_type == "rope",
         )
         merged = {**base, **fields}
         if not swiglu:

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Training speed on one GPU in one call of 5-7 minutes (issue 18): the GPU training tests, then
+# benchmarks/train_throughput.py on GPT-2 124M (micro batch 8 and 16) and the 1.3B preset (micro batch 16).
+# Every row is appended to $OUT/train_throughput.jsonl as soon as it is measured, each step's output goes to
+# $OUT/<step>.log, and a summary table is printed at the end. Each step runs under `timeout`, so a hang or a slow
+# step costs only its own rows.
+#
+#   OUT=/some/dir bash benchmarks/gpu_training_run.sh        (from the repository root, package installed)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+RESULTS="$OUT/train_throughput.jsonl"
+export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
+START=$SECONDS
+
+run_step() {  # name, seconds, command...
+    local name=$1 limit=$2 began=$SECONDS rc
+    shift 2
+    echo "=== $name (at most ${limit} s): $*"
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - began)) s$([ "$rc" = 124 ] && echo ' (TIMED OUT)')" \
+        | tee -a "$OUT/summary.txt"
+    grep -E "overhead|ours vs|cuda graphs|fusion off|PASSED|FAILED|ERROR|passed|failed|Error" "$OUT/$name.log" \
+        | grep -v "^{" | tail -n 20
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+    python -c "import torch, lightning, transformers, megatron.core as m; print('torch', torch.__version__, \
+'| lightning', lightning.__version__, '| transformers', transformers.__version__, '| megatron-core', m.__version__)"
+} 2>&1 | tee "$OUT/versions.txt"
+
+BENCH="python benchmarks/train_throughput.py --out $RESULTS --steps 12 --warmup 4"
+# The comparison the targets are about first: overhead, transformers eager and compiled, each fusion, where the
+# step synchronises, CUDA graphs (last in its process: megatron's graphs are process-wide).
+run_step mbs8 170 $BENCH --cases overhead hf fusions syncs cuda_graphs --global-batch 16 --micro-batch 8
+run_step gpu_tests 90 python -m pytest -v -p no:cacheprovider tests/test_training_gpu.py
+run_step 1_3b_mbs16 100 $BENCH --model gpt2_1_3b --cases hf --no-hf-compile --global-batch 32 --micro-batch 16 \
+    --steps 10 --warmup 3
+# Least needed last: micro batch 16 without the compiled peer (a second compile would not fit the call).
+run_step mbs16 70 $BENCH --cases hf cuda_graphs --no-hf-compile --global-batch 32 --micro-batch 16
+
+python - "$RESULTS" <<'EOF' | tee "$OUT/summary_table.txt"
+import json, os, sys
+rows = [json.loads(line) for line in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
+print(f"{'case':<12} {'mb':>3} {'name':<62} {'tokens/s':>10} {'MFU':>6}  ratios (tokens/s over the baseline)")
+for row in rows:
+    if "error" in row:
+        print(f"{row['case']:<12} {row.get('micro_batch', ''):>3} {row['name']:<62} ERROR {row['error'][:150]}")
+    elif "syncs_per_step" in row:
+        print(f"{row['case']:<12} {row['micro_batch']:>3} {row['name']:<62} {row['syncs_per_step']:.1f} per step")
+        for site, count in row["sites"][:8]:
+            print(f"{'':<17} {count:5.1f}  {site[:150]}")
+    else:
+        vs = ", ".join(f"{value:.3f} vs {base}" for base, value in row.get("vs", {}).items())
+        mfu = f"{row['mfu']:.1%}" if "mfu" in row else ""
+        print(f"{row['case']:<12} {row['micro_batch']:>3} {row['name']:<62} {row['tokens_per_s']:>10,.0f} {mfu:>6}  {vs}")
+EOF
+echo "=== total $((SECONDS - START)) s; rows in $RESULTS, logs in $OUT"

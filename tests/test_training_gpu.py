@@ -1,0 +1,77 @@
+"""Training on a GPU: megatron's fused kernels and CUDA graphs train to the losses of the plain path, and a training
+step makes no synchronising CUDA call of ours (runs only where a GPU is present)."""
+
+import sys
+from dataclasses import replace
+
+import lightning as L
+import pytest
+import torch
+
+import lightning_megatron as lm
+from launch import REPO
+from lightning_megatron.models.config import FUSIONS
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from train_throughput import RandomData, SyncCensus  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+STEPS = 20
+GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 4, 256
+
+
+class Losses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def config(arch: str, **overrides) -> lm.GPTConfig:
+    shape = dict(vocab_size=1024, num_layers=4, hidden_size=256, num_attention_heads=4, seq_length=SEQ)
+    preset = lm.GPTConfig.llama if arch == "llama" else lm.GPTConfig
+    return replace(preset(**shape), **overrides)
+
+
+def train(model_config: lm.GPTConfig, steps: int = STEPS, callback: L.Callback | None = None, **strategy) -> list[float]:
+    losses = Losses()
+    trainer = L.Trainer(strategy=lm.MegatronStrategy(**strategy), accelerator="gpu", devices=1, precision="bf16-mixed",
+                        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[losses, *([callback] if callback else [])])
+    # Each sample counts up from a random token, so the next token is learnable and the losses fall quickly.
+    data = RandomData(model_config.vocab_size, SEQ, GLOBAL_BATCH, MICRO_BATCH, steps)
+    starts = data.train_dataset.tokens[:, :1]
+    data.train_dataset.tokens = (starts + torch.arange(SEQ + 1)) % model_config.vocab_size
+    trainer.fit(lm.GPT(model_config, lm.OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=steps)), datamodule=data)
+    return losses.losses
+
+
+def assert_bf16_close(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want) == STEPS
+    assert want[-1] < want[0] - 0.3, f"the model did not learn: {want}"
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert abs(a - b) <= 0.02 * abs(b), f"step {step}: {a} != {b}\n{got}\n{want}"
+
+
+def test_fused_kernels_train_to_the_unfused_losses():
+    # Llama's SwiGLU takes the bias-activation fusion too; every fusion megatron has without TE runs here.
+    fused = train(config("llama"))
+    unfused = train(config("llama", **dict.fromkeys(FUSIONS, False)))
+    assert_bf16_close(fused, unfused)
+
+
+def test_training_steps_make_no_synchronising_call_of_ours():
+    census = SyncCensus(warmup=3)
+    train(config("gpt2"), steps=10, callback=census)
+    assert census.steps == 6
+    ours = {site: count for site, count in census.sites.items() if "megatron/" in site}  # also lightning_megatron/
+    assert not ours, f"synchronising CUDA calls in 6 steps: {census.sites.most_common()}"
+
+
+def test_cuda_graphs_train_to_the_eager_losses():
+    eager = train(config("gpt2"))
+    graphed = train(config("gpt2"), cuda_graphs=True)
+    assert_bf16_close(graphed, eager)
