@@ -429,7 +429,7 @@ class MegatronStrategy(ParallelStrategy):
         module = self.lightning_module
         assert isinstance(module, MegatronModule) and module.chunks is not None
         with self._megatron_on_device():
-            return ckpt.model_sharded_state_dict(module.chunks)
+            return module.checkpoint_state_dict()
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
