@@ -232,7 +232,8 @@ def mismatches(path: _PATH, template: dict[str, Any]) -> list[str]:
                             f"{tuple(tensor.global_shape)} in the model")
     # Loading a LoRA checkpoint into a model without its adapters would silently drop what fine-tuning learned.
     problems += [f"the checkpoint holds the LoRA adapter {key}, which the model lacks (set model.init_args.lora)"
-                 for key in sorted(saved) if is_adapter(key) and key not in wanted][:1]
+                 for key in sorted(saved)
+                 if is_adapter(key) and not key.startswith("optimizer.") and key not in wanted][:1]
     return problems
 
 

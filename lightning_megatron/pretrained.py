@@ -25,7 +25,6 @@ from lightning_megatron.checkpoint import (
     damaged_files,
     model_sharded_state_dict,
     read_layout,
-    sharded_tensors,
 )
 from lightning_megatron.convert.consolidated import SafetensorsFiles, load_consolidated
 from lightning_megatron.models.lora import is_adapter
@@ -74,11 +73,9 @@ def _load_sharded(module: MegatronModule, path: Path) -> None:
                               f"the base model's checkpoint and resume the adapters with --ckpt_path")
     assert module.chunks is not None
 
-    def wanted(name: str, value: object) -> bool:
-        # New adapters keep their initial values; adapters the checkpoint holds (a LoRA run's) are loaded.
-        return not is_adapter(name) or all(tensor.key in saved for _, tensor in sharded_tensors(value))
-
-    template = {chunk_name: {name: value for name, value in state.items() if wanted(name, value)}
+    # New adapters keep their initial values; adapters the checkpoint holds (a LoRA run's) are loaded.
+    with_adapters = any(is_adapter(key) for key in saved)
+    template = {chunk_name: {name: value for name, value in state.items() if with_adapters or not is_adapter(name)}
                 for chunk_name, state in model_sharded_state_dict(module.chunks).items()}
     loaded = MegatronCheckpointIO().load_sharded(path, template)
     for chunk_name, chunk in zip(template, module.chunks):
