@@ -114,8 +114,8 @@ class MegatronModule(pl.LightningModule, ABC):
                 add_adapters(chunk, self.lora, self.config.seed, config.gated_linear_unit)
 
     def checkpoint_state_dict(self) -> dict[str, Any]:
-        """The sharded model state a checkpoint holds (see :func:`~lightning_megatron.checkpoint.model_sharded_state_dict`):
-        only the adapters when :attr:`lora` says ``adapters_only``."""
+        """The sharded model state a checkpoint holds (:func:`~lightning_megatron.checkpoint.model_sharded_state_dict`),
+        only the adapters' when :attr:`lora` says ``adapters_only``."""
         if self.chunks is None:
             raise RuntimeError("the model is not built yet; call configure_model() first")
         state = model_sharded_state_dict(self.chunks)
@@ -124,6 +124,16 @@ class MegatronModule(pl.LightningModule, ABC):
 
             state = {name: adapter_state(chunk_state) for name, chunk_state in state.items()}
         return state
+
+    def load_checkpoint_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load what :meth:`checkpoint_state_dict` saved (loaded back as tensors) into the chunks."""
+        assert self.chunks is not None
+        names = ["model"] if len(self.chunks) == 1 else [f"model{i}" for i in range(len(self.chunks))]
+        # An adapters-only checkpoint leaves the base weights as init_from loaded them.
+        strict = self.strict_loading and not (self.lora is not None and self.lora.adapters_only)
+        with torch.no_grad():
+            for name, chunk in zip(names, self.chunks):
+                parallel.unwrap(chunk).load_state_dict(state[name], strict=strict)
 
     def sequence_length(self, batch: Mapping[str, torch.Tensor]) -> int:
         """The sequence length of a batch, which sizes the tensors sent between pipeline stages."""

@@ -478,11 +478,8 @@ class MegatronStrategy(ParallelStrategy):
         loaded = io.load_sharded(checkpoint_path, template)
         optimizer_states = loaded.pop("optimizer", [None])
         module = self.lightning_module
-        assert isinstance(module, MegatronModule) and module.chunks is not None
-        names = ["model"] if len(module.chunks) == 1 else [f"model{i}" for i in range(len(module.chunks))]
-        with torch.no_grad():
-            for name, chunk in zip(names, module.chunks):
-                parallel.unwrap(chunk).load_state_dict(loaded[name], strict=module.strict_loading)
+        assert isinstance(module, MegatronModule)
+        module.load_checkpoint_state_dict(loaded)
         if self.optimizers:
             ckpt.load_optimizer_state(self.optimizers[0], optimizer_states[0])
         return checkpoint

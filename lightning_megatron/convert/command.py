@@ -24,7 +24,8 @@ def main(argv: Sequence[str]) -> int:
     to_hf.add_argument("--out", required=True, help="new HF directory")
     to_hf.add_argument("--config", help="the training recipe of a fit checkpoint (LoRA: its model.init_args.lora)")
     to_hf.add_argument("--adapter-only", action="store_true",
-                       help="write the LoRA adapters as a PEFT directory (adapter_config.json, adapter_model.safetensors)")
+                       help="write the LoRA adapters as a PEFT directory (adapter_config.json, "
+                            "adapter_model.safetensors)")
     for command in (to_megatron, to_hf):
         command.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors file")
     args = parser.parse_args(list(argv))

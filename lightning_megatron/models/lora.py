@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -127,9 +128,11 @@ class LoRAAdapter(torch.nn.Module):
                            ) -> dict[str, Any]:
         """A and B with megatron's sharding metadata (a gated fc1's B split per half, like fc1)."""
         state: dict[str, Any] = {}
+        # Without the TP group megatron would mark the replicated factor as the main copy on every TP rank.
+        group = parallel_state.get_tensor_model_parallel_group()
         for name in ("a", "b"):
             state.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.", sharded_offsets,
-                                                    metadata))
+                                                    metadata, tp_group=group))
         if self.gated:
             key = f"{prefix}b.weight"
             state[key] = apply_swiglu_sharded_factory(state[key], sharded_offsets,
