@@ -106,9 +106,8 @@ def lora_options(ckpt: str | None, config: str | None) -> dict[str, Any]:
         options = ((yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}).get("init_args", {})
     else:
         state_file = Path(ckpt) / "trainer.pt" if ckpt and Path(ckpt).is_dir() else None
-        hparams = (torch.load(state_file, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+        options = (torch.load(state_file, map_location="cpu", weights_only=False).get("hyper_parameters", {})
                    if state_file is not None and state_file.is_file() else {})
-        options = hparams
     if not options.get("lora"):
         return {}
     lora = LoRAConfig(**options["lora"])
