@@ -177,10 +177,10 @@ def test_adapters_only_checkpoint_restores_the_model_with_init_from(base_tp2, tm
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
-def cli(*args, timeout=600) -> subprocess.CompletedProcess:
+def cli(*args, status=0, timeout=600) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(REPO / "lightning_megatron" / "cli.py"), *map(str, args)],
                             capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=REPO)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == status, result.stderr[-4000:]
     return result
 
 
@@ -200,3 +200,6 @@ def test_lora_recipes_fine_tune_export_and_generate(tmp_path):
     generated = cli("generate", "--ckpt", tuned, "--config", "recipes/gpt-tiny-lora.yaml", "--prompt",
                     "In the beginning", "--max-new-tokens", 4)
     assert generated.stdout.startswith("In the beginning")
+    # The base model's recipe has no adapters: loading would drop what fine-tuning learned.
+    wrong = cli("generate", "--ckpt", tuned, "--config", "recipes/gpt-tiny.yaml", "--prompt", "In", status=1)
+    assert "holds the LoRA adapter" in wrong.stderr and "model.init_args.lora" in wrong.stderr
