@@ -160,17 +160,16 @@ def _targets(chunk: torch.nn.Module, targets: Sequence[str]) -> Iterator[tuple[s
 
 def add_adapters(chunk: torch.nn.Module, config: LoRAConfig, seed: int, gated_linear_unit: bool) -> None:
     """Give every targeted linear layer of a built model chunk an adapter, and freeze everything else."""
-    handles = []
+    added = 0
     for parent_name, parent, name in _targets(chunk, config.targets):
         base = getattr(parent, name)
         adapter = LoRAAdapter(base, config, gated=gated_linear_unit and name == "linear_fc1")
         parent.add_module(name + ADAPTER_SUFFIX, adapter)
-        handles.append(base.register_forward_hook(_add_update(adapter), with_kwargs=True))
-        adapter.hook = handles[-1]
-        a = adapter.a.weight
-        local = f"{parent_name}.{name}{ADAPTER_SUFFIX}.a.weight".lstrip(".")
-        draw_normal(a, global_name(local, chunk), seed, 1.0 / math.sqrt(base.input_size))
-    if not handles:
+        adapter.hook = base.register_forward_hook(_add_update(adapter), with_kwargs=True)
+        local_name = f"{parent_name}.{name}{ADAPTER_SUFFIX}.a.weight".lstrip(".")
+        draw_normal(adapter.a.weight, global_name(local_name, chunk), seed, 1.0 / math.sqrt(base.input_size))
+        added += 1
+    if not added:
         raise UserError(f"lora.targets={list(config.targets)} match no linear layer of this model; use "
                         f"{', '.join(TARGET_LAYERS)}")
     for name, param in chunk.named_parameters():
