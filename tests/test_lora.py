@@ -1,6 +1,7 @@
 """LoRA and init_from: what a fine-tuning user sees (losses, weights, logits, files), in one process and under
 TP/PP/SP/DP with real processes."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -16,13 +17,15 @@ from launch import REPO, child_env, read_json, run_python, torchrun
 from lightning_megatron import GPT, GPTConfig, MegatronStrategy, OptimConfig, ParallelConfig, parallel
 from lightning_megatron.checkpoint import CheckpointError
 from lightning_megatron.convert.core import build_module
-from lightning_megatron.convert.hf import export_hf
+from lightning_megatron.convert.consolidated import export_consolidated
+from lightning_megatron.convert.hf import export_hf, hf_to_checkpoint
 from lightning_megatron.convert.peft import export_peft
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.errors import UserError
 from lightning_megatron.models.lora import LoRAConfig, is_adapter, merge_adapters
 from lightning_megatron.parallel import unwrap
+from test_convert_hf import gloo_world  # noqa: F401 - a fixture
 from test_layouts import STEPS, assert_same_run
 
 VOCAB = 4096
@@ -102,6 +105,28 @@ def test_fine_tuning_options_name_the_fix(tmp_path):
         LoRAConfig(targets=["q_proj"])
     with pytest.raises(CheckpointError, match="init_from .*missing.ckpt does not exist; set model.init_args.init_from"):
         fit_lora("gpt2", init_from=str(tmp_path / "missing.ckpt"))
+
+
+@pytest.mark.parametrize("kind", ["consolidated", "converted"])
+def test_init_from_consolidated_and_converted_weights(kind, gloo_world, tmp_path):
+    config = CONFIGS["gpt2"]()
+    with CPUEmulation():
+        parallel.initialize(ParallelConfig(), seed=1)
+        source = build_module(GPT(dataclasses.replace(config, seed=7)), ParallelConfig())
+        export_consolidated(source, tmp_path / "base.safetensors")
+        export_hf(source, tmp_path / "hf")
+        export_consolidated(build_module(GPT(dataclasses.replace(config, hidden_size=32)), ParallelConfig()),
+                            tmp_path / "narrow.safetensors")
+    path = tmp_path / "base.safetensors"
+    if kind == "converted":
+        path = hf_to_checkpoint(tmp_path / "hf", tmp_path / "converted")
+    _, _, start = fit_lora("gpt2", steps=1, lora=LoRAConfig(rank=4, alpha=8), init_from=str(path))
+    expected = load_file(tmp_path / "base.safetensors")
+    for name, tensor in start.items():
+        if not is_adapter(name) and name != "output_layer.weight":  # tied to the embeddings
+            torch.testing.assert_close(tensor, expected[name][: tensor.shape[0]], rtol=0, atol=0, msg=name)
+    with pytest.raises(CheckpointError, match="the model config does not match the checkpoint's"):
+        fit_lora("gpt2", steps=1, init_from=str(tmp_path / "narrow.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------------- layouts
