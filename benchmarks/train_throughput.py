@@ -4,13 +4,14 @@ Cases (each prints a JSON row and appends it to --out; a case that fails prints 
   overhead     our strategy vs a bare megatron-core loop on the same model (schedule + DDP + optimizer, no Lightning)
   hf           our strategy vs Hugging Face transformers GPT-2 (same shape, bf16 autocast, SDPA, fused AdamW), eager
                and compiled with torch.compile (rows named "... compile"; --no-hf-compile skips them)
-  fusions      each of megatron's fusions switched off in turn, against the default (all on)
+  fusions      each of megatron's fusions switched on in turn, against the default (all off)
   syncs        synchronising CUDA calls per training step and the Python lines they come from
   cuda_graphs  cuda_graphs=True (megatron's local CUDA graphs of every layer) vs eager; run last in a process
   mfu          our strategy on the --presets
   memory       peak memory with no / selective / full recompute and with the distributed optimizer
   compile      compile_layers=True (torch.compile of each transformer layer) vs eager, on the --presets
-overhead, hf, fusions, syncs and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
+  lora         full fine-tuning vs LoRA rank 16 on every linear layer: trainable parameters, peak memory, tokens/s
+overhead, hf, fusions, syncs, lora and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
 each baseline measured earlier in the same run ("vs").
 
 GPU:  python benchmarks/train_throughput.py --cases overhead hf fusions cuda_graphs mfu memory
@@ -41,6 +42,7 @@ from lightning_megatron.backends import HAVE_TE
 from lightning_megatron.callbacks.throughput import gpt_flops_per_token, peak_tflops
 from lightning_megatron.data.datamodule import MegatronDataModule
 from lightning_megatron.models.config import FUSIONS
+from lightning_megatron.models.lora import LoRAConfig
 
 
 class RandomTokens(Dataset):
@@ -143,7 +145,7 @@ def median_step(times: list[float], warmup: int) -> float:
 
 
 def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus | None = None,
-             **strategy_kwargs) -> dict:
+             lora: LoRAConfig | None = None, **strategy_kwargs) -> dict:
     baseline = 0
     if args.device == "cuda":
         gc.collect()
@@ -158,8 +160,9 @@ def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus 
         enable_progress_bar=False, enable_model_summary=False, callbacks=[census or timer], num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    model = lm.GPT(config, lm.OptimConfig(lr=1e-4, warmup_steps=0, decay_steps=args.steps))
+    model = lm.GPT(config, lm.OptimConfig(lr=1e-4, warmup_steps=0, decay_steps=args.steps), lora=lora)
     trainer.fit(model, datamodule=data)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if census is not None:
         steps = max(census.steps, 1)
         del trainer, model
@@ -168,7 +171,7 @@ def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus 
     step = median_step(timer.times, args.warmup)
     peak = (torch.cuda.max_memory_allocated() - baseline) / 2**30 if args.device == "cuda" else None
     del trainer, model
-    return {"step_s": step, "peak_mem_gb": peak}
+    return {"step_s": step, "peak_mem_gb": peak, "trainable_params": trainable}
 
 
 def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
@@ -359,11 +362,11 @@ HF_COMPILE = "transformers GPT2LMHeadModel compile"
 
 
 def fusion_variants(config: lm.GPTConfig) -> dict[str, dict]:
-    """The fusions that change something on this model, each switched off alone."""
+    """The fusions that change something on this model, each switched on alone (the default is all off)."""
     applies = {"bias_activation_fusion": config.activation == "swiglu", "bias_dropout_fusion": True,
                "cross_entropy_loss_fusion": True,
                "apply_rope_fusion": HAVE_TE and config.position_embedding_type == "rope"}
-    return {f"{OURS} {name}=False": {name: False} for name in FUSIONS if applies[name]}
+    return {f"{OURS} {name}=True": {name: True} for name in FUSIONS if applies[name]}
 
 
 def main() -> None:
@@ -422,7 +425,7 @@ def main() -> None:
         for name, switches in fusion_variants(base).items():
             config = replace(base, **switches)
             measure("fusions", name, config, lambda: run_ours(config, args), (OURS,))
-            session.ratio("fusion off", name, OURS)
+            session.ratio("fusion on", name, OURS)
     if "syncs" in args.cases and cuda:
         census = SyncCensus(args.warmup)
         measure("syncs", f"{OURS} synchronising CUDA calls", base, lambda: run_ours(base, args, census=census))
@@ -449,6 +452,12 @@ def main() -> None:
         for name, kwargs in variants.items():
             recompute = config.num_layers if kwargs.get("recompute_granularity") == "full" else 0
             measure("memory", name, config, lambda: run_ours(config, args, **kwargs), recompute_layers=recompute)
+    if "lora" in args.cases and cuda:
+        measure("lora", f"{OURS} full fine-tuning", base, lambda: run_ours(base, args))
+        adapters = LoRAConfig(rank=16, alpha=32)
+        lora_name = f"{OURS} LoRA rank 16 (qkv, proj, fc1, fc2)"
+        measure("lora", lora_name, base, lambda: run_ours(base, args, lora=adapters), (f"{OURS} full fine-tuning",))
+        session.ratio("LoRA vs full fine-tuning", lora_name, f"{OURS} full fine-tuning")
     if "cuda_graphs" in args.cases and cuda:
         # Last: megatron's graphs and the side stream they run on are process-wide.
         name = f"{OURS} cuda_graphs"

@@ -223,16 +223,25 @@ def damaged_files(path: _PATH) -> list[str]:
 
 
 def mismatches(path: _PATH, template: dict[str, Any]) -> list[str]:
-    """Tensors this rank would load whose key or shape the checkpoint lacks (reads metadata only, no collective)."""
+    """Tensors this rank would load whose key or shape the checkpoint lacks, and LoRA adapters the checkpoint holds
+    but ``template`` lacks (reads metadata only, no collective)."""
+    from lightning_megatron.models.lora import is_adapter  # models import this module
+
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     problems = []
+    wanted = set()
     for _, tensor in sharded_tensors(template):
+        wanted.add(tensor.key)
         stored = saved.get(tensor.key)
         if stored is None:
             problems.append(f"{tensor.key} is missing from the checkpoint")
         elif tuple(stored.global_shape) != tuple(tensor.global_shape):
             problems.append(f"{tensor.key} has shape {tuple(stored.global_shape)} in the checkpoint but "
                             f"{tuple(tensor.global_shape)} in the model")
+    # Loading a LoRA checkpoint into a model without its adapters would silently drop what fine-tuning learned.
+    problems += [f"the checkpoint holds the LoRA adapter {key}, which the model lacks (set model.init_args.lora)"
+                 for key in sorted(saved)
+                 if is_adapter(key) and not key.startswith("optimizer.") and key not in wanted][:1]
     return problems
 
 

@@ -13,7 +13,10 @@ Everything else - splitting batches into microbatches, running megatron's pipeli
 microbatches and data-parallel ranks, the optimizer step - is the strategy's job. ``training_step`` and
 ``validation_step`` are provided and log ``train_loss`` / ``val_loss``; override them to log more. The module keeps
 its architecture ``config`` (a dataclass) and ``optim`` as hyper-parameters; ``configure_optimizers`` returns
-``optim``. ``predict_step`` hands each batch to the datamodule's ``predict(module, batch)``, so that a model does not
+``optim``. Two options start a fine-tuning run: ``init_from`` (the weights of a checkpoint, loaded into the built
+chunks with a fresh optimizer at step 0; see :mod:`lightning_megatron.pretrained`) and ``lora``
+(:class:`~lightning_megatron.models.lora.LoRAConfig`: adapters on the linear layers, everything else frozen).
+``predict_step`` hands each batch to the datamodule's ``predict(module, batch)``, so that a model does not
 depend on how predictions are made (e.g. :class:`~lightning_megatron.generation.predict.PromptsDataModule`).
 """
 
@@ -22,27 +25,39 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import lightning.pytorch as pl
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lightning_megatron import parallel
+from lightning_megatron.checkpoint import model_sharded_state_dict, restore_chunks
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn, StepResult, batch_size_of
+
+if TYPE_CHECKING:
+    from lightning_megatron.models.lora import LoRAConfig
 
 
 class MegatronModule(pl.LightningModule, ABC):
     """Base class of LightningModules trained with megatron-core's parallelism."""
 
-    def __init__(self, config: Any = None, optim: OptimConfig | None = None) -> None:
+    def __init__(self, config: Any = None, optim: OptimConfig | None = None, lora: LoRAConfig | None = None,
+                 init_from: str | None = None) -> None:
         super().__init__()
         self.config = config
         """The model's architecture, a dataclass saved with the hyper-parameters (``None`` if the module has none)."""
         self.optim = optim or OptimConfig()
+        self.lora = lora
+        """Adapters on the linear layers with the base weights frozen (``None``: every weight trains)."""
+        self.init_from = init_from
+        """A checkpoint whose weights the chunks start from (training, converted or consolidated; any layout)."""
         if config is not None:
-            self.save_hyperparameters({"config": asdict(config), "optim": asdict(self.optim)})
+            hparams = {"config": asdict(config), "optim": asdict(self.optim)}
+            if lora is not None:
+                hparams.update(lora=asdict(lora), init_from=init_from)
+            self.save_hyperparameters(hparams)
         self.chunks: torch.nn.ModuleList | None = None
         self.collected_logits: list[torch.Tensor] | None = None
         """Set to a list to have ``forward_step`` append each microbatch's ``[batch, seq, vocab_size]`` logits,
@@ -75,18 +90,46 @@ class MegatronModule(pl.LightningModule, ABC):
         return parallel.unwrap(self.chunks[0]).config
 
     def configure_model(self) -> None:
-        """Build this rank's model chunks with the strategy's fields (idempotent); see :meth:`build`."""
+        """Build this rank's model chunks with the strategy's fields and load :attr:`init_from` into them
+        (idempotent); see :meth:`build`."""
         if self.chunks is None:
             self.build(self._strategy_fields())
+            if self.init_from:
+                from lightning_megatron.pretrained import load_pretrained
+
+                load_pretrained(self, self.init_from)
 
     def build(self, fields: Mapping[str, Any]) -> None:
-        """Build this rank's model chunks from ``transformer_config(**fields)``: the one way chunks are built, by
-        the strategy (:meth:`configure_model`) and outside a Trainer (``convert.build_module``). megatron's
-        parallel state must be initialised."""
+        """Build this rank's model chunks from ``transformer_config(**fields)`` (with :attr:`lora`'s adapters): the
+        one way chunks are built, by the strategy (:meth:`configure_model`) and outside a Trainer
+        (``convert.build_module``). megatron's parallel state must be initialised."""
         config = self.transformer_config(**fields)
         self.chunks = torch.nn.ModuleList(
             parallel.build_chunks(lambda pre, post, vp: self.build_stage(config, pre, post, vp))
         )
+        if self.lora is not None:
+            from lightning_megatron.models.lora import add_adapters
+
+            for chunk in self.chunks:
+                add_adapters(chunk, self.lora, self.config.seed, config.gated_linear_unit)
+
+    def checkpoint_state_dict(self) -> dict[str, Any]:
+        """The sharded model state a checkpoint holds (:func:`~lightning_megatron.checkpoint.model_sharded_state_dict`),
+        only the adapters' when :attr:`lora` says ``adapters_only``."""
+        if self.chunks is None:
+            raise RuntimeError("the model is not built yet; call configure_model() first")
+        state = model_sharded_state_dict(self.chunks)
+        if self.lora is not None and self.lora.adapters_only:
+            from lightning_megatron.models.lora import adapter_state
+
+            state = {name: adapter_state(chunk_state) for name, chunk_state in state.items()}
+        return state
+
+    def load_checkpoint_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load what :meth:`checkpoint_state_dict` saved (loaded back as tensors) into the chunks."""
+        assert self.chunks is not None
+        # An adapters-only checkpoint leaves the base weights as init_from loaded them.
+        restore_chunks(self.chunks, state, strict=self.strict_loading and not (self.lora and self.lora.adapters_only))
 
     def sequence_length(self, batch: Mapping[str, torch.Tensor]) -> int:
         """The sequence length of a batch, which sizes the tensors sent between pipeline stages."""

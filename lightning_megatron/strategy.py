@@ -452,7 +452,7 @@ class MegatronStrategy(ParallelStrategy):
         module = self.lightning_module
         assert isinstance(module, MegatronModule) and module.chunks is not None
         with self._megatron_on_device():
-            return ckpt.model_sharded_state_dict(module.chunks)
+            return module.checkpoint_state_dict()
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
@@ -501,8 +501,8 @@ class MegatronStrategy(ParallelStrategy):
         loaded = io.load_sharded(checkpoint_path, template)
         optimizer_states = loaded.pop("optimizer", [None])
         module = self.lightning_module
-        assert isinstance(module, MegatronModule) and module.chunks is not None
-        ckpt.restore_chunks(module.chunks, loaded, strict=module.strict_loading)
+        assert isinstance(module, MegatronModule)
+        module.load_checkpoint_state_dict(loaded)
         if self.optimizers:
             ckpt.load_optimizer_state(self.optimizers[0], optimizer_states[0])
         return checkpoint

@@ -23,6 +23,17 @@ def assert_same_losses(result, reference, rel=1e-4):
     assert abs(result["val_loss"] - reference["val_loss"]) <= rel * abs(reference["val_loss"])
 
 
+def assert_same_run(result, weights, reference):
+    """The run learned, and its losses and final weights (a safetensors file) equal the reference run's."""
+    assert result["losses"][-1] < result["losses"][0], "the model did not learn"
+    assert_same_losses(result, reference)
+    # After the steps, the gathered full weights equal the single process's.
+    final = load_file(weights)
+    assert sorted(final) == sorted(reference["weights"])
+    for key, tensor in final.items():
+        torch.testing.assert_close(tensor, reference["weights"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 LAYOUTS = {
     "tp2": (2, ["--tp", 2]),
     "pp2": (2, ["--pp", 2]),
@@ -47,13 +58,7 @@ def test_layout_matches_single_process(name, reference, tmp_path):
     launch("train_gpt.py", nproc, "--out", out, "--devices", nproc, "--steps", STEPS, "--export", weights, *args)
     result = read_json(out)
     assert result["world_size"] == nproc
-    assert result["losses"][-1] < result["losses"][0], "the model did not learn"
-    assert_same_losses(result, reference)
-    # After the steps, the gathered full weights equal the single process's.
-    final = load_file(weights)
-    assert sorted(final) == sorted(reference["weights"])
-    for key, tensor in final.items():
-        torch.testing.assert_close(tensor, reference["weights"][key], rtol=1e-4, atol=1e-5, msg=key)
+    assert_same_run(result, weights, reference)
 
 
 @pytest.mark.slow

@@ -57,11 +57,14 @@ def test_fusion_switches_reach_megatron_on_gpus_and_cpu_runs_never_fuse():
                                   torch.device(device))
 
     llama = GPT(GPTConfig.llama_tiny(vocab_size=256))
-    gpu = llama.transformer_config(**fields("cuda"))
+    default = llama.transformer_config(**fields("cuda"))  # off by default: they cost more than they save (measured)
+    assert not (default.bias_activation_fusion or default.bias_dropout_fusion or default.cross_entropy_loss_fusion)
+    fused = GPT(GPTConfig.llama_tiny(vocab_size=256, bias_activation_fusion=True, bias_dropout_fusion=True,
+                                     cross_entropy_loss_fusion=True))
+    gpu = fused.transformer_config(**fields("cuda"))
     assert gpu.bias_activation_fusion and gpu.bias_dropout_fusion and gpu.cross_entropy_loss_fusion
     assert gpu.cross_entropy_fusion_impl == "native" and not gpu.apply_rope_fusion  # fused RoPE needs TE
-    off = GPT(GPTConfig.llama_tiny(vocab_size=256, cross_entropy_loss_fusion=False)).transformer_config(**fields("cuda"))
-    assert not off.cross_entropy_loss_fusion and off.bias_dropout_fusion
+    llama = fused
     cpu = llama.transformer_config(**fields("cpu"))
     assert not any(getattr(cpu, name) for name in FUSIONS)
 

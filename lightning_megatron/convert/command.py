@@ -29,6 +29,9 @@ def main(argv: Sequence[str]) -> int:
                                            "checkpoint's own, else the recipe's, else the bundled one)")
     to_hf.add_argument("--architecture", help="HF class to write where several fit the model (BertModel: the "
                                               "encoder of a BERT without its heads)")
+    to_hf.add_argument("--adapter-only", action="store_true",
+                       help="write the LoRA adapters as a PEFT directory (adapter_config.json, "
+                            "adapter_model.safetensors)")
     for command in (to_megatron, to_hf):
         command.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors file")
     args = parser.parse_args(list(argv))
@@ -40,6 +43,12 @@ def main(argv: Sequence[str]) -> int:
     try:
         if args.direction == "hf-to-megatron":
             out = hf_to_checkpoint(args.hf, args.out, args.tp, args.pp, shard_bytes)
+        elif args.adapter_only:
+            from lightning_megatron.convert.peft import checkpoint_to_peft
+
+            if not args.config:
+                parser.error("--adapter-only needs --config <the LoRA training recipe>")
+            out = checkpoint_to_peft(args.ckpt, args.config, args.out)
         else:
             out = checkpoint_to_hf(args.ckpt, args.out, args.config, args.tokenizer, args.architecture, shard_bytes)
     except UserError as error:

@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 from abc import ABC, abstractmethod
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 import torch.distributed as dist
@@ -158,12 +158,13 @@ def _fit_vocab(tensor: torch.Tensor, rows: int, vocab_size: int) -> torch.Tensor
 
 @torch.no_grad()
 def load_consolidated(module: MegatronModule, source: TensorSource, origin: str, vocab_size: int | None = None,
-                      error: type[Exception] = CheckpointError) -> None:
+                      error: type[Exception] = CheckpointError, optional: Callable[[str], bool] | None = None) -> None:
     """Copy this rank's shards of a built module (any layout) out of ``source``'s consolidated tensors.
 
     ``vocab_size`` is the source's real vocabulary size: when given, its vocabulary tensors may be padded
     differently from the module's (rows past it are padding). Collective: every rank calls it; a tensor that is
     missing or of the wrong shape on any rank raises ``error`` on every rank, naming ``origin``, before any copy.
+    Tensors whose name ``optional`` accepts keep their values when the source lacks them (new LoRA adapters).
     """
     problems: list[str] = []
     if vocab_size is not None and vocab_size != _vocab_size(module):
@@ -171,6 +172,8 @@ def load_consolidated(module: MegatronModule, source: TensorSource, origin: str,
     updates, used = [], set()
     for local_name, shard in _local_shards(module):
         name, where, shape = _placement(local_name, shard)
+        if optional is not None and optional(name) and name not in source:
+            continue
         used.add(name)
         if name not in source:
             problems.append(f"tensor {name!r} is missing from {origin}")

@@ -29,6 +29,7 @@ from lightning_megatron.convert.core import Architecture, ConversionError, Conve
 from lightning_megatron.convert.gpt2 import GPT2
 from lightning_megatron.convert.llama import Llama
 from lightning_megatron.convert.t5 import T5
+from lightning_megatron.models.lora import merge_adapters
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
 
@@ -210,12 +211,14 @@ def converted_to_hf(path: str | Path, out: str | Path, max_shard_bytes: int = 2 
 
 def export_hf(module: MegatronModule, out: str | Path, tokenizer: str | Path | None = None,
               max_shard_bytes: int = 2 * 1024**3, architecture: str | None = None) -> Path | None:
-    """Write a live module of any TP/PP layout as an HF directory (collective: call on every rank).
+    """Write a live module of any TP/PP layout as an HF directory (collective: call on every rank); a LoRA
+    module's adapters are merged into it first.
 
     Rank 0 writes; ``tokenizer`` is an HF directory or a ``tokenizer.json`` to include; ``architecture`` the HF
     class to write where several fit (``BertModel``: a BERT's encoder alone). Returns the path on rank 0.
     """
     arch = architecture_for_module(module, architecture)
+    merge_adapters(module.chunks or [])  # a LoRA model exports as the model it computes
     tensors = gather_consolidated(module, unpad=True)
     path = None
     if tensors is not None:

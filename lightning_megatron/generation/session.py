@@ -25,6 +25,7 @@ from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.predict import PromptsDataModule
 from lightning_megatron.generation.quantize import MODES as QUANTIZE_MODES, quantize
 from lightning_megatron.models.gpt import GPT, GPTConfig
+from lightning_megatron.models.lora import LoRAConfig, merge_adapters
 from lightning_megatron.parallel import unwrap
 from lightning_megatron.strategy import MegatronStrategy
 
@@ -97,6 +98,22 @@ def model_config(ckpt: str | None, config: str | None) -> tuple[GPTConfig, str |
                     "(the checkpoint carries no GPT hyper-parameters)")
 
 
+def lora_options(ckpt: str | None, config: str | None) -> dict[str, Any]:
+    """``lora`` and ``init_from`` for :class:`GPT` from the recipe, else from a training checkpoint's
+    hyper-parameters: a LoRA model is built with its adapters (merged once loaded), and an adapters-only
+    checkpoint with its base model (``init_from``)."""
+    if config:
+        options = ((yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}).get("init_args", {})
+    else:
+        state_file = Path(ckpt) / "trainer.pt" if ckpt and Path(ckpt).is_dir() else None
+        options = (torch.load(state_file, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+                   if state_file is not None and state_file.is_file() else {})
+    if not options.get("lora"):
+        return {}
+    lora = LoRAConfig(**options["lora"])
+    return {"lora": lora, "init_from": options.get("init_from") if lora.adapters_only else None}
+
+
 def load_weights(model: GPT, path: str) -> None:
     """Load a Lightning ``.ckpt``'s model weights into this rank's chunks.
 
@@ -132,6 +149,7 @@ class _RunAfterWarmup(pl.Callback):
             self.load(pl_module)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        merge_adapters(pl_module.chunks)
         if self.quantize is not None:
             quantize(pl_module, self.quantize)
         self.result = self.fn(pl_module, trainer.datamodule.tokenizer)
@@ -142,18 +160,21 @@ def run_inference(args: argparse.Namespace, fn: InferenceFn) -> Any:
     config, model_tokenizer = model_config(args.ckpt, args.config)
     if converted(args.ckpt) and args.config and not model_tokenizer:
         model_tokenizer = model_config(None, args.config)[1]
+    options = {} if converted(args.ckpt) else lora_options(args.ckpt, args.config)
     return run_with_model(config, fn, ckpt=args.ckpt, tokenizer=args.tokenizer or model_tokenizer,
                           devices=args.devices, tp=args.tp, pp=args.pp, accelerator=args.accelerator,
-                          precision=args.precision, quantize=args.quantize)
+                          precision=args.precision, quantize=args.quantize, **options)
 
 
 def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, tokenizer: str | None = None,
                    devices: int = 1, tp: int = 1, pp: int = 1, accelerator: str = "auto",
-                   precision: str = "32-true", quantize: str | None = None) -> Any:
+                   precision: str = "32-true", quantize: str | None = None, lora: LoRAConfig | None = None,
+                   init_from: str | None = None) -> Any:
     """Build a GPT of ``config`` under TP x PP (weights from ``ckpt`` if given) and run ``fn`` on every rank.
 
-    ``quantize`` (``"int8"``) quantizes the loaded weights before ``fn`` runs (see :mod:`.quantize`). Returns
-    ``fn``'s value on global rank 0 (``None`` elsewhere).
+    ``quantize`` (``"int8"``) quantizes the loaded weights before ``fn`` runs (see :mod:`.quantize`). A ``lora``
+    model's adapters are merged into its weights once loaded (``init_from``: the base model of an adapters-only
+    checkpoint). Returns ``fn``'s value on global rank 0 (``None`` elsewhere).
     """
     if ckpt and not Path(ckpt).exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist; pass --ckpt <the path of a saved checkpoint>")
@@ -162,7 +183,7 @@ def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, 
                         f"with --tp 1 --pp 1, or save a sharded checkpoint to generate under TP/PP")
     if not ckpt:
         rank_zero_warn("no --ckpt given: the model has its initial (untrained) weights")
-    model = GPT(config)
+    model = GPT(config, lora=lora, init_from=init_from)
     data = PromptsDataModule(prompts=["Hello"], tokenizer=tokenizer, params=SamplingParams(max_new_tokens=1))
     # A Lightning .ckpt file and a converted checkpoint are loaded here; a sharded checkpoint by the strategy.
     load: Callable[[GPT], None] | None = None

@@ -23,6 +23,7 @@ from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from lightning_megatron.models.config import ModelConfig
 from lightning_megatron.models.layers import Norm, add_embedding_norm, init_weights, post_ln_layer_spec
+from lightning_megatron.models.lora import LoRAConfig
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
@@ -60,8 +61,9 @@ class BertConfig(ModelConfig):
 class Bert(MegatronModule):
     """A BERT trained with masked-LM cross entropy over ``loss_mask`` (+ sentence-order loss with a binary head)."""
 
-    def __init__(self, config: BertConfig, optim: OptimConfig | None = None) -> None:
-        super().__init__(config, optim)
+    def __init__(self, config: BertConfig, optim: OptimConfig | None = None, lora: LoRAConfig | None = None,
+                 init_from: str | None = None) -> None:
+        super().__init__(config, optim, lora, init_from)
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config

@@ -26,6 +26,7 @@ from lightning_megatron.models.layers import (
     init_weights,
     token_losses_collecting_logits,
 )
+from lightning_megatron.models.lora import LoRAConfig
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
@@ -146,10 +147,15 @@ class GPTConfig(ModelConfig):
 
 
 class GPT(MegatronModule):
-    """A GPT language model trained with next-token cross entropy (masked by ``loss_mask``)."""
+    """A GPT language model trained with next-token cross entropy (masked by ``loss_mask``).
 
-    def __init__(self, config: GPTConfig, optim: OptimConfig | None = None) -> None:
-        super().__init__(config, optim)
+    ``lora`` adds adapters and freezes the base weights; ``init_from`` starts from a checkpoint's weights (see
+    docs/finetuning.md).
+    """
+
+    def __init__(self, config: GPTConfig, optim: OptimConfig | None = None, lora: LoRAConfig | None = None,
+                 init_from: str | None = None) -> None:
+        super().__init__(config, optim, lora, init_from)
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config

@@ -145,12 +145,9 @@ def init_weights(model: torch.nn.Module, config: TransformerConfig, seed: int, t
 
     megatron-core draws weights from one RNG stream per pipeline stage, so a PP=2 model starts from other weights
     than a single process. Keying each tensor on its global name makes the initial model identical under every
-    TP/PP/VP layout, which is what lets runs of different layouts be compared. Tensor-parallel shards are cut from
-    the full tensor the way megatron-core shards it (gated MLP halves are sharded separately). The draw happens on
-    the parameter's device, so CPU and GPU runs of one seed start from different (but equally layout-free) weights.
+    TP/PP/VP layout, which is what lets runs of different layouts be compared. The draw happens on the parameter's
+    device, so CPU and GPU runs of one seed start from different (but equally layout-free) weights.
     """
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
     for name, param in model.named_parameters():
         full_name = global_name(name, model)
@@ -161,20 +158,27 @@ def init_weights(model: torch.nn.Module, config: TransformerConfig, seed: int, t
             param.fill_(1.0 if is_norm_weight else 0.0)
             continue
         std = output_std if full_name.endswith(_OUTPUT_PROJECTIONS) else config.init_method_std
-        sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
-        dim = getattr(param, "partition_dim", 0) if sharded else 0
-        full_shape = list(param.shape)
-        full_shape[dim] *= tp_size if sharded else 1
-        full = initial_weight(full_name, full_shape, std, seed, param.device)
-        if sharded:
-            gated = config.gated_linear_unit and "linear_fc1" in name
-            if gated:
-                halves = full.chunk(2, dim=dim)
-                full = torch.cat([h.chunk(tp_size, dim=dim)[tp_rank] for h in halves], dim=dim)
-            else:
-                full = full.chunk(tp_size, dim=dim)[tp_rank]
-        param.copy_(full.to(param.dtype))
+        draw_normal(param, full_name, seed, std, gated=config.gated_linear_unit and "linear_fc1" in name)
 
+
+@torch.no_grad()
+def draw_normal(param: torch.Tensor, full_name: str, seed: int, std: float, gated: bool = False) -> None:
+    """Fill ``param`` with this rank's shard of a normal tensor keyed on (seed, ``full_name``): the same full tensor
+    under every layout, cut the way megatron-core shards it (``gated``: a gated MLP's halves sharded separately)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+    dim = getattr(param, "partition_dim", 0) if sharded else 0
+    full_shape = list(param.shape)
+    full_shape[dim] *= tp_size if sharded else 1
+    full = initial_weight(full_name, full_shape, std, seed, param.device)
+    if sharded:
+        if gated:
+            halves = full.chunk(2, dim=dim)
+            full = torch.cat([h.chunk(tp_size, dim=dim)[tp_rank] for h in halves], dim=dim)
+        else:
+            full = full.chunk(tp_size, dim=dim)[tp_rank]
+    param.copy_(full.to(param.dtype))
 
 
 class PostNormAdd(torch.nn.Module):

@@ -29,6 +29,7 @@ from lightning_megatron.models.layers import (
     t5_block_specs,
     token_losses_collecting_logits,
 )
+from lightning_megatron.models.lora import LoRAConfig
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn
@@ -71,8 +72,9 @@ class T5Config(ModelConfig):
 class T5(MegatronModule):
     """A T5 trained with decoder cross entropy over ``loss_mask``."""
 
-    def __init__(self, config: T5Config, optim: OptimConfig | None = None) -> None:
-        super().__init__(config, optim)
+    def __init__(self, config: T5Config, optim: OptimConfig | None = None, lora: LoRAConfig | None = None,
+                 init_from: str | None = None) -> None:
+        super().__init__(config, optim, lora, init_from)
 
     def transformer_config(self, **fields: Any) -> TransformerConfig:
         c = self.config

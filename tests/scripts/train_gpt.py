@@ -25,6 +25,7 @@ from lightning_megatron.data import TextDataModule
 from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
 from lightning_megatron.data import MaskedLMDataModule, SpanCorruptionDataModule
 from lightning_megatron.models.bert import Bert, BertConfig
+from lightning_megatron.models.lora import LoRAConfig
 from lightning_megatron.models.t5 import T5, T5Config
 from lightning_megatron.parallel import DDPConfig, RecomputeConfig
 
@@ -140,6 +141,9 @@ def main() -> None:
     parser.add_argument("--kill-at-save", type=int, default=None)
     parser.add_argument("--export", default=None, help="write the final weights to this safetensors file")
     parser.add_argument("--import", dest="import_path", default=None, help="validate these safetensors weights")
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters (rank 4, alpha 8) on every target")
+    parser.add_argument("--adapters-only", action="store_true", help="LoRA checkpoints hold only the adapters")
+    parser.add_argument("--init-from", default=None, help="start from this checkpoint's weights")
     args = parser.parse_args()
     if args.kill_at_save is not None:
         kill_when_publishing(args.kill_at_save)
@@ -166,10 +170,11 @@ def main() -> None:
                             num_attention_heads=args.heads, ffn_hidden_size=2 * args.hidden,
                             encoder_seq_length=args.seq,
                             decoder_seq_length=args.seq // 2, hidden_dropout=0.0, attention_dropout=0.0), optim)
-    elif args.arch == "llama":
-        model = lm.GPT(lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape), optim)
     else:
-        model = lm.GPT(lm.GPTConfig(vocab_size=4096, **shape), optim)
+        config = (lm.GPTConfig.llama(vocab_size=4096, num_query_groups=args.heads // 2, **shape)
+                  if args.arch == "llama" else lm.GPTConfig(vocab_size=4096, **shape))
+        lora = LoRAConfig(rank=4, alpha=8.0, adapters_only=args.adapters_only) if args.lora else None
+        model = lm.GPT(config, optim, lora=lora, init_from=args.init_from)
     strategy = lm.MegatronStrategy(
         parallel_config=lm.ParallelConfig(
             tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
