@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
 
 from lightning_megatron.errors import UserError  # noqa: E402
 from lightning_megatron.models.gpt import GPT, GPTConfig  # noqa: E402
+from lightning_megatron.models.lora import LoRAConfig  # noqa: E402
 from lightning_megatron.module import MegatronModule  # noqa: E402
 from lightning_megatron.optim import OptimConfig  # noqa: E402
 from lightning_megatron.parallel import DDPConfig, LayoutError, ParallelConfig, RecomputeConfig  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "GPT",
     "GPTConfig",
     "LayoutError",
+    "LoRAConfig",
     "MegatronModule",
     "MegatronPrecision",
     "MegatronStrategy",
