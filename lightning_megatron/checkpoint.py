@@ -365,13 +365,6 @@ class MegatronCheckpointIO(CheckpointIO):
         raise_on_any_rank(problem)
         return dist_checkpointing.load(template, str(path))
 
-    def load_weights(self, path: _PATH, chunks: Sequence[torch.nn.Module], strict: bool = True) -> dict[str, Any]:
-        """Load a checkpoint's model weights into built chunks of any layout (resharded; no optimizer state) and
-        return its Lightning state; every rank."""
-        state = self.load_checkpoint(path)
-        restore_chunks(chunks, self.load_sharded(path, model_sharded_state_dict(chunks)), strict)
-        return state
-
     # ------------------------------------------------------------------ remove, teardown
     @override
     def remove_checkpoint(self, path: _PATH) -> None:

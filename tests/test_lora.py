@@ -222,6 +222,15 @@ def test_lora_recipes_fine_tune_export_and_generate(tmp_path):
         tmp_path / "adapter", "--adapter-only")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
                                                                         "adapter_model.safetensors"]
+    # The merged export needs no recipe (the checkpoint saved its LoRA options) and equals base + PEFT adapters.
+    cli("convert", "megatron-to-hf", "--ckpt", base, "--out", tmp_path / "hf-base")
+    cli("convert", "megatron-to-hf", "--ckpt", tuned, "--out", tmp_path / "hf-merged")
+    tokens = torch.tensor([[5, 17, 300, 42, 7, 99]])
+    with torch.no_grad():
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-merged").eval()(tokens).logits
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-base")
+        adapted = PeftModel.from_pretrained(plain, tmp_path / "adapter").eval()(tokens).logits
+    torch.testing.assert_close(adapted, merged, atol=1e-4, rtol=0)
     generated = cli("generate", "--ckpt", tuned, "--config", "recipes/gpt-tiny-lora.yaml", "--prompt",
                     "In the beginning", "--max-new-tokens", 4)
     assert generated.stdout.startswith("In the beginning")

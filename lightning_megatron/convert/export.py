@@ -42,6 +42,7 @@ from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.data.megatron_datasets import process_group_for_build
 from lightning_megatron.models.bert import Bert, BertConfig
 from lightning_megatron.models.gpt import GPT, GPTConfig
+from lightning_megatron.models.lora import LoRAConfig
 from lightning_megatron.models.t5 import T5, T5Config
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
@@ -78,22 +79,29 @@ def recipe_model(recipe: str | Path) -> tuple[MegatronModule, str | None]:
     return built.model, getattr(built.get("data"), "tokenizer_spec", None)
 
 
+def _saved_hyper_parameters(path: Path) -> dict[str, Any]:
+    """The hyper-parameters a ``fit`` checkpoint saved (model config, LoRA options), if any."""
+    state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
+    return state.get("hyper_parameters") or {}
+
+
 def _saved_config(path: Path) -> dict[str, Any] | None:
     """The model config a ``fit`` checkpoint saved with its hyper-parameters, if any."""
-    state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
-    config = state.get("hyper_parameters", {}).get("config")
+    config = _saved_hyper_parameters(path).get("config")
     return config if isinstance(config, dict) else None
 
 
 def trained_module(path: str | Path, layout: CheckpointLayout) -> MegatronModule:
     """An unbuilt module of the class (``layout.json``) and config (saved hyper-parameters) of a ``fit``
     checkpoint of one of the modules the converters know (GPT, BERT, T5)."""
-    config = _saved_config(Path(path))
-    if config is None or layout.module not in _MODULES:
+    saved = _saved_hyper_parameters(Path(path))
+    config = saved.get("config")
+    if not isinstance(config, dict) or layout.module not in _MODULES:
         raise ConversionError(f"{path} (a {layout.module}) carries no model config this command can rebuild; pass "
                               f"--config <the training recipe>")
     module_class, config_class = _MODULES[layout.module]
-    return module_class(config_class(**config))
+    lora = LoRAConfig(**saved["lora"]) if saved.get("lora") else None
+    return module_class(config_class(**config), lora=lora, init_from=saved.get("init_from"))
 
 
 def _check_recipe_fits(module: MegatronModule, path: Path, layout: CheckpointLayout) -> None:
@@ -125,7 +133,11 @@ def load_any_checkpoint(module: MegatronModule, path: str | Path) -> None:
 
         load_weights(module, str(path))
     else:
-        MegatronCheckpointIO().load_weights(path, module.chunks)
+        if module.lora is not None and module.lora.adapters_only and module.init_from:
+            from lightning_megatron.pretrained import load_pretrained  # it imports convert/ (a cycle at import time)
+
+            load_pretrained(module, module.init_from)  # the base weights the adapters were trained on
+        module.load_checkpoint_state_dict(MegatronCheckpointIO().load_sharded(path, module.checkpoint_state_dict()))
 
 
 def _describe(path: Path) -> CheckpointLayout:
