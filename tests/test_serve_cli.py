@@ -84,7 +84,10 @@ def test_serve_logs_a_client_that_goes_away_in_one_line_and_stops_at_once_on_sig
 
     log = open(tmp_path / "serve.log", "w+")
     with launch.serving(["--config", RECIPE], log) as (process, port):
-        body = json.dumps({"prompt": "In the beginning", "max_tokens": 100, "stream": True}).encode()
+        # Eight sequences of 100 tokens keep the server writing well past the moment the client hangs up, also on a
+        # loaded machine where the client is scheduled late.
+        body = json.dumps({"prompt": ["In the beginning"] * 8, "max_tokens": 100, "ignore_eos": True,
+                           "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", port)) as client:  # reads the first event, then hangs up
             client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))

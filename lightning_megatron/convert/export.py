@@ -137,7 +137,9 @@ def load_any_checkpoint(module: MegatronModule, path: str | Path) -> None:
             from lightning_megatron.pretrained import load_pretrained  # it imports convert/ (a cycle at import time)
 
             load_pretrained(module, module.init_from)  # the base weights the adapters were trained on
-        module.load_checkpoint_state_dict(MegatronCheckpointIO().load_sharded(path, module.checkpoint_state_dict()))
+        io = MegatronCheckpointIO()
+        io.load_checkpoint(path)  # validates: a damaged shard is named before any read
+        module.load_checkpoint_state_dict(io.load_sharded(path, module.checkpoint_state_dict()))
 
 
 def _describe(path: Path) -> CheckpointLayout:
