@@ -29,7 +29,6 @@ from torch import Tensor
 
 from lightning_megatron.generation.compiled import compile_step
 from lightning_megatron.generation.graphs import StepGraphs
-from lightning_megatron.generation.quantize import Int8Linear
 from lightning_megatron.generation.kv_cache import (
     AttentionWindow,
     CachedAttention,
@@ -37,6 +36,7 @@ from lightning_megatron.generation.kv_cache import (
     blocked_to_bias,
     causal_bias,
 )
+from lightning_megatron.generation.quantize import Int8Linear
 from lightning_megatron.models.attention import alibi_bias
 from lightning_megatron.parallel import unwrap
 
