@@ -12,6 +12,7 @@ bytes of the linear weights before and after, and which int8 matmul the device r
 GPU:        python benchmarks/generate.py                                   (GPT-2 124M shape, bf16, batch 1 and 64)
             python benchmarks/generate.py --preset gpt2_1_3b --batches 1    (the 1.3B preset)
             python benchmarks/generate.py --batches 1 --engines graphs int8 int8-compile   (int8 against bf16)
+            python benchmarks/generate.py --engines graphs graphs-sync transformers     (lookahead on and off)
 CPU smoke:  python benchmarks/generate.py --smoke                           (tiny shape, fp32, batch 1 and 4)
 """
 
@@ -34,7 +35,8 @@ from lightning_megatron.parallel import unwrap
 
 NAMES = {"graphs": "lightning-megatron", "compile": "lightning-megatron (compiled)",
          "eager": "lightning-megatron (eager)", "transformers": "transformers", "int8": "lightning-megatron int8",
-         "int8-compile": "lightning-megatron int8 (compiled)"}
+         "int8-compile": "lightning-megatron int8 (compiled)", "graphs-sync": "lightning-megatron (no lookahead)",
+         "compile-sync": "lightning-megatron (compiled, no lookahead)"}
 
 
 def _sync(device: torch.device) -> None:
@@ -101,9 +103,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", nargs="+", default=["graphs", "eager", "transformers"],
-                        choices=["graphs", "compile", "eager", "transformers", "int8", "int8-compile"],
+                        choices=list(NAMES),
                         help="compile: CUDA graphs of a torch.compile'd decode step; int8: the graphs engine with "
-                             "int8 weights (int8-compile: compiled), measured after the others")
+                             "int8 weights (int8-compile: compiled), measured after the others; -sync: the same "
+                             "engine reading each step's tokens back before launching the next (no lookahead)")
     parser.add_argument("--out", help="append the results as a JSON line to this file")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
@@ -116,7 +119,7 @@ def main() -> None:
     batches = args.batches or ([1, 64] if cuda else [1, 4])
     prompt_tokens = args.prompt_tokens or (128 if cuda else 16)
     new_tokens = args.new_tokens or (128 if cuda else 16)
-    engines = [e for e in args.engines if cuda or e not in ("graphs", "compile", "int8-compile")]
+    engines = [e for e in args.engines if cuda or not e.startswith(("graphs", "compile", "int8-compile"))]
     engines.sort(key=lambda e: e.startswith("int8"))  # quantizing is in place: the float engines go first
     torch.manual_seed(0)
     prompts = torch.randint(0, config.vocab_size, (max(batches), prompt_tokens))
@@ -126,7 +129,8 @@ def main() -> None:
         element = torch.finfo(dtype).bits // 8
         memory = {"linear_weight_bytes": linear_weight_bytes(model)}
         options = {"eager": dict(cuda_graphs=False) if cuda else {}, "graphs": {}, "compile": dict(compile=True),
-                   "int8": {}, "int8-compile": dict(compile=True)}
+                   "int8": {}, "int8-compile": dict(compile=True), "graphs-sync": dict(lookahead=False),
+                   "compile-sync": dict(compile=True, lookahead=False)}
 
         def ours(name: str) -> Callable[[int, int], None]:
             if name.startswith("int8") and "int8_kernel" not in memory:
@@ -188,7 +192,8 @@ def main() -> None:
     by_key = {(r["engine"], r["batch"]): r for r in results["rows"]}
     for size in batches:
         theirs = by_key.get(("transformers", size))
-        for name in ("lightning-megatron", "lightning-megatron (compiled)", "lightning-megatron (eager)"):
+        for name in ("lightning-megatron", "lightning-megatron (compiled)", "lightning-megatron (eager)",
+                     NAMES["graphs-sync"], NAMES["compile-sync"]):
             ours = by_key.get((name, size))
             if ours and theirs:
                 print(f"batch {size}: {name} / transformers: decode {ours['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}x, "

@@ -279,6 +279,58 @@ def test_a_busy_session_and_beam_sessions_are_refused(gpt, tokenizer):
         build_engine(gpt, tokenizer, use_cache=False).submit("And", session_id="u")
 
 
+def run_engine(engine, requests, steps_ahead=None):
+    """Submit ``(prompt, params, session)`` requests, the later ones after the first step (they join a running
+    batch); step to the end. Returns the outputs in order; counts the steps that were launched ahead."""
+    with engine.runner.inference_mode():
+        ids = [engine.submit(p, params, session_id=s) for p, params, s in requests[:1]]
+        engine.step()
+        ids += [engine.submit(p, params, session_id=s) for p, params, s in requests[1:]]
+        while engine.busy:
+            engine.step()
+            if steps_ahead is not None:
+                steps_ahead.append(engine._in_flight is not None)
+    return [engine.finished.pop(i) for i in ids]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lookahead_gives_the_tokens_of_the_plain_loop(models, tokenizer, arch):
+    ensure_parallel_state()
+    gpt = models[arch]
+    free = generate(gpt, [PROMPTS[0], PROMPTS[2]], SamplingParams(max_new_tokens=16, ignore_eos=True),
+                    tokenizer=tokenizer)
+    greedy = SamplingParams(max_new_tokens=14, ignore_eos=True, logprobs=True)
+    requests = [
+        (PROMPTS[0], greedy.replace(stop=[free[0].text[6:9]]), None),  # ends on a stop string mid-batch
+        (PROMPTS[1], SamplingParams(max_new_tokens=9, temperature=0.8, top_k=50, top_p=0.9, seed=3,
+                                    repetition_penalty=1.3, frequency_penalty=0.5, bad_word_ids=[[free[0].tokens[1]]],
+                                    ignore_eos=True), None),
+        (PROMPTS[2], greedy.replace(min_new_tokens=2, stop_token_ids=[free[1].tokens[5]]), None),
+        (PROMPTS[1], greedy.replace(max_new_tokens=3), None),  # waits for a slot, joins later
+        (PROMPTS[0], greedy.replace(max_new_tokens=5), "chat"),
+    ]
+    plain = run_engine(build_engine(gpt, tokenizer, max_batch_size=3, lookahead=False), requests)
+    ahead = []
+    engine = build_engine(gpt, tokenizer, max_batch_size=3, lookahead=True)
+    looked = run_engine(engine, requests, ahead)
+    assert sum(ahead) >= 8, "lookahead never ran: the comparison proves nothing"
+    for a, b in zip(looked, plain):
+        assert (a.tokens, a.text, a.finish_reason) == (b.tokens, b.text, b.finish_reason)
+        assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)
+    assert looked[0].finish_reason == "stop" and looked[2].finish_reason == "stop"
+    # The session kept every token but its last, though the clock had run a step ahead when it ended.
+    follow_up = tokenizer.encode(" And the earth")
+    second = run_engine(engine, [(follow_up, greedy.replace(max_new_tokens=4), "chat")])[0]
+    whole = tokenizer.encode(PROMPTS[0]) + looked[4].tokens + follow_up
+    assert second.cached_tokens == len(whole) - len(follow_up) - 1
+    assert second.tokens == generate(gpt, whole, greedy.replace(max_new_tokens=4))[0].tokens
+
+
+def test_lookahead_needs_a_cache(gpt, tokenizer):
+    with pytest.raises(ValueError, match="lookahead=True needs the cache"):
+        build_engine(gpt, tokenizer, use_cache=False, lookahead=True)
+
+
 def test_beam_diversity_spreads_the_beams_over_their_parents():
     from lightning_megatron.generation.sampling import beam_step
 

@@ -12,6 +12,14 @@ is fed its own positions (learned and rotary embeddings alike), so where it sits
 logits. A decode step reads its inputs (the tokens just chosen, each row's position) from device buffers, which is
 what lets it replay from a CUDA graph. Recompute mode (``use_cache=False``) runs the whole sequence every step
 through plain masked attention and is the reference the cache is tested against.
+
+*Lookahead* keeps the device busy while the host reads tokens back: a step's tokens are chosen on the device and
+become the next step's inputs there, so the next decode step is launched before this step's tokens reach the host
+(one step in flight). Reading them back then waits only for their own step, and the host's bookkeeping (stop checks,
+text, events) overlaps the next step's kernels. A request that ends at a step has had one more token computed for it,
+which is dropped; nothing else changes, so lookahead gives the tokens the plain loop gives. It runs for batches whose
+choices need no host round trip before the next step: no beams, no top log probabilities, no decaying nucleus,
+bad words of one token, past ``min_new_tokens``; other batches step without it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -28,10 +37,22 @@ from lightning_megatron.errors import UserError
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.requests import GenerationOutput, Request, prompt_tokens, request_limits
 from lightning_megatron.generation.runner import ModelRunner
-from lightning_megatron.generation.sampling import RowState, Sampler, beam_step, new_seed
+from lightning_megatron.generation.sampling import Choice, RowState, Sampler, beam_step, new_seed
 from lightning_megatron.generation.sessions import SessionStore
 from lightning_megatron.generation.scoring import TokenScores, score_tokens, top_alternatives
 from lightning_megatron.generation.stream import TextTracker, TokenEvent
+
+
+@dataclass
+class _InFlight:
+    """A step whose tokens were chosen on the device and are on their way to the host."""
+
+    requests: list[Request]
+    """The requests of the step's rows, in row order (some may have ended since)."""
+    host: torch.Tensor
+    """``[2, rows]`` float64: the chosen tokens and their log probabilities, filled by an asynchronous copy."""
+    ready: torch.cuda.Event | None
+    """Recorded after the copy (``None`` on the CPU, where the copy is synchronous)."""
 
 
 class Engine:
@@ -47,6 +68,9 @@ class Engine:
     conversation as one prompt gives. Sessions end with :meth:`end_session`, after ``session_ttl`` idle seconds, or,
     least recently used first, when the sessions together hold more than ``session_tokens`` cached tokens (default:
     as many as the cache has cells).
+
+    ``lookahead`` launches each decode step before the previous step's tokens are read back (see the module's
+    docstring); default: on for a CUDA model held by one process. It needs the cache and one process per replica.
     """
 
     def __init__(
@@ -62,6 +86,7 @@ class Engine:
         session_ttl: float = 600.0,
         session_tokens: int | None = None,
         replica: int = 0,
+        lookahead: bool | None = None,
     ) -> None:
         self.runner = runner
         self.replica = replica
@@ -87,6 +112,17 @@ class Engine:
         self.sessions = SessionStore(session_ttl, max_batch_size * self.cache_length if session_tokens is None
                                      else session_tokens)
         self._steps = 0
+        single = runner.tp_size == runner.pp_size == runner.cp_size == 1
+        if lookahead and not (single and use_cache):
+            raise ValueError("lookahead=True needs the cache (use_cache=True) and a model replica held by one process "
+                             "(tensor, pipeline and context parallel size 1)")
+        self.lookahead = single and use_cache and runner.device.type == "cuda" if lookahead is None else lookahead
+        self._in_flight: _InFlight | None = None
+        pinned = self.lookahead and runner.device.type == "cuda"
+        # Two read-back buffers: one step's tokens are read while the next step's are being copied. Flat, so that
+        # every step's slice is contiguous (a copy into a strided host view is synchronous).
+        self._read_buffers = [torch.empty(2 * max_batch_size, dtype=torch.float64, pin_memory=pinned)
+                              for _ in range(2)]
 
     # ------------------------------------------------------------------ requests
     @property
@@ -197,6 +233,15 @@ class Engine:
         self._expire_sessions()
         events = self._intake()
         self._retire()
+        if self._in_flight is not None and all(r.output is not None for r in self._in_flight.requests):
+            self._in_flight = None  # every request it ran for has ended: its tokens are not needed
+        if self._in_flight is not None:
+            in_flight = self._in_flight
+            self._prefilled = False
+            self._in_flight = self._launch_decode() if self._may_look_ahead() else None
+            events.extend(self._commit(in_flight))
+            self._retire()
+            return events
         # After a prefill the running sequences decode once before more requests are let in, so a steady stream of
         # arrivals cannot stall them.
         admitted = [] if self._prefilled and self.active else self._admit()
@@ -209,15 +254,68 @@ class Engine:
             requests = self.active
         else:
             return events
-        decision = self.runner.broadcast(self._with_top_logprobs(self._decide(logits, requests), logits, requests)
-                                         if self.runner.is_source else None)
-        self._keep_top_logprobs(decision, requests)
-        events.extend(self._apply(decision, requests))
+        if self.lookahead and self._reads_back_only(requests):
+            in_flight = self._read_back(self._choose(logits, requests), requests)
+            self._in_flight = self._launch_decode() if self._may_look_ahead() else None
+            events.extend(self._commit(in_flight))
+        else:
+            decision = self.runner.broadcast(self._with_top_logprobs(self._decide(logits, requests), logits, requests)
+                                             if self.runner.is_source else None)
+            self._keep_top_logprobs(decision, requests)
+            events.extend(self._apply(decision, requests))
         self._retire()
         return events
 
-    def _admit(self) -> list[Request]:
-        """Take waiting requests in arrival order while they fit the free slots and the cache."""
+    # ------------------------------------------------------------------ lookahead
+    @staticmethod
+    def _reads_back_only(requests: Sequence[Request]) -> bool:
+        """Whether the step's decision is just each row's token and log probability (no beams, no alternatives)."""
+        return all(r.width == 1 and not r.params.top_logprobs for r in requests)
+
+    def _may_look_ahead(self) -> bool:
+        """Whether the next decode step can be launched before the host knows this step's tokens.
+
+        The host's view of each row is then one token behind, so the next choice must not depend on it: no
+        decaying nucleus, no bad word longer than one token, ``min_new_tokens`` already reached. Some sequence
+        must go on after this step (by length; one that stops on a token has one token too many computed, dropped),
+        and no waiting request may be admissible (it is let in first).
+        """
+        if not self.active or not self._reads_back_only(self.active) or self._admissible():
+            return False
+        for request in self.active:
+            row, p = request.rows[0], request.params
+            if p.top_p_decay < 1.0 or any(len(w) > 1 for w in request.bad_words) or \
+                    len(row.generated) < p.min_new_tokens:
+                return False
+        going_on = any(len(r.rows[0].generated) + 1 < r.max_new for r in self.active)
+        return going_on and self.clock < self.cache_length
+
+    def _launch_decode(self) -> _InFlight:
+        """Run a decode step of the running rows and choose their tokens, all on the device; the read-back is queued."""
+        requests = list(self.active)
+        return self._read_back(self._choose(self._decode(), requests), requests)
+
+    def _read_back(self, choice: Choice, requests: list[Request]) -> _InFlight:
+        """Queue the copy of ``choice``'s tokens and log probabilities to the host (asynchronous on CUDA)."""
+        self._read_buffers.reverse()
+        host = self._read_buffers[0][: 2 * len(choice.tokens)].view(2, -1)
+        host.copy_(torch.stack([choice.tokens.double(), choice.logprobs.double()]), non_blocking=True)
+        ready = None
+        if host.is_pinned():
+            ready = torch.cuda.Event()
+            ready.record()
+        return _InFlight(requests, host, ready)
+
+    def _commit(self, in_flight: _InFlight) -> list[TokenEvent]:
+        """Wait for an in-flight step's tokens (only for its own kernels) and apply them to its requests."""
+        if in_flight.ready is not None:
+            in_flight.ready.synchronize()
+        tokens, logprobs = in_flight.host.tolist()
+        decision = {"tokens": [int(t) for t in tokens], "logprobs": logprobs, "beams": {}}
+        return self._apply(decision, in_flight.requests)
+
+    def _admissible(self) -> list[Request]:
+        """The waiting requests, in arrival order, that fit the free slots and the cache now."""
         free = self.max_batch_size - sum(r.width for r in self.active)
         admitted: list[Request] = []
         longest = 0
@@ -234,9 +332,15 @@ class Engine:
             longest = max(longest, len(request.prompt))
             admitted.append(request)
             free -= request.width
+        return admitted
+
+    def _admit(self) -> list[Request]:
+        """Take the admissible waiting requests into free slots, restoring the cached turns of sessions."""
+        admitted = self._admissible()
         if not admitted:
             return []
         del self.pending[: len(admitted)]
+        longest = max(len(request.prompt) for request in admitted)
         if not self.active:
             self.clock = self.runner.prefill_width(longest, self.cache_length - max(r.max_new for r in admitted))
         slot = sum(r.width for r in self.active)
@@ -365,14 +469,19 @@ class Engine:
             if request.id in decision.get("top_logprobs", {}):
                 request.top_logprobs.append(decision["top_logprobs"][request.id])
 
-    def _decide(self, logits: torch.Tensor, requests: list[Request]) -> dict[str, Any]:
-        """On the source rank: the next token of every sampled row, and each beam search's step."""
+    def _choose(self, logits: torch.Tensor, requests: list[Request]) -> Choice:
+        """On the source rank, on the device: every row's next token, which becomes the row's next input."""
         rows = self._rows(requests)
         first = requests[0].slot
         choice = self.sampler.choose(logits, first, [row for _, row in rows])
         if self.use_cache:
             self.runner.tokens[first : first + len(rows)] = choice.tokens
         self.sampler.record(first, choice.tokens)
+        return choice
+
+    def _decide(self, logits: torch.Tensor, requests: list[Request]) -> dict[str, Any]:
+        """On the source rank: the next token of every sampled row, and each beam search's step."""
+        choice = self._choose(logits, requests)
         # The one read-back of the step: the chosen tokens and their log probabilities, together.
         tokens, logprobs = torch.stack([choice.tokens.double(), choice.logprobs.double()]).tolist()
         decision: dict[str, Any] = {"tokens": [int(t) for t in tokens], "logprobs": logprobs, "beams": {}}
@@ -399,14 +508,16 @@ class Engine:
         events = []
         offset = 0
         for request in requests:
+            offset += request.width
+            if request.output is not None:  # it ended while this step was in flight: its token is dropped
+                continue
             if request.width == 1:
-                token, logprob = decision["tokens"][offset], decision["logprobs"][offset]
+                token, logprob = decision["tokens"][offset - 1], decision["logprobs"][offset - 1]
                 events.append(self._advance(request, token, logprob))
             else:
                 event = self._advance_beams(request, decision["beams"][request.id])
                 if event is not None:
                     events.append(event)
-            offset += request.width
         return events
 
     def _advance(self, request: Request, token: int, logprob: float) -> TokenEvent:
@@ -484,7 +595,9 @@ class Engine:
         if row is None or request.slot < 0:
             self.sessions.keep(request.session_id, None, None, self._steps)
             return
-        saved = self.runner.save_row(request.slot, request.start, self.clock)
+        # Not up to the clock: under lookahead the clock may already be a step ahead of this request's last token.
+        end = request.start + len(request.prompt) + len(row.generated) - 1
+        saved = self.runner.save_row(request.slot, request.start, end)
         self.sessions.keep(request.session_id, request.prompt + row.generated, saved, self._steps)
 
     def _expire_sessions(self) -> None:
