@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -35,24 +34,13 @@ import torch.distributed as dist
 
 from lightning_megatron.errors import UserError
 from lightning_megatron.generation.params import SamplingParams
+from lightning_megatron.generation.readback import InFlight, ReadBack
 from lightning_megatron.generation.requests import GenerationOutput, Request, prompt_tokens, request_limits
 from lightning_megatron.generation.runner import ModelRunner
 from lightning_megatron.generation.sampling import Choice, RowState, Sampler, beam_step, new_seed
 from lightning_megatron.generation.sessions import SessionStore
 from lightning_megatron.generation.scoring import TokenScores, score_tokens, top_alternatives
 from lightning_megatron.generation.stream import TextTracker, TokenEvent
-
-
-@dataclass
-class _InFlight:
-    """A step whose tokens were chosen on the device and are on their way to the host."""
-
-    requests: list[Request]
-    """The requests of the step's rows, in row order (some may have ended since)."""
-    host: torch.Tensor
-    """``[2, rows]`` float64: the chosen tokens and their log probabilities, filled by an asynchronous copy."""
-    ready: torch.cuda.Event | None
-    """Recorded after the copy (``None`` on the CPU, where the copy is synchronous)."""
 
 
 class Engine:
@@ -117,12 +105,8 @@ class Engine:
             raise ValueError("lookahead=True needs the cache (use_cache=True) and a model replica held by one process "
                              "(tensor, pipeline and context parallel size 1)")
         self.lookahead = single and use_cache and runner.device.type == "cuda" if lookahead is None else lookahead
-        self._in_flight: _InFlight | None = None
-        pinned = self.lookahead and runner.device.type == "cuda"
-        # Two read-back buffers: one step's tokens are read while the next step's are being copied. Flat, so that
-        # every step's slice is contiguous (a copy into a strided host view is synchronous).
-        self._read_buffers = [torch.empty(2 * max_batch_size, dtype=torch.float64, pin_memory=pinned)
-                              for _ in range(2)]
+        self._in_flight: InFlight[Request] | None = None
+        self._read_back = ReadBack(max_batch_size, runner.device)
 
     # ------------------------------------------------------------------ requests
     @property
@@ -255,7 +239,8 @@ class Engine:
         else:
             return events
         if self.lookahead and self._reads_back_only(requests):
-            in_flight = self._read_back(self._choose(logits, requests), requests)
+            choice = self._choose(logits, requests)
+            in_flight = self._read_back.start(choice.tokens, choice.logprobs, requests)
             self._in_flight = self._launch_decode() if self._may_look_ahead() else None
             events.extend(self._commit(in_flight))
         else:
@@ -290,29 +275,16 @@ class Engine:
         going_on = any(len(r.rows[0].generated) + 1 < r.max_new for r in self.active)
         return going_on and self.clock < self.cache_length
 
-    def _launch_decode(self) -> _InFlight:
+    def _launch_decode(self) -> InFlight[Request]:
         """Run a decode step of the running rows and choose their tokens, all on the device; the read-back is queued."""
         requests = list(self.active)
-        return self._read_back(self._choose(self._decode(), requests), requests)
+        choice = self._choose(self._decode(), requests)
+        return self._read_back.start(choice.tokens, choice.logprobs, requests)
 
-    def _read_back(self, choice: Choice, requests: list[Request]) -> _InFlight:
-        """Queue the copy of ``choice``'s tokens and log probabilities to the host (asynchronous on CUDA)."""
-        self._read_buffers.reverse()
-        host = self._read_buffers[0][: 2 * len(choice.tokens)].view(2, -1)
-        host.copy_(torch.stack([choice.tokens.double(), choice.logprobs.double()]), non_blocking=True)
-        ready = None
-        if host.is_pinned():
-            ready = torch.cuda.Event()
-            ready.record()
-        return _InFlight(requests, host, ready)
-
-    def _commit(self, in_flight: _InFlight) -> list[TokenEvent]:
+    def _commit(self, in_flight: InFlight[Request]) -> list[TokenEvent]:
         """Wait for an in-flight step's tokens (only for its own kernels) and apply them to its requests."""
-        if in_flight.ready is not None:
-            in_flight.ready.synchronize()
-        tokens, logprobs = in_flight.host.tolist()
-        decision = {"tokens": [int(t) for t in tokens], "logprobs": logprobs, "beams": {}}
-        return self._apply(decision, in_flight.requests)
+        tokens, logprobs = in_flight.wait()
+        return self._apply({"tokens": tokens, "logprobs": logprobs, "beams": {}}, in_flight.requests)
 
     def _admissible(self) -> list[Request]:
         """The waiting requests, in arrival order, that fit the free slots and the cache now."""
@@ -521,23 +493,12 @@ class Engine:
         return events
 
     def _advance(self, request: Request, token: int, logprob: float) -> TokenEvent:
-        row = request.rows[0]
         if request.max_new == 0:  # the prompt was only scored
-            self._finish(request, "length", row)
+            self._finish(request, "length", request.rows[0])
             return TokenEvent(request.id, None, "", True, "length")
-        row.advance(token, logprob)
-        piece, stopped = ("", False)
-        if request.tracker is not None:
-            piece, stopped = request.tracker.update(row.generated)
-        reason = None
-        if stopped or token in row.end_ids:
-            reason = "stop"
-        elif len(row.generated) >= request.max_new:
-            reason = "length"
+        piece, reason = request.advance(token, logprob)
         if reason is not None:
-            if request.tracker is not None:
-                piece += request.tracker.finish()
-            self._finish(request, reason, row)
+            self._finish(request, reason, request.rows[0])
         top = request.top_logprobs[-1] if request.top_logprobs else None
         return TokenEvent(request.id, token, piece, reason is not None, reason, logprob, top)
 
@@ -572,19 +533,7 @@ class Engine:
         return None
 
     def _finish(self, request: Request, reason: str, row: RowState | None) -> None:
-        tokens = list(row.generated) if row is not None else []
-        logprobs = list(row.logprobs) if row is not None else []
-        text = None
-        if self.tokenizer is not None:
-            text = request.tracker.text if request.tracker is not None else self.tokenizer.decode(tokens)
-        scores = request.prompt_scores
-        request.output = GenerationOutput(
-            request.id, request.prompt, tokens, text, reason, logprobs if request.params.logprobs else None,
-            float(sum(logprobs)), top_logprobs=request.top_logprobs if request.params.top_logprobs else None,
-            prompt_logprobs=None if scores is None else [None, *scores.logprobs],
-            prompt_top_logprobs=None if scores is None else [None, *scores.top],
-            cached_tokens=request.cached, session_id=request.session_id,
-        )
+        request.output = request.result(reason, row, self.tokenizer)
         self.finished[request.id] = request.output
         if request.session_id is not None:
             self._keep_session(request, row)

@@ -69,7 +69,40 @@ class Request:
 
     @property
     def width(self) -> int:
+        """Cache rows the request takes (its beams)."""
         return self.params.beam_width
+
+    def advance(self, token: int, logprob: float) -> tuple[str, str | None]:
+        """Take the next token of a one-row request: ``(the new text, the finish reason or None)``."""
+        row = self.rows[0]
+        row.advance(token, logprob)
+        piece, stopped = ("", False)
+        if self.tracker is not None:
+            piece, stopped = self.tracker.update(row.generated)
+        reason = None
+        if stopped or token in row.end_ids:
+            reason = "stop"
+        elif len(row.generated) >= self.max_new:
+            reason = "length"
+        if reason is not None and self.tracker is not None:
+            piece += self.tracker.finish()
+        return piece, reason
+
+    def result(self, reason: str, row: RowState | None, tokenizer: Any | None) -> GenerationOutput:
+        """The request's output, ending for ``reason`` with ``row``'s tokens (none when it never ran)."""
+        tokens = list(row.generated) if row is not None else []
+        logprobs = list(row.logprobs) if row is not None else []
+        text = None
+        if tokenizer is not None:
+            text = self.tracker.text if self.tracker is not None else tokenizer.decode(tokens)
+        scores = self.prompt_scores
+        return GenerationOutput(
+            self.id, self.prompt, tokens, text, reason, logprobs if self.params.logprobs else None,
+            float(sum(logprobs)), top_logprobs=self.top_logprobs if self.params.top_logprobs else None,
+            prompt_logprobs=None if scores is None else [None, *scores.logprobs],
+            prompt_top_logprobs=None if scores is None else [None, *scores.top],
+            cached_tokens=self.cached, session_id=self.session_id,
+        )
 
 
 def prompt_tokens(prompt: str | Sequence[int], tokenizer: Any | None) -> list[int]:
