@@ -19,6 +19,9 @@ def _importable(name: str) -> bool:
 HAVE_TE: bool = _importable("transformer_engine")
 """Transformer Engine is installed (fp8, TE layer specs, ring attention for context parallelism)."""
 
+HAVE_TRITON: bool = _importable("triton")
+"""Triton is installed (it comes with CUDA builds of torch): the decode matrix-vector kernel (``generation/gemv.py``)."""
+
 def _foreach_l2_norm(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list, per_tensor: bool, *args):
     norms = torch._foreach_norm(tensor_lists[0])
     return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None

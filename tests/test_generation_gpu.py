@@ -83,3 +83,32 @@ def test_int8_graphed_decoding_equals_eager(models, compile):
     kernel = model.chunks[0].decoder.layers[0].mlp.linear_fc1.int8_kernel
     assert engine.runner.graphs.failed is None, (kernel, engine.runner.graphs.failed)
     assert [o.tokens for o in graphed] == [o.tokens for o in eager], kernel
+
+
+@pytest.mark.parametrize("shape", [(6144, 2048), (2048, 8192), (768, 768), (50304, 768), (3, 384)])
+def test_matvec_kernel_equals_torch(shape):
+    from lightning_megatron.generation.gemv import gemv
+
+    n, k = shape
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+    expected = x.float() @ weight.float().t()
+    assert gemv(x, weight).shape == (1, 1, n)
+    torch.testing.assert_close(gemv(x, weight).float(), expected, atol=2e-2, rtol=2e-2)
+    quantized = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    scale = (torch.rand(n, device="cuda") / 100).to(torch.bfloat16)
+    expected = x.float() @ (quantized.float() * scale.float()[:, None]).t()
+    torch.testing.assert_close(gemv(x, quantized, scale).float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_decoding_through_the_matvec_kernel_equals_torch_matmuls(models, monkeypatch):
+    import lightning_megatron.generation.runner as runner
+
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, logprobs=True)
+    kernel, engine = run(models["gpt2"], PROMPTS[:1], params, graphs=True, max_batch_size=1)
+    assert engine.runner._linears, "no layer went through the kernel"
+    monkeypatch.setattr(runner, "usable", lambda x, weight: False)
+    torch_matmul, _ = run(models["gpt2"], PROMPTS[:1], params, graphs=True, max_batch_size=1)
+    assert kernel[0].tokens == torch_matmul[0].tokens
+    assert kernel[0].logprobs == pytest.approx(torch_matmul[0].logprobs, abs=1e-3)

@@ -6,12 +6,14 @@ output projections, the MLP, an untied output layer) keeps its weight as int8 wi
 embeddings stay in the model's dtype. Under tensor parallelism each rank quantizes its own shard (a row-parallel
 shard gets the scales of its part of each row; the partial products are scaled before they are summed).
 
-The matmul is ``torch._weight_int8pack_mm`` (the int8 weight is read as is) on the CPU; on GPUs (and wherever
-torch lacks that kernel) the weight is cast to the activations' dtype inside the matmul and the
-scale applied after, which ``torch.compile`` (``build_engine(..., compile=True)``) fuses into one kernel. Which one a
-layer uses is decided once, when it is quantized (:attr:`Int8Linear.int8_kernel`), so forwards stay free of host
-syncs and replay from CUDA graphs. Our own layer swap because megatron-core quantizes only through Transformer
-Engine's fp8/fp4 recipes or NVIDIA ModelOpt, and torchao's ``quantize_`` targets ``torch.nn.Linear``.
+The matmul is ``torch._weight_int8pack_mm`` (the int8 weight is read as is) on the CPU. On GPUs a one-row input
+(a batch-1 decode step) goes through :func:`~lightning_megatron.generation.gemv.gemv`, which reads the int8 weight
+and dequantizes it in registers; larger inputs (and devices without that kernel or ``_weight_int8pack_mm``) cast the
+weight to the activations' dtype inside the matmul and apply the scale after, which ``torch.compile``
+(``build_engine(..., compile=True)``) fuses into one kernel. Which one a layer uses is decided once, when it is
+quantized (:attr:`Int8Linear.int8_kernel`), so forwards stay free of host syncs and replay from CUDA graphs. Our own
+layer swap because megatron-core quantizes only through Transformer Engine's fp8/fp4 recipes or NVIDIA ModelOpt,
+and torchao's ``quantize_`` targets ``torch.nn.Linear``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import Tensor
 
+from lightning_megatron.generation import gemv
 from lightning_megatron.parallel import unwrap
 
 MODES = ("int8",)
@@ -30,10 +33,14 @@ MODES = ("int8",)
 
 INT8PACK = "weight_int8pack_mm"
 DEQUANTIZE = "dequantize-matmul"
+GEMV = "triton-gemv"
+"""One-row inputs through :mod:`.gemv`, others as :data:`DEQUANTIZE`."""
 
 
 def int8_matmul(x: Tensor, weight: Tensor, scale: Tensor, kernel: str) -> Tensor:
     """``x @ (weight * scale[:, None])^T`` for an int8 ``weight`` ``[out, in]`` and ``scale`` ``[out]`` in x's dtype."""
+    if kernel == GEMV and gemv.usable(x, weight):
+        return gemv.gemv(x, weight, scale)
     rows = x.reshape(-1, x.shape[-1])
     if kernel == INT8PACK:
         out = torch._weight_int8pack_mm(rows, weight, scale)
@@ -48,7 +55,7 @@ class Int8Linear:
     weight: Tensor
     weight_scale: Tensor
     int8_kernel: str
-    """``weight_int8pack_mm`` or ``dequantize-matmul`` (see the module's docstring)."""
+    """``weight_int8pack_mm``, ``triton-gemv`` or ``dequantize-matmul`` (see the module's docstring)."""
 
     def _forward_impl(self, input: Tensor, weight: Tensor, bias: Tensor | None = None, *args: Any,
                       sequence_parallel: bool = False, tp_group: Any = None, **kwargs: Any) -> Tensor:
@@ -70,9 +77,10 @@ _QUANTIZED = {ColumnParallelLinear: Int8ColumnParallelLinear, RowParallelLinear:
 
 
 def _kernel(weight: Tensor, scale: Tensor) -> str:
-    """``weight_int8pack_mm`` if this device's torch runs it for this layer, else ``dequantize-matmul``."""
+    """``weight_int8pack_mm`` if this device's torch runs it for this layer, else ``triton-gemv`` on CUDA with
+    Triton, else ``dequantize-matmul``."""
     if weight.is_cuda:  # torch's CUDA kernel decoded a 1.3B model 7.7x slower than bf16 at batch 1 (H200)
-        return DEQUANTIZE
+        return GEMV if gemv.HAVE_TRITON else DEQUANTIZE
     probe = torch.ones(2, weight.shape[1], dtype=scale.dtype, device=weight.device)
     try:
         torch._weight_int8pack_mm(probe, weight, scale)

@@ -17,6 +17,7 @@ so there is nothing to split).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from typing import Any, Iterator, Sequence
@@ -24,10 +25,14 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import Attention
 from torch import Tensor
 
+from lightning_megatron.backends import HAVE_TRITON
 from lightning_megatron.generation.compiled import compile_step
+from lightning_megatron.generation.gemv import build as build_gemv
+from lightning_megatron.generation.gemv import gemv, usable
 from lightning_megatron.generation.graphs import StepGraphs
 from lightning_megatron.generation.kv_cache import (
     AttentionWindow,
@@ -36,7 +41,7 @@ from lightning_megatron.generation.kv_cache import (
     blocked_to_bias,
     causal_bias,
 )
-from lightning_megatron.generation.quantize import Int8Linear
+from lightning_megatron.generation.quantize import GEMV, Int8Linear
 from lightning_megatron.models.attention import alibi_bias
 from lightning_megatron.parallel import unwrap
 
@@ -95,6 +100,12 @@ class ModelRunner:
         switches.update({(id(module.config), "config"): (module.config, "sequence_parallel") for module in modules
                          if getattr(getattr(module, "config", None), "sequence_parallel", False)})
         self._sequence_parallel = list(switches.values())
+        # Float linear layers whose one-row products (batch-1 decode) go through the matrix-vector kernel on CUDA.
+        self._linears = [module for module in modules if single and self.device.type == "cuda" and HAVE_TRITON
+                         and isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+                         and not isinstance(module, Int8Linear)]
+        if self._linears or any(getattr(module, "int8_kernel", None) == GEMV for module in modules):
+            build_gemv()
 
     # ------------------------------------------------------------------ roles
     @property
@@ -184,12 +195,16 @@ class ModelRunner:
                                                     getattr(module.core_attention, "alibi_slopes", None))
         for owner, name in self._sequence_parallel:
             setattr(owner, name, False)
+        for module in self._linears:
+            module._forward_impl = functools.partial(_one_row_matvec, module._forward_impl)
         for chunk in self.chunks:
             chunk.eval()
         try:
             with torch.no_grad():
                 yield
         finally:
+            for module in self._linears:
+                del module._forward_impl  # the class's own again
             for module, core in zip(self._attentions, cores):
                 module.core_attention = core
             for owner, name in self._sequence_parallel:
@@ -331,3 +346,12 @@ class ModelRunner:
             warnings.simplefilter("ignore")
             table = model.rotary_pos_emb.get_emb(self.max_positions)
         return table[:, 0].to(self.device)
+
+
+def _one_row_matvec(matmul: Any, input: Tensor, weight: Tensor, bias: Tensor | None = None, *args: Any,
+                    **kwargs: Any) -> Tensor:
+    """megatron's linear ``matmul`` (a layer's ``_forward_impl``), through :func:`.gemv.gemv` for one-row inputs."""
+    if kwargs.get("sequence_parallel") or not usable(input, weight):
+        return matmul(input, weight, bias, *args, **kwargs)
+    out = gemv(input, weight)
+    return out if bias is None else out + bias
