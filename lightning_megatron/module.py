@@ -32,6 +32,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lightning_megatron import parallel
+from lightning_megatron.cadence import is_logging_step
 from lightning_megatron.checkpoint import model_sharded_state_dict, restore_chunks
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn, StepResult, batch_size_of
@@ -147,7 +148,8 @@ class MegatronModule(pl.LightningModule, ABC):
         return self.trainer.strategy.run_step(self, batch, forward_only=forward_only)
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Forward and backward over all microbatches of ``batch``; logs ``train_loss`` and the learning rate.
+        """Forward and backward over all microbatches of ``batch``; logs ``train_loss`` every step and the learning
+        rate on logging steps (:func:`~lightning_megatron.cadence.is_logging_step`).
 
         Nothing is read back from the device here: the loss is logged as a device tensor that loggers read once per
         logging interval (not as a progress-bar metric, which Lightning reads back after every step;
@@ -157,23 +159,25 @@ class MegatronModule(pl.LightningModule, ABC):
         size = batch_size_of(batch)
         loss = result.loss
         self.log("train_loss", loss, batch_size=size)
-        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
-        if optimizer is not None:
-            self.log("lr", torch.tensor(optimizer.param_groups[0]["lr"]), prog_bar=True, batch_size=size)
+        if self.trainer.optimizers and is_logging_step(self.trainer):
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self.log("lr", torch.tensor(lr), prog_bar=True, batch_size=size)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Log the global gradient norm megatron's optimizer computed (a device tensor, not read back here), and
-        fp16's loss scale and skipped steps (fp16 steps read the overflow check back anyway)."""
+        """On logging steps, log the global gradient norm megatron's optimizer computed (a device tensor, not read
+        back here), and fp16's loss scale and skipped steps."""
         precision = getattr(self.trainer.strategy, "precision_plugin", None)
-        if precision is None or not hasattr(precision, "last_grad_norm"):
+        if precision is None or not hasattr(precision, "last_grad_norm") or not is_logging_step(self.trainer):
             return
-        if precision.last_grad_norm is not None:
-            self.log("grad_norm", precision.last_grad_norm, batch_size=1)
+        grad_norm = precision.last_grad_norm
+        if grad_norm is not None:
+            self.log("grad_norm", grad_norm, batch_size=1)
         if precision.precision == "16-mixed":
+            # CPU tensors: Lightning reads progress-bar metrics back after every step, logged in it or not.
             optimizer = self.trainer.strategy.optimizers[0]
-            self.log("loss_scale", float(optimizer.get_loss_scale()), batch_size=1)
-            self.log("skipped_steps", float(precision.skipped_steps), prog_bar=True, batch_size=1)
+            self.log("loss_scale", torch.tensor(float(optimizer.get_loss_scale())), batch_size=1)
+            self.log("skipped_steps", torch.tensor(float(precision.skipped_steps)), prog_bar=True, batch_size=1)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Loss without backward; logs ``val_loss`` (per-token mean over the batch) and ``val_ppl``."""

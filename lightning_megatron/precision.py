@@ -49,8 +49,13 @@ class MegatronPrecision(Precision):
         self.loss_scale_window = loss_scale_window
         self.hysteresis = hysteresis
         self.skipped_steps = 0
-        self.last_grad_norm: torch.Tensor | None = None
-        """The global gradient norm of the last step (a 0-dim tensor on the device; ``None`` without clipping)."""
+        self._grad_norm: torch.Tensor | float | None = None
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm of the last step (a 0-dim float32 tensor on the device; ``None`` without
+        clipping), cast when asked for rather than in every step."""
+        return None if self._grad_norm is None else torch.as_tensor(self._grad_norm, dtype=torch.float32)
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -94,8 +99,7 @@ class MegatronPrecision(Precision):
         """Run the closure (forward and backward over all microbatches), then megatron's ``optimizer.step()``."""
         closure_result = closure()
         self._after_closure(model, optimizer)
-        succeeded, grad_norm, _ = optimizer.step()
-        self.last_grad_norm = None if grad_norm is None else torch.as_tensor(grad_norm, dtype=torch.float32)
+        succeeded, self._grad_norm, _ = optimizer.step()
         if not succeeded:
             self.skipped_steps += 1
         return closure_result

@@ -52,17 +52,16 @@ class EmptyBatchCheck:
     :meth:`check` is called (once per logging interval, so that training steps need not wait for the device)."""
 
     def __init__(self) -> None:
-        self._fewest: torch.Tensor | None = None
+        self._counts: list[torch.Tensor] = []
 
     def add(self, result: StepResult) -> None:
-        """Remember the token count of one step, on the device."""
-        tokens = result.totals[1]
-        self._fewest = tokens if self._fewest is None else torch.minimum(self._fewest, tokens)
+        """Remember the token count of one step, on the device (no kernel: the minimum is taken by :meth:`check`)."""
+        self._counts.append(result.totals[1])
 
     def check(self) -> None:
         """Raise :class:`UserError` if a step since the last check had no loss tokens."""
-        fewest, self._fewest = self._fewest, None
-        if fewest is not None and fewest.item() == 0:
+        counts, self._counts = self._counts, []
+        if counts and torch.stack(counts).min().item() == 0:
             raise UserError("every token of a global batch is masked out of the loss (loss_mask is all zeros); "
                             "check the data's loss_mask and padding")
 
@@ -120,8 +119,10 @@ def finalize_grads(model: list[torch.nn.Module], num_tokens: torch.Tensor | None
     pp_group = parallel_state.get_pipeline_model_parallel_group() if pg_collection is None else pg_collection.pp
     dp_cp_group = (parallel_state.get_data_parallel_group(with_context_parallel=True) if pg_collection is None
                    else pg_collection.dp_cp)
-    dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
-    dist.all_reduce(num_tokens, group=dp_cp_group)
+    if pp_group.size() > 1:
+        dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+    if dp_cp_group.size() > 1:
+        dist.all_reduce(num_tokens, group=dp_cp_group)
     scaling = 1.0 / num_tokens.clamp(min=1)
     for chunk in model:
         chunk.scale_gradients(scaling)
@@ -151,12 +152,16 @@ def run_schedule(
         micro_batch_size=batch_size_of(microbatches[0]),
         forward_only=forward_only,
     )
-    device = next(chunks[0].parameters()).device
-    total = torch.zeros(2, dtype=torch.float32, device=device)
-    for report in reports:
-        total += report["loss"].to(device)
+    if reports:  # summed in microbatch order: the bits of adding each to zeros, without the zeros
+        total = reports[0]["loss"]
+        for report in reports[1:]:
+            total = total + report["loss"]
+    else:  # a stage before the last
+        total = torch.zeros(2, dtype=torch.float32, device=next(chunks[0].parameters()).device)
     if dist.is_initialized():
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        # Collectives over a group of one rank change nothing but still cost a launch each.
+        if parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1:
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             last = parallel_state.get_pipeline_model_parallel_last_rank()
             dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())

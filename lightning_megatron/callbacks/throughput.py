@@ -1,4 +1,5 @@
-"""Throughput: tokens/s, TFLOP/s per device, MFU and peak memory, on the progress bar and every logger.
+"""Throughput: tokens/s, TFLOP/s per device, MFU and peak memory, on the progress bar and every logger, once per
+logging interval.
 
 FLOPs per token follow Megatron-LM's accounting (Narayanan et al. 2021, appendix), generalised to grouped-query
 attention and gated MLPs, with the causal-attention halving: for each layer, forward
@@ -14,6 +15,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from lightning_megatron.cadence import is_logging_step
 
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 """Dense bf16 tensor-core peak per GPU (vendor datasheets, SXM parts)."""
@@ -48,48 +51,52 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 class Throughput(pl.Callback):
-    """Logs ``tokens_per_s`` (global), ``tflops`` per device, ``mfu`` and ``peak_mem_gb`` every training step.
+    """Logs ``tokens_per_s`` (global), ``tflops`` per device, ``mfu`` and ``peak_mem_gb`` on logging steps.
 
-    Tokens per step are counted from the batch (``tokens``, or T5's encoder and decoder tokens, × data-parallel
-    size); FLOPs per token come from
-    :func:`gpt_flops_per_token` when the module is a :class:`~lightning_megatron.GPT`.
+    Each value averages the steps since the previous logging step (see :mod:`lightning_megatron.cadence`), timed
+    between two synchronisations with the device: the steps in between run without waiting for it, and the values
+    are logged as CPU tensors, which Lightning's progress bar reads without waiting for the device either. Tokens per
+    step are counted from the batch (``tokens``, or T5's encoder and decoder tokens, × data-parallel size); FLOPs per
+    token come from :func:`gpt_flops_per_token` when the module is a :class:`~lightning_megatron.GPT`.
     """
 
-    def __init__(self, window: int = 10, peak_tflops_per_device: float | None = None) -> None:
-        self.window = window
+    def __init__(self, peak_tflops_per_device: float | None = None) -> None:
         self.peak = peak_tflops_per_device
-        self._times: list[float] = []
-        self._tokens: list[int] = []
+        self._since = 0.0
+        self._tokens = 0
         self._flops_per_token: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flops_per_token = _module_flops_per_token(pl_module)
         if self.peak is None:
             self.peak = peak_tflops(trainer.strategy.root_device)
-        self._times = [time.perf_counter()]
-        self._tokens = [0]
+        self._since = time.perf_counter()
+        self._tokens = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        tokens = _batch_tokens(batch) * getattr(trainer.strategy, "data_parallel_size", trainer.world_size)
-        if trainer.strategy.root_device.type == "cuda":
+        self._tokens += _batch_tokens(batch) * getattr(trainer.strategy, "data_parallel_size", trainer.world_size)
+        if not is_logging_step(trainer):
+            return
+        cuda = trainer.strategy.root_device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize()
-        self._times.append(time.perf_counter())
-        self._tokens.append(self._tokens[-1] + tokens)
-        self._times, self._tokens = self._times[-self.window - 1 :], self._tokens[-self.window - 1 :]
-        elapsed = self._times[-1] - self._times[0]
+        now = time.perf_counter()
+        elapsed, tokens = now - self._since, self._tokens
+        self._since, self._tokens = now, 0
         if elapsed <= 0:
             return
-        tokens_per_s = (self._tokens[-1] - self._tokens[0]) / elapsed
+        tokens_per_s = tokens / elapsed
         metrics = {"tokens_per_s": tokens_per_s}
         if self._flops_per_token is not None:
             tflops = tokens_per_s * self._flops_per_token / trainer.world_size / 1e12
             metrics["tflops"] = tflops
             if self.peak:
                 metrics["mfu"] = tflops / self.peak
-        if trainer.strategy.root_device.type == "cuda":
+        if cuda:
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        pl_module.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log_dict({name: torch.tensor(value) for name, value in metrics.items()}, prog_bar=True,
+                           on_step=True, on_epoch=False, batch_size=1)
 
 
 def _batch_tokens(batch: Any) -> int:

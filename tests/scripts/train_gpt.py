@@ -36,10 +36,12 @@ class RecordLosses(L.Callback):
         self.batches: list[int] = []
         self.lrs: list[float] = []
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])  # the step's (logged on logging steps only)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
         self.steps.append(trainer.global_step)
-        self.lrs.append(float(trainer.callback_metrics["lr"]))
         ids = next(value for value in batch.values() if torch.is_tensor(value)).long()  # tokens, or BERT/T5's text
         self.batches.append(int((ids * torch.arange(ids.numel()).view_as(ids)).sum()))
 
