@@ -533,7 +533,7 @@ class MegatronStrategy(ParallelStrategy):
         # count comes back one off after resuming from a checkpoint saved at validation.
         trainer = self.lightning_module.trainer
         trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
-        if trainer.global_step <= 1 or trainer.global_step % trainer.log_every_n_steps == 0:
+        if trainer.global_step <= 1 or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             self._empty_batches.check()
         super().on_train_batch_start(batch, batch_idx)
 
