@@ -8,9 +8,9 @@ and kernels cannot fuse across them. :func:`register_tracing_rules` gives dynamo
 only while tracing; eager calls are unchanged), and the decode step compiles into one graph.
 
 With int8 weights (:mod:`.quantize`) the step also turns on inductor's coordinate-descent tuning, under which a
-matrix-vector product becomes a Triton reduction that reads the int8 weight and dequantizes it in registers; without
-it the weight is first copied to bf16. bf16 weights keep cuBLAS, which was faster for them (1.3B preset at batch 1 on
-an H200: 547 decode tokens/s against 535 with the Triton reductions).
+product of a few rows becomes a Triton reduction that reads the int8 weight and dequantizes it in registers; without
+it the weight is first copied to bf16. (One-row products, int8 or not, call :mod:`.gemv`'s kernel, which dynamo
+keeps as it is.) bf16 products of several rows keep cuBLAS, which was faster for them than inductor's reductions.
 """
 
 from __future__ import annotations
