@@ -13,6 +13,7 @@ GPU:        python benchmarks/generate.py                                   (GPT
             python benchmarks/generate.py --preset gpt2_1_3b --batches 1    (the 1.3B preset)
             python benchmarks/generate.py --batches 1 --engines graphs int8 int8-compile   (int8 against bf16)
             python benchmarks/generate.py --engines graphs graphs-sync transformers     (lookahead on and off)
+            python benchmarks/generate.py --engines compile compile-torch transformers  (our Triton kernels on/off)
 CPU smoke:  python benchmarks/generate.py --smoke                           (tiny shape, fp32, batch 1 and 4)
 """
 
@@ -36,7 +37,8 @@ from lightning_megatron.parallel import unwrap
 NAMES = {"graphs": "lightning-megatron", "compile": "lightning-megatron (compiled)",
          "eager": "lightning-megatron (eager)", "transformers": "transformers", "int8": "lightning-megatron int8",
          "int8-compile": "lightning-megatron int8 (compiled)", "graphs-sync": "lightning-megatron (no lookahead)",
-         "compile-sync": "lightning-megatron (compiled, no lookahead)"}
+         "compile-sync": "lightning-megatron (compiled, no lookahead)",
+         "compile-torch": "lightning-megatron (compiled, torch kernels)"}
 
 
 def _sync(device: torch.device) -> None:
@@ -130,7 +132,8 @@ def main() -> None:
         memory = {"linear_weight_bytes": linear_weight_bytes(model)}
         options = {"eager": dict(cuda_graphs=False) if cuda else {}, "graphs": {}, "compile": dict(compile=True),
                    "int8": {}, "int8-compile": dict(compile=True), "graphs-sync": dict(lookahead=False),
-                   "compile-sync": dict(compile=True, lookahead=False)}
+                   "compile-sync": dict(compile=True, lookahead=False),
+                   "compile-torch": dict(compile=True, kernels=False)}
 
         def ours(name: str) -> Callable[[int, int], None]:
             if name.startswith("int8") and "int8_kernel" not in memory:
@@ -193,7 +196,7 @@ def main() -> None:
     for size in batches:
         theirs = by_key.get(("transformers", size))
         for name in ("lightning-megatron", "lightning-megatron (compiled)", "lightning-megatron (eager)",
-                     NAMES["graphs-sync"], NAMES["compile-sync"]):
+                     NAMES["graphs-sync"], NAMES["compile-sync"], NAMES["compile-torch"]):
             ours = by_key.get((name, size))
             if ours and theirs:
                 print(f"batch {size}: {name} / transformers: decode {ours['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}x, "

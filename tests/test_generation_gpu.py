@@ -112,3 +112,72 @@ def test_decoding_through_the_matvec_kernel_equals_torch_matmuls(models, monkeyp
     torch_matmul, _ = run(models["gpt2"], PROMPTS[:1], params, graphs=True, max_batch_size=1)
     assert kernel[0].tokens == torch_matmul[0].tokens
     assert kernel[0].logprobs == pytest.approx(torch_matmul[0].logprobs, abs=1e-3)
+
+
+def _reference_attention(q, k, v, cache_keys, cache_values, valid, position, kv_length, slopes, cell_positions):
+    """The decode step's attention in torch: the new key/value written at ``position``, masked softmax over the cache."""
+    from lightning_megatron.models.attention import alibi_bias
+
+    cache_keys, cache_values = cache_keys.clone(), cache_values.clone()
+    cache_keys[:, :, position], cache_values[:, :, position] = k[0], v[0]
+    per_group = q.shape[2] // k.shape[2]
+    keys = cache_keys[:, :, :kv_length].repeat_interleave(per_group, 1).float()
+    values = cache_values[:, :, :kv_length].repeat_interleave(per_group, 1).float()
+    scores = torch.einsum("bhd,bhkd->bhk", q[0].float(), keys) / q.shape[-1] ** 0.5
+    if slopes is not None:
+        scores += alibi_bias(slopes, cell_positions[:, position : position + 1], cell_positions[:, :kv_length])[:, :, 0]
+    allowed = valid[:, :kv_length].clone()
+    allowed[:, position] = True
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    out = torch.einsum("bhk,bhkd->bhd", scores.softmax(-1), values)
+    return out.reshape(1, q.shape[1], -1), cache_keys, cache_values
+
+
+@pytest.mark.parametrize("batch, heads, groups, dim, cells, kv_length, position, splits, alibi, dtype", [
+    (1, 16, 16, 128, 256, 256, 200, None, False, torch.bfloat16),  # the 1.3B preset's shape, splits for the GPU
+    (1, 4, 4, 64, 200, 130, 129, 1, False, torch.float32),
+    (2, 4, 2, 32, 200, 190, 150, 4, False, torch.float32),  # grouped-query, a span past kv_length
+    (3, 2, 1, 64, 300, 256, 200, 2, True, torch.bfloat16),  # ALiBi, multi-query
+    (64, 12, 12, 64, 256, 256, 255, None, False, torch.bfloat16),  # the 124M preset at batch 64
+])
+def test_decode_attention_kernel_equals_torch(batch, heads, groups, dim, cells, kv_length, position, splits, alibi,
+                                              dtype):
+    from lightning_megatron.generation.decode_attention import attend_and_write
+
+    torch.manual_seed(0)
+    # Query, key and value are views of one fused projection, as megatron's attention hands them over.
+    qkv = torch.randn(1, batch, heads + 2 * groups, dim, dtype=dtype, device="cuda")
+    q, k, v = qkv[:, :, :heads], qkv[:, :, heads : heads + groups], qkv[:, :, heads + groups :]
+    cache_keys = torch.randn(batch, groups, cells, dim, dtype=dtype, device="cuda")
+    cache_values = torch.randn_like(cache_keys)
+    valid = torch.rand(batch, cells, device="cuda") > 0.3
+    slopes = torch.rand(heads, device="cuda") if alibi else None
+    cell_positions = torch.randint(0, 100, (batch, cells), device="cuda") if alibi else None
+    expected, expected_keys, expected_values = _reference_attention(
+        q, k, v, cache_keys, cache_values, valid, position, kv_length, slopes, cell_positions)
+    counters = torch.zeros(batch * heads, dtype=torch.int32, device="cuda")
+    originals = cache_keys.clone(), cache_values.clone()
+    for _ in range(3):  # the split counters must come back to zero for the next launch
+        cache_keys.copy_(originals[0]), cache_values.copy_(originals[1])
+        out = attend_and_write(q, k, v, cache_keys, cache_values, valid, torch.tensor([position], device="cuda"),
+                               kv_length, dim**-0.5, slopes, cell_positions, split_count=splits, counters=counters)
+        assert not counters.any()
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+    assert torch.equal(cache_keys, expected_keys) and torch.equal(cache_values, expected_values)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "alibi"])
+def test_decoding_through_the_attention_kernel_equals_sdpa(models, arch, monkeypatch):
+    import lightning_megatron.generation.runner as runner
+
+    # Four prompts of different lengths in two slots: rows join late, so their valid cells differ.
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True, logprobs=True)
+    kernel, engine = run(models[arch], PROMPTS, params, graphs=True, max_batch_size=2)
+    assert engine.runner._decode_kernel and engine.runner.graphs.failed is None
+    monkeypatch.setattr(runner.decode_attention, "usable", lambda device, head_dims: False)
+    sdpa, engine = run(models[arch], PROMPTS, params, graphs=True, max_batch_size=2)
+    assert not engine.runner._decode_kernel
+    assert [o.tokens for o in kernel] == [o.tokens for o in sdpa]
+    for a, b in zip(kernel, sdpa):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)

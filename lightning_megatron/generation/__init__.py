@@ -18,10 +18,11 @@ from lightning_megatron.generation.stream import TextStreamer, TextTracker, Toke
 
 def build_engine(model: Any, tokenizer: Any | None = None, max_batch_size: int = 16, use_cache: bool = True,
                  cuda_graphs: bool | None = None, compile: bool = False, quantize: str | None = None,
-                 **kwargs: Any) -> Engine:
+                 kernels: bool = True, **kwargs: Any) -> Engine:
     """An :class:`Engine` over a built GPT (``configure_model`` done, e.g. inside a Trainer run).
 
-    ``cuda_graphs``/``compile``: see :class:`ModelRunner` (graphs default to on where one CUDA process holds the model).
+    ``cuda_graphs``/``compile``/``kernels``: see :class:`ModelRunner` (graphs default to on where one CUDA process
+    holds the model).
     ``quantize="int8"`` first quantizes the model's linear weights in place (:func:`.quantize.quantize`).
     """
     if model.chunks is None:
@@ -29,7 +30,8 @@ def build_engine(model: Any, tokenizer: Any | None = None, max_batch_size: int =
                            "configure_model() with megatron's parallel state initialised")
     if quantize is not None:
         quantize_weights(model, quantize)
-    runner = ModelRunner(model.chunks, model.config.vocab_size, cuda_graphs=cuda_graphs, compile=compile)
+    runner = ModelRunner(model.chunks, model.config.vocab_size, cuda_graphs=cuda_graphs, compile=compile,
+                         kernels=kernels)
     return Engine(runner, model.config.seq_length, tokenizer=tokenizer, max_batch_size=max_batch_size,
                   use_cache=use_cache, **kwargs)
 

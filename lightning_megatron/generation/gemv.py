@@ -25,16 +25,17 @@ def usable(x: Tensor, weight: Tensor) -> bool:
             and x.shape[-1] == weight.shape[1] and weight.shape[1] % 128 == 0)
 
 
-def gemv(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
-    """``x @ weight.T`` for one row ``x`` (``[..., K]``, one row in all) and ``weight`` ``[N, K]`` (bf16/fp16/fp32,
-    or int8 with ``scale`` ``[N]`` per row); the result has ``x``'s shape with ``N`` last, in ``x``'s dtype."""
+def gemv(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T (+ bias)`` for one row ``x`` (``[..., K]``, one row in all) and ``weight`` ``[N, K]``
+    (bf16/fp16/fp32, or int8 with ``scale`` ``[N]`` per row); the result has ``x``'s shape with ``N`` last, in
+    ``x``'s dtype. The bias is added in the kernel: a separate add would be one more launch per layer."""
     build()
     n, k = weight.shape
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     block_k = next(size for size in (512, 256, 128) if k % size == 0)
     _matvec[lambda meta: (triton_cdiv(n, meta["BLOCK_N"]),)](
-        x.reshape(k).contiguous(), weight, scale if scale is not None else out, out, n, k, HAS_SCALE=scale is not None,
-        BLOCK_K=block_k)
+        x.reshape(k).contiguous(), weight, scale if scale is not None else out, bias if bias is not None else out, out,
+        n, k, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_K=block_k)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -63,8 +64,8 @@ def _make_kernel() -> Any:  # built on first use, so that the package imports wi
 
     @triton.autotune(configs=configs, key=["N", "K"])
     @triton.jit
-    def matvec(x_ptr, w_ptr, s_ptr, o_ptr, N, K, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+    def matvec(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, N, K, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         live = rows < N
@@ -77,6 +78,8 @@ def _make_kernel() -> Any:  # built on first use, so that the package imports wi
         out = tl.sum(acc, axis=1)
         if HAS_SCALE:
             out = out * tl.load(s_ptr + rows, mask=live, other=0).to(tl.float32)
+        if HAS_BIAS:
+            out = out + tl.load(b_ptr + rows, mask=live, other=0).to(tl.float32)
         tl.store(o_ptr + rows, out.to(o_ptr.dtype.element_ty), mask=live)
 
     return matvec

@@ -9,7 +9,7 @@ therefore never see each other's keys, wherever they sit in the cache.
 
 :class:`CachedAttention` takes the place of each layer's ``core_attention`` while generating (core attention holds no
 weights): ``F.scaled_dot_product_attention`` over the cache, or, without a cache, over the forward's own keys (the
-recompute reference and scoring). With grouped-query attention the query heads of a group are folded into the query
+recompute reference and scoring); decode steps on CUDA write and attend in one kernel (:mod:`.decode_attention`). With grouped-query attention the query heads of a group are folded into the query
 axis instead of repeating keys, so a decode step reads every cached key once. Our own because megatron-core's
 inference contexts slice the cache with Python integers (nothing a CUDA graph can replay) and need CUDA or flash-attn.
 """
@@ -22,6 +22,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_megatron.generation.decode_attention import attend_and_write
 
 
 @dataclass
@@ -37,15 +39,21 @@ class AttentionWindow:
     """Cache positions of the queries (``[queries]``, long, on the device)."""
     kv_length: int = 0
     """Keys at cache positions ``[0, kv_length)`` are attended over."""
+    valid: Tensor | None = None
+    """Set for decode steps through :mod:`.decode_attention`: the rows' ``valid`` cells, from which that kernel builds
+    the mask itself (``bias`` is then unused)."""
+    slopes: Tensor | None = None
+    """With ``valid`` and ALiBi: this rank's heads' slopes (the kernel adds ALiBi's term from the cells' positions)."""
 
 
 class KVCache:
     """Keys and values of every attention layer of this rank, and which cache cells hold a row's own tokens."""
 
     def __init__(self, layers: dict[int, tuple[int, int]], rows: int, length: int, dtype: torch.dtype,
-                 device: torch.device, positions: bool = False) -> None:
+                 device: torch.device, positions: bool = False, counters: int = 0) -> None:
         """``layers`` maps megatron's layer number to ``(key/value groups on this rank, head dim)``; ``positions``
-        also keeps each cell's sequence position (what ALiBi's bias is computed from)."""
+        also keeps each cell's sequence position (what ALiBi's bias is computed from); ``counters``: how many
+        (row, head) pairs :mod:`.decode_attention` may count finished key spans for."""
         self.rows = rows
         self.length = length
         # Zeroed: masked weights are exactly 0, but 0 x NaN found in never-written memory would still be NaN.
@@ -54,6 +62,9 @@ class KVCache:
         self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)
         self.positions = torch.zeros(rows, length, dtype=torch.long, device=device) if positions else None
         """``[rows, length]``: the position in its own sequence of the token each cell holds (written with the keys)."""
+        self.counters = torch.zeros(counters, dtype=torch.int32, device=device)
+        """The decode kernel's per-(row, head) counters (zero between launches; kept here so a CUDA graph replays
+        them rather than zeroing new ones each step)."""
 
     def move_rows(self, dst: Tensor, src: Tensor) -> None:
         """Copy rows ``src`` into rows ``dst`` (long tensors on the device): slot compaction, beam reordering."""
@@ -128,6 +139,13 @@ class CachedAttention(torch.nn.Module):
                 packed_seq_params: object = None) -> Tensor:
         """``query`` ``[q, b, heads, d]``, ``key``/``value`` ``[q, b, groups, d]`` -> ``[q, b, heads * d]``."""
         window = self.owner.window
+        if window.valid is not None:
+            cache = self.owner.cache
+            cell_positions = None if window.slopes is None else cache.positions[window.rows]
+            return attend_and_write(query, key, value, cache.keys[self.layer_number][window.rows],
+                                    cache.values[self.layer_number][window.rows], window.valid, window.positions,
+                                    window.kv_length, self.softmax_scale, window.slopes, cell_positions,
+                                    counters=cache.counters)
         if window.rows is None:
             keys, values = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
         else:

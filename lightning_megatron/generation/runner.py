@@ -30,6 +30,7 @@ from megatron.core.transformer.attention import Attention
 from torch import Tensor
 
 from lightning_megatron.backends import HAVE_TRITON
+from lightning_megatron.generation import decode_attention
 from lightning_megatron.generation.compiled import compile_step
 from lightning_megatron.generation.gemv import build as build_gemv
 from lightning_megatron.generation.gemv import gemv, usable
@@ -53,10 +54,12 @@ class ModelRunner:
     this process holds the whole model replica; tensor/pipeline/context-parallel replicas run eagerly).
     ``compile``: ``torch.compile`` the decode step (before capturing it in graphs), one graph per model (see
     :mod:`.compiled`); fuses small kernels on any device, at the cost of compiling at the first steps.
+    ``kernels``: on CUDA with Triton, decode through our kernels - one-row products (:mod:`.gemv`, one process) and
+    the decode step's attention with its cache write (:mod:`.decode_attention`); ``False``: torch's kernels only.
     """
 
     def __init__(self, chunks: Sequence[torch.nn.Module], vocab_size: int, cuda_graphs: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, kernels: bool = True) -> None:
         self.chunks = list(chunks)
         self.models = [unwrap(chunk) for chunk in self.chunks]
         self.vocab_size = vocab_size
@@ -101,11 +104,18 @@ class ModelRunner:
                          if getattr(getattr(module, "config", None), "sequence_parallel", False)})
         self._sequence_parallel = list(switches.values())
         # Float linear layers whose one-row products (batch-1 decode) go through the matrix-vector kernel on CUDA.
-        self._linears = [module for module in modules if single and self.device.type == "cuda" and HAVE_TRITON
+        self._linears = [module for module in modules if kernels and single and self.device.type == "cuda" and HAVE_TRITON
                          and isinstance(module, (ColumnParallelLinear, RowParallelLinear))
                          and not isinstance(module, Int8Linear)]
         if self._linears or any(getattr(module, "int8_kernel", None) == GEMV for module in modules):
             build_gemv()
+        self._heads = max((module.num_attention_heads_per_partition for module in self._attentions), default=0)
+        self._decode_kernel = kernels and decode_attention.usable(
+            self.device, {module.hidden_size_per_attention_head for module in self._attentions})
+        """Whether decode steps may write the cache and attend in :mod:`.decode_attention`'s kernel (those of
+        small batches do: :func:`.decode_attention.preferred`)."""
+        if self._decode_kernel:
+            decode_attention.build()
 
     # ------------------------------------------------------------------ roles
     @property
@@ -142,7 +152,8 @@ class ModelRunner:
         """A zeroed key/value cache of ``rows`` sequences by ``length`` positions, and the rows' decode inputs."""
         layers = {module.layer_number: (module.num_query_groups_per_partition, module.hidden_size_per_attention_head)
                   for module in self._attentions}
-        self.cache = KVCache(layers, rows, length, self.dtype, self.device, positions=self._alibi is not None)
+        self.cache = KVCache(layers, rows, length, self.dtype, self.device, positions=self._alibi is not None,
+                             counters=rows * self._heads if self._decode_kernel else 0)
         self.tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         if self.use_graphs:
@@ -293,13 +304,17 @@ class ModelRunner:
         """The decode step of rows ``[0, batch)`` over keys ``[0, kv_length)``: every input is a device tensor."""
         valid = self.cache.valid[:batch]
         valid.index_fill_(1, self._position, True)
-        bias = torch.zeros(batch, 1, 1, kv_length, dtype=self.dtype, device=self.device)
-        bias.masked_fill_(~valid[:, None, None, :kv_length], float("-inf"))
         position_ids = self.lengths[:batch, None].clamp(max=self.max_positions - 1)
         if self._alibi is not None:
             self.cache.positions[:batch].index_copy_(1, self._position, position_ids)
-            bias = self._with_alibi(bias, position_ids, self.cache.positions[:batch, :kv_length])
-        self.window = AttentionWindow(bias, slice(0, batch), self._position, kv_length)
+        if self._decode_kernel and decode_attention.preferred(batch, self._heads):
+            self.window = AttentionWindow(None, slice(0, batch), self._position, kv_length, valid, self._alibi)
+        else:
+            bias = torch.zeros(batch, 1, 1, kv_length, dtype=self.dtype, device=self.device)
+            bias.masked_fill_(~valid[:, None, None, :kv_length], float("-inf"))
+            if self._alibi is not None:
+                bias = self._with_alibi(bias, position_ids, self.cache.positions[:batch, :kv_length])
+            self.window = AttentionWindow(bias, slice(0, batch), self._position, kv_length)
         logits = self._run(self.tokens[:batch, None], position_ids, last_only=True)
         return None if logits is None else logits[:, -1]
 
@@ -353,5 +368,4 @@ def _one_row_matvec(matmul: Any, input: Tensor, weight: Tensor, bias: Tensor | N
     """megatron's linear ``matmul`` (a layer's ``_forward_impl``), through :func:`.gemv.gemv` for one-row inputs."""
     if kwargs.get("sequence_parallel") or not usable(input, weight):
         return matmul(input, weight, bias, *args, **kwargs)
-    out = gemv(input, weight)
-    return out if bias is None else out + bias
+    return gemv(input, weight, bias=bias)
