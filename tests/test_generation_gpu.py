@@ -100,6 +100,8 @@ def test_matvec_kernel_equals_torch(shape):
     scale = (torch.rand(n, device="cuda") / 100).to(torch.bfloat16)
     expected = x.float() @ (quantized.float() * scale.float()[:, None]).t()
     torch.testing.assert_close(gemv(x, quantized, scale).float(), expected, atol=2e-2, rtol=2e-2)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(gemv(x, quantized, scale, bias).float(), expected + bias.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_decoding_through_the_matvec_kernel_equals_torch_matmuls(models, monkeypatch):

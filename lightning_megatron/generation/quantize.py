@@ -37,16 +37,18 @@ GEMV = "triton-gemv"
 """One-row inputs through :mod:`.gemv`, others as :data:`DEQUANTIZE`."""
 
 
-def int8_matmul(x: Tensor, weight: Tensor, scale: Tensor, kernel: str) -> Tensor:
-    """``x @ (weight * scale[:, None])^T`` for an int8 ``weight`` ``[out, in]`` and ``scale`` ``[out]`` in x's dtype."""
+def int8_matmul(x: Tensor, weight: Tensor, scale: Tensor, kernel: str, bias: Tensor | None = None) -> Tensor:
+    """``x @ (weight * scale[:, None])^T (+ bias)`` for an int8 ``weight`` ``[out, in]`` and ``scale`` ``[out]`` in
+    x's dtype."""
     if kernel == GEMV and gemv.usable(x, weight):
-        return gemv.gemv(x, weight, scale)
+        return gemv.gemv(x, weight, scale, bias)
     rows = x.reshape(-1, x.shape[-1])
     if kernel == INT8PACK:
         out = torch._weight_int8pack_mm(rows, weight, scale)
     else:
         out = (rows @ weight.to(x.dtype).t()) * scale
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    out = out.reshape(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
 
 
 class Int8Linear:
@@ -61,8 +63,7 @@ class Int8Linear:
                       sequence_parallel: bool = False, tp_group: Any = None, **kwargs: Any) -> Tensor:
         if sequence_parallel:  # what megatron's own matmul does first under sequence parallelism
             input = gather_from_sequence_parallel_region(input, group=tp_group)
-        out = int8_matmul(input, weight, self.weight_scale, self.int8_kernel)
-        return out if bias is None else out + bias
+        return int8_matmul(input, weight, self.weight_scale, self.int8_kernel, bias)
 
 
 class Int8ColumnParallelLinear(Int8Linear, ColumnParallelLinear):
