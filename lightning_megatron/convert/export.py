@@ -40,12 +40,14 @@ from lightning_megatron.convert.hf import (
 )
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.data.megatron_datasets import process_group_for_build
+from lightning_megatron.data.tokenizer import load_tokenizer
 from lightning_megatron.models.bert import Bert, BertConfig
 from lightning_megatron.models.gpt import GPT, GPTConfig
 from lightning_megatron.models.lora import LoRAConfig
 from lightning_megatron.models.t5 import T5, T5Config
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
+from lightning_megatron.pretrained import load_pretrained
 
 _MODULES = {"GPT": (GPT, GPTConfig), "Bert": (Bert, BertConfig), "T5": (T5, T5Config)}
 """The modules a ``fit`` checkpoint can be rebuilt from without a recipe, by the class name it records."""
@@ -134,8 +136,6 @@ def load_any_checkpoint(module: MegatronModule, path: str | Path) -> None:
         load_weights(module, str(path))
     else:
         if module.lora is not None and module.lora.adapters_only and module.init_from:
-            from lightning_megatron.pretrained import load_pretrained  # it imports convert/ (a cycle at import time)
-
             load_pretrained(module, module.init_from)  # the base weights the adapters were trained on
         io = MegatronCheckpointIO()
         io.load_checkpoint(path)  # validates: a damaged shard is named before any read
@@ -179,8 +179,6 @@ def checkpoint_to_hf(ckpt: str | Path, out: str | Path, config: str | Path | Non
             module, recipe_tokenizer = recipe_model(config)
             _check_recipe_fits(module, ckpt, layout)
     if tokenizer is None:
-        from lightning_megatron.data.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(recipe_tokenizer).path
         if config is None:
             rank_zero_info(f"tokenizer: the bundled corpus's ({tokenizer}); pass --tokenizer <tokenizer.json or HF "
