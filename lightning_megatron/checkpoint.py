@@ -5,12 +5,17 @@ A checkpoint is a directory (its name may end in ``.ckpt``, as ModelCheckpoint n
 * megatron's sharded model and optimizer state (``metadata.json``, ``common.pt``, ``.metadata``, ``*.distcp``),
   stored with layers stacked on a layer axis so that it loads under another TP/PP layout;
 * ``trainer.pt`` - Lightning's own state (loop progress, callbacks, schedulers, precision, datamodule, hparams);
-* ``layout.json`` - the parallel layout, step and dtype it was saved with; written last, it marks completion.
+* ``layout.json`` - the parallel layout, step, dtype and module class it was saved with; written last, it marks
+  completion.
 
 Every save goes to ``<name>.partial`` first and is renamed to ``<name>`` only when all ranks have finished, so a
 checkpoint path that exists is always complete, and a process killed mid-save leaves the previous checkpoint
 untouched. With ``async_save=True`` the shards are written by a forked process while training continues;
 the rename happens when a later step (or teardown) finds every rank done.
+
+:func:`read_saved_module` is the one reader of what a checkpoint saved of its module (class, hyper-parameters, where
+the weights are), for this format and for a one-process Lightning ``.ckpt`` file; generation, export and
+``init_from`` all go through it.
 """
 
 from __future__ import annotations
@@ -109,11 +114,77 @@ def read_layout(path: _PATH) -> CheckpointLayout:
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (no {', '.join(missing)}): it was not written to "
                               f"the end; resume from an earlier checkpoint")
-    data = json.loads((path / LAYOUT_FILE).read_text())
+    try:
+        data = json.loads((path / LAYOUT_FILE).read_text())
+    except ValueError as error:  # invalid JSON or UTF-8
+        raise CheckpointError(f"{path / LAYOUT_FILE} is truncated or corrupt ({error}); {_COPY_AGAIN}") from None
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {data.get('format_version')}, this version of "
                               f"lightning_megatron reads version {FORMAT_VERSION}")
     return CheckpointLayout.from_dict(data)
+
+
+@dataclass(frozen=True)
+class SavedModule:
+    """What a checkpoint saved of its LightningModule: its class, the arguments it was built with, its weights."""
+
+    init_args: dict[str, Any]
+    """The saved hyper-parameters: ``config`` and ``optim`` as dicts; ``lora`` and ``init_from`` for a LoRA run."""
+    weights: Path
+    """The sharded checkpoint directory, or the one-process Lightning ``.ckpt`` file holding a ``state_dict``."""
+    layout: CheckpointLayout | None
+    """How a sharded checkpoint was saved (``None`` for a ``.ckpt`` file, which records no layout)."""
+
+    @property
+    def module(self) -> str | None:
+        """The module's class name (``GPT``, ``Bert``, ``T5``...) as ``layout.json`` records it; ``None`` for a
+        ``.ckpt`` file, which does not record it."""
+        return self.layout.module if self.layout is not None else None
+
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        """The saved LoRA settings (``LoRAConfig`` fields), ``None`` if the module has no adapters."""
+        return self.init_args.get("lora") or None
+
+    @property
+    def base(self) -> str | None:
+        """The checkpoint the weights this one lacks come from: the ``init_from`` of an adapters-only LoRA
+        checkpoint (a ``.ckpt`` file holds every weight)."""
+        if self.layout is None or not (self.lora or {}).get("adapters_only"):
+            return None
+        return self.init_args.get("init_from")
+
+
+def read_saved_module(path: _PATH) -> SavedModule:
+    """Read what a checkpoint saved of its module: a sharded directory's ``layout.json`` and ``trainer.pt``, or a
+    one-process Lightning ``.ckpt`` file; a missing, incomplete or damaged file is a one-line error naming it."""
+    path = Path(path)
+    if path.is_file():
+        state, layout = _lightning_file(path), None
+    else:
+        layout = read_layout(path)
+        state = _load_file(path / TRAINER_FILE, _COPY_AGAIN)
+    return SavedModule(dict(state.get("hyper_parameters") or {}), path, layout)
+
+
+def load_lightning_file(chunks: Sequence[torch.nn.Module], path: _PATH) -> None:
+    """Load a one-process Lightning ``.ckpt`` file's weights into one process's model chunks (any other layout
+    does not fit: the file holds unsharded tensors).
+
+    megatron's DDP saves its module's keys without its own prefix, which ``LightningModule.load_state_dict`` does
+    not undo, so each chunk loads its share itself.
+    """
+    weights = _lightning_file(Path(path))["state_dict"]
+    for index, chunk in enumerate(chunks):
+        prefix = f"chunks.{index}."
+        try:
+            unwrap(chunk).load_state_dict({key[len(prefix):]: value for key, value in weights.items()
+                                           if key.startswith(prefix)}, strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"{path} does not fit model chunk {index}: load it into one process (tp 1, pp 1) with the model it "
+                f"was trained with (leave --config out to use the one it saved)\n{error}"
+            ) from None
 
 
 def check_compatible(path: _PATH, saved: CheckpointLayout, current: CheckpointLayout, load_optimizer: bool) -> None:
@@ -344,11 +415,7 @@ class MegatronCheckpointIO(CheckpointIO):
         if damaged:
             raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(damaged)}; copy it again or resume from "
                                   f"an earlier checkpoint")
-        try:
-            state = torch.load(Path(path) / TRAINER_FILE, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-            raise CheckpointError(f"{Path(path) / TRAINER_FILE} is unreadable ({error}); copy the checkpoint again "
-                                  f"or resume from an earlier one") from None
+        state = _load_file(Path(path) / TRAINER_FILE, _COPY_AGAIN)
         state["layout"] = layout.to_dict()
         return state
 
@@ -384,6 +451,31 @@ class MegatronCheckpointIO(CheckpointIO):
             self._queue = None
 
 
+_COPY_AGAIN = "copy the checkpoint again, or use an earlier one"
+
+
+def _load_file(file: Path, fix: str, mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint file (``mmap``: its tensors read from disk only when used); a damaged file is a
+    :class:`CheckpointError` naming it and ``fix`` rather than a pickle traceback."""
+    # torch.save writes zip archives: a cut-short one lacks its central directory, random bytes lack the rest.
+    if not zipfile.is_zipfile(file):
+        raise CheckpointError(f"{file} is truncated or corrupt (not the zip archive torch.save writes); {fix}")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{file} is truncated or corrupt ({str(error).splitlines()[0]}); {fix}") from None
+
+
+def _lightning_file(path: Path) -> dict[str, Any]:
+    """The dict a one-process Lightning ``.ckpt`` file holds (``state_dict``, ``hyper_parameters``...)."""
+    # Mapped: reading the hyper-parameters beside a large state_dict does not read its tensors.
+    state = _load_file(path, "copy it again, or save it again from the run that trained it", mmap=True)
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it holds no state_dict); pass a checkpoint "
+                              f"directory saved by training or a Lightning .ckpt file")
+    return state
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -417,10 +509,13 @@ def _publish(partial: Path, path: Path, layout: dict[str, Any], trainer_state: b
 __all__ = [
     "CheckpointError",
     "CheckpointLayout",
+    "SavedModule",
     "check_compatible",
+    "load_lightning_file",
     "MegatronCheckpointIO",
     "model_sharded_state_dict",
     "optimizer_sharded_state_dict",
     "read_layout",
+    "read_saved_module",
     "restore_chunks",
 ]

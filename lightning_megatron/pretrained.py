@@ -24,7 +24,7 @@ from lightning_megatron.checkpoint import (
     MegatronCheckpointIO,
     damaged_files,
     model_sharded_state_dict,
-    read_layout,
+    read_saved_module,
 )
 from lightning_megatron.convert.consolidated import SafetensorsFiles, load_consolidated
 from lightning_megatron.models.lora import is_adapter
@@ -63,14 +63,16 @@ def load_pretrained(module: MegatronModule, path: str | os.PathLike) -> None:
 
 
 def _load_sharded(module: MegatronModule, path: Path) -> None:
-    layout = read_layout(path)
+    saved_module = read_saved_module(path)
     damaged = damaged_files(path)
     if damaged:
         raise CheckpointError(f"init_from {path} is damaged: {'; '.join(damaged)}; copy it again")
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     if saved and all(is_adapter(key) for key in saved):
-        raise CheckpointError(f"init_from {path} holds only LoRA adapters ({layout.describe()}); set init_from to "
-                              f"the base model's checkpoint and resume the adapters with --ckpt_path")
+        base = f" ({saved_module.base})" if saved_module.base else ""
+        raise CheckpointError(f"init_from {path} holds only LoRA adapters ({saved_module.layout.describe()}); set "
+                              f"init_from to the base model's checkpoint{base} and resume the adapters with "
+                              f"--ckpt_path")
     assert module.chunks is not None
 
     # New adapters keep their initial values; adapters the checkpoint holds (a LoRA run's) are loaded.

@@ -17,9 +17,9 @@ import transformers
 from safetensors.torch import load_file
 
 from launch import REPO, SCRIPTS, child_env
-from lightning_megatron.checkpoint import read_layout
+from lightning_megatron.checkpoint import read_saved_module
 from lightning_megatron.convert import build_module, load_any_checkpoint
-from lightning_megatron.convert.export import trained_module
+from lightning_megatron.models.saved import module_from_saved
 from test_convert_hf import gloo_world, logits_of, one_rank  # noqa: F401  (fixtures)
 
 RECIPES = REPO / "recipes"
@@ -100,7 +100,7 @@ def one_process_runs(tmp_path_factory) -> dict[str, Path]:
 
 def _our_logits(ckpt: Path, inputs: dict, layout) -> torch.Tensor:
     """Logits of the trained module, loaded from its fit checkpoint into one process."""
-    module = build_module(trained_module(ckpt, read_layout(ckpt)), layout)
+    module = build_module(module_from_saved(read_saved_module(ckpt)), layout)
     module.chunks.eval()
     load_any_checkpoint(module, ckpt)
     return logits_of(module, inputs)

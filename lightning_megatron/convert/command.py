@@ -21,7 +21,8 @@ def main(argv: Sequence[str]) -> int:
     to_megatron.add_argument("--pp", type=int, default=1, help="pipeline parallel size to validate against")
     to_hf = sub.add_parser("megatron-to-hf", help="checkpoint of fit or hf-to-megatron -> HF save_pretrained directory")
     to_hf.add_argument("--ckpt", required=True, help="checkpoint directory written by fit (any layout, e.g. "
-                                                     "runs/gpt-tiny/checkpoints/last.ckpt) or by hf-to-megatron")
+                                                     "runs/gpt-tiny/checkpoints/last.ckpt) or by hf-to-megatron, "
+                                                     "or a one-process Lightning .ckpt file")
     to_hf.add_argument("--out", required=True, help="new HF directory")
     to_hf.add_argument("--config", help="training recipe (YAML) of a fit checkpoint: its model and tokenizer "
                                         "(default: the model config the checkpoint saved, the bundled tokenizer)")
@@ -46,8 +47,6 @@ def main(argv: Sequence[str]) -> int:
         elif args.adapter_only:
             from lightning_megatron.convert.peft import checkpoint_to_peft
 
-            if not args.config:
-                parser.error("--adapter-only needs --config <the LoRA training recipe>")
             out = checkpoint_to_peft(args.ckpt, args.config, args.out)
         else:
             out = checkpoint_to_hf(args.ckpt, args.out, args.config, args.tokenizer, args.architecture, shard_bytes)

@@ -1,11 +1,12 @@
 """``megatron-to-hf`` from any checkpoint: one written by ``fit`` (any TP/PP/VP/CP/DP layout) or by ``hf-to-megatron``.
 
 The model comes from the training recipe (``--config``: its ``model`` and ``data`` sections, read the way ``fit``
-reads them) or, without one, from the checkpoint itself: ``layout.json`` names the module class and ``trainer.pt``
-holds its config among the saved hyper-parameters. The tokenizer is ``--tokenizer``, else the recipe datamodule's,
-else the bundled corpus's (what a recipe without a ``tokenizer`` trains with). The model is built in this one
-process on the CPU, where megatron's ``dist_checkpointing`` reshards whatever layout the checkpoint was saved in,
-and written by :func:`~lightning_megatron.convert.hf.export_hf`.
+reads them) or, without one, from the checkpoint itself (:func:`~lightning_megatron.checkpoint.read_saved_module`:
+the module class, config and LoRA settings it saved); a one-process Lightning ``.ckpt`` file converts too. The
+tokenizer is ``--tokenizer``, else the recipe datamodule's, else the bundled corpus's (what a recipe without a
+``tokenizer`` trains with). The model is built in this one process on the CPU, where megatron's
+``dist_checkpointing`` reshards whatever layout the checkpoint was saved in, and written by
+:func:`~lightning_megatron.convert.hf.export_hf`.
 """
 
 from __future__ import annotations
@@ -13,20 +14,18 @@ from __future__ import annotations
 import dataclasses
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_megatron import parallel
 from lightning_megatron.checkpoint import (
     LAYOUT_FILE,
-    TRAINER_FILE,
-    CheckpointLayout,
     MegatronCheckpointIO,
-    read_layout,
+    SavedModule,
+    load_lightning_file,
+    read_saved_module,
 )
 from lightning_megatron.convert.core import ConversionError, build_module
 from lightning_megatron.convert.hf import (
@@ -40,15 +39,12 @@ from lightning_megatron.convert.hf import (
 )
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.data.megatron_datasets import process_group_for_build
-from lightning_megatron.models.bert import Bert, BertConfig
-from lightning_megatron.models.gpt import GPT, GPTConfig
-from lightning_megatron.models.lora import LoRAConfig
-from lightning_megatron.models.t5 import T5, T5Config
+from lightning_megatron.data.tokenizer import load_tokenizer
+from lightning_megatron.models.saved import module_from_saved
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
+from lightning_megatron.pretrained import load_pretrained
 
-_MODULES = {"GPT": (GPT, GPTConfig), "Bert": (Bert, BertConfig), "T5": (T5, T5Config)}
-"""The modules a ``fit`` checkpoint can be rebuilt from without a recipe, by the class name it records."""
 _PRECISIONS = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
 """A checkpoint's ``params_dtype`` -> the precision its module is built with to load it."""
 
@@ -79,39 +75,15 @@ def recipe_model(recipe: str | Path) -> tuple[MegatronModule, str | None]:
     return built.model, getattr(built.get("data"), "tokenizer_spec", None)
 
 
-def _saved_hyper_parameters(path: Path) -> dict[str, Any]:
-    """The hyper-parameters a ``fit`` checkpoint saved (model config, LoRA options), if any."""
-    state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
-    return state.get("hyper_parameters") or {}
-
-
-def _saved_config(path: Path) -> dict[str, Any] | None:
-    """The model config a ``fit`` checkpoint saved with its hyper-parameters, if any."""
-    config = _saved_hyper_parameters(path).get("config")
-    return config if isinstance(config, dict) else None
-
-
-def trained_module(path: str | Path, layout: CheckpointLayout) -> MegatronModule:
-    """An unbuilt module of the class (``layout.json``) and config (saved hyper-parameters) of a ``fit``
-    checkpoint of one of the modules the converters know (GPT, BERT, T5)."""
-    saved = _saved_hyper_parameters(Path(path))
-    config = saved.get("config")
-    if not isinstance(config, dict) or layout.module not in _MODULES:
-        raise ConversionError(f"{path} (a {layout.module}) carries no model config this command can rebuild; pass "
-                              f"--config <the training recipe>")
-    module_class, config_class = _MODULES[layout.module]
-    lora = LoRAConfig(**saved["lora"]) if saved.get("lora") else None
-    return module_class(config_class(**config), lora=lora, init_from=saved.get("init_from"))
-
-
-def _check_recipe_fits(module: MegatronModule, path: Path, layout: CheckpointLayout) -> None:
+def _check_recipe_fits(module: MegatronModule, saved: SavedModule) -> None:
     """A recipe whose model is not the checkpoint's fails here, naming the fields that differ."""
-    if type(module).__qualname__ != layout.module:
-        raise ConversionError(f"{path} holds a {layout.module}, the recipe's model is a {type(module).__name__}; "
+    path = saved.weights
+    if saved.module is not None and type(module).__qualname__ != saved.module:
+        raise ConversionError(f"{path} holds a {saved.module}, the recipe's model is a {type(module).__name__}; "
                               f"pass --config <the recipe it was trained with> (or leave --config out)")
-    saved = _saved_config(path)
+    config = saved.init_args.get("config")
     current = dataclasses.asdict(module.config)
-    diff = {key: (value, current.get(key)) for key, value in (saved or {}).items()
+    diff = {key: (value, current.get(key)) for key, value in (config if isinstance(config, dict) else {}).items()
             if key not in TRAINING_FIELDS and current.get(key) != value}
     if diff:
         raise ConversionError(f"the recipe's model differs from the one {path} holds (field: (checkpoint, recipe)): "
@@ -129,34 +101,32 @@ def load_any_checkpoint(module: MegatronModule, path: str | Path) -> None:
     if converted(path):
         load_checkpoint(module, path)
     elif path.is_file():
-        from lightning_megatron.generation.session import load_weights
-
-        load_weights(module, str(path))
+        assert module.chunks is not None
+        load_lightning_file(module.chunks, path)
     else:
         if module.lora is not None and module.lora.adapters_only and module.init_from:
-            from lightning_megatron.pretrained import load_pretrained  # it imports convert/ (a cycle at import time)
-
             load_pretrained(module, module.init_from)  # the base weights the adapters were trained on
         io = MegatronCheckpointIO()
         io.load_checkpoint(path)  # validates: a damaged shard is named before any read
         module.load_checkpoint_state_dict(io.load_sharded(path, module.checkpoint_state_dict()))
 
 
-def _describe(path: Path) -> CheckpointLayout:
-    """The layout of a ``fit`` checkpoint, or a one-line error saying what ``path`` is instead."""
+def _saved_module(path: Path) -> SavedModule:
+    """What a ``fit`` checkpoint saved of its module, or a one-line error saying what ``path`` is instead."""
     if not path.exists():
         raise ConversionError(f"checkpoint {path} does not exist; pass --ckpt <a checkpoint directory written by "
                               f"fit or hf-to-megatron, e.g. runs/gpt-tiny/checkpoints/last.ckpt>")
     if path.is_dir() and not (path / LAYOUT_FILE).is_file() and not any(path.glob("*.distcp")):
         raise ConversionError(f"{path} is not a checkpoint (no {LAYOUT_FILE}, no {METADATA}); pass "
                               f"--ckpt <a checkpoint directory written by fit or hf-to-megatron>")
-    return read_layout(path)
+    return read_saved_module(path)
 
 
 def checkpoint_to_hf(ckpt: str | Path, out: str | Path, config: str | Path | None = None,
                      tokenizer: str | Path | None = None, architecture: str | None = None,
                      max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write a checkpoint of ``fit`` or ``hf-to-megatron`` as an HF ``save_pretrained`` directory with its tokenizer.
+    """Write a checkpoint of ``fit`` or ``hf-to-megatron`` (or a one-process Lightning ``.ckpt`` file) as an HF
+    ``save_pretrained`` directory with its tokenizer.
 
     ``config`` is the training recipe (needed only when the checkpoint carries no model config), ``tokenizer`` a
     tokenizer.json or HF directory overriding the recipe's, ``architecture`` the HF class to write when several fit
@@ -172,15 +142,14 @@ def checkpoint_to_hf(ckpt: str | Path, out: str | Path, config: str | Path | Non
             return converted_to_hf(ckpt, out, max_shard_bytes)
         module, tokenizer = module_from_checkpoint(ckpt), tokenizer or ckpt
     else:
-        layout = _describe(ckpt)
+        saved = _saved_module(ckpt)
+        layout = saved.layout  # None for a one-process .ckpt file: TP 1, its tensors copied into fp32 ones
         if config is None:
-            module = trained_module(ckpt, layout)
+            module = module_from_saved(saved)
         else:
             module, recipe_tokenizer = recipe_model(config)
-            _check_recipe_fits(module, ckpt, layout)
+            _check_recipe_fits(module, saved)
     if tokenizer is None:
-        from lightning_megatron.data.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(recipe_tokenizer).path
         if config is None:
             rank_zero_info(f"tokenizer: the bundled corpus's ({tokenizer}); pass --tokenizer <tokenizer.json or HF "

@@ -21,12 +21,18 @@ import yaml
 from safetensors.torch import save_file
 
 from lightning_megatron import parallel
-from lightning_megatron.checkpoint import MegatronCheckpointIO, model_sharded_state_dict, read_layout
+from lightning_megatron.checkpoint import (
+    MegatronCheckpointIO,
+    load_lightning_file,
+    model_sharded_state_dict,
+    read_saved_module,
+)
 from lightning_megatron.convert.consolidated import gather_consolidated
 from lightning_megatron.convert.core import ConversionError, Rule, build_module
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.models.gpt import GPT, GPTConfig
 from lightning_megatron.models.lora import ADAPTER_SUFFIX, LoRAConfig, adapter_state
+from lightning_megatron.models.saved import module_from_saved
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig, unwrap
 
@@ -117,17 +123,21 @@ def _recipe_model(recipe: str | Path) -> tuple[GPT, dict[str, Any]]:
     return GPT(GPTConfig(**init_args["config"]), lora=LoRAConfig(**init_args["lora"])), init_args
 
 
-def checkpoint_to_peft(ckpt: str | Path, recipe: str | Path, out: str | Path) -> Path:
-    """Write the adapters of a LoRA run's checkpoint (whole or adapters-only) as a PEFT directory, in one process."""
-    read_layout(ckpt)
-    module, init_args = _recipe_model(recipe)
+def checkpoint_to_peft(ckpt: str | Path, recipe: str | Path | None, out: str | Path) -> Path:
+    """Write the adapters of a LoRA run's checkpoint (whole or adapters-only; a directory or a one-process ``.ckpt``
+    file) as a PEFT directory, in one process; the model is the recipe's, else the one the checkpoint saved."""
+    saved = read_saved_module(ckpt)
+    module, init_args = _recipe_model(recipe) if recipe else (module_from_saved(saved), saved.init_args)
     with _one_process():
         build_module(module, ParallelConfig())
         assert module.chunks is not None
-        template = {name: adapter_state(state) for name, state in model_sharded_state_dict(module.chunks).items()}
-        loaded = MegatronCheckpointIO().load_sharded(ckpt, template)
-        for name, chunk in zip(template, module.chunks):
-            unwrap(chunk).load_state_dict(loaded[name], strict=False)
+        if saved.layout is None:
+            load_lightning_file(module.chunks, ckpt)
+        else:
+            template = {name: adapter_state(state) for name, state in model_sharded_state_dict(module.chunks).items()}
+            loaded = MegatronCheckpointIO().load_sharded(ckpt, template)
+            for name, chunk in zip(template, module.chunks):
+                unwrap(chunk).load_state_dict(loaded[name], strict=False)
         path = export_peft(module, out, str(init_args.get("init_from") or ""))
     assert path is not None
     return path

@@ -8,7 +8,6 @@ inference function runs on every rank with the loaded model (it must call collec
 from __future__ import annotations
 
 import argparse
-import pickle
 import warnings
 from functools import partial
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-import torch
 import yaml
 
+from lightning_megatron.checkpoint import load_lightning_file, read_saved_module
 from lightning_megatron.data.tokenizer import Tokenizer
 from lightning_megatron.errors import UserError
 from lightning_megatron.generation.params import SamplingParams
@@ -26,7 +25,8 @@ from lightning_megatron.generation.predict import PromptsDataModule
 from lightning_megatron.generation.quantize import MODES as QUANTIZE_MODES, quantize
 from lightning_megatron.models.gpt import GPT, GPTConfig
 from lightning_megatron.models.lora import LoRAConfig, merge_adapters
-from lightning_megatron.parallel import unwrap
+from lightning_megatron.models.saved import module_from_saved
+from lightning_megatron.module import MegatronModule
 from lightning_megatron.strategy import MegatronStrategy
 
 InferenceFn = Callable[[GPT, Tokenizer], Any]
@@ -69,72 +69,51 @@ def converted(ckpt: str | None) -> bool:
     return is_converted(ckpt)
 
 
-def model_config(ckpt: str | None, config: str | None) -> tuple[GPTConfig, str | None]:
-    """The GPT architecture and the tokenizer: a converted checkpoint's own (its directory holds the tokenizer),
-    else the recipe's, else the hyper-parameters a training checkpoint saved (and the bundled tokenizer)."""
+def model_options(ckpt: str | None, config: str | None) -> tuple[GPTConfig, dict[str, Any], str | None]:
+    """The GPT architecture, its ``lora``/``init_from`` options and the tokenizer: a converted checkpoint's own (its
+    directory holds the tokenizer, else the recipe's), else the recipe's, else what a training checkpoint saved
+    (:func:`~lightning_megatron.checkpoint.read_saved_module`; the bundled tokenizer). A LoRA model is built with its
+    adapters (merged once loaded), an adapters-only checkpoint with its base model (``init_from``)."""
+    _check_exists(ckpt)
     if converted(ckpt):
         from lightning_megatron.convert.hf import module_from_checkpoint
 
-        module = module_from_checkpoint(ckpt)
-        if not isinstance(module, GPT):
-            raise UserError(f"{ckpt} holds a {type(module).__name__}; generation, serving and evaluation run GPTs")
-        return module.config, ckpt if (Path(ckpt) / "tokenizer.json").is_file() else None
+        module = _gpt(module_from_checkpoint(ckpt), ckpt)
+        own = ckpt if (Path(ckpt) / "tokenizer.json").is_file() else None
+        return module.config, {}, own or (_recipe_model(config)[2] if config else None)
     if config:
-        recipe = yaml.safe_load(Path(config).read_text()) or {}
-        model = (recipe.get("model") or {}).get("init_args", {})
-        data = (recipe.get("data") or {}).get("init_args", {})
-        if "config" not in model:
-            raise UserError(f"{config} has no model.init_args.config; pass a training recipe such as "
-                            f"recipes/gpt-tiny.yaml")
-        return GPTConfig(**model["config"]), data.get("tokenizer")
-    # A sharded checkpoint directory keeps Lightning's state (hyper-parameters included) in trainer.pt.
-    state_file = Path(ckpt) / "trainer.pt" if ckpt and Path(ckpt).is_dir() else Path(ckpt) if ckpt else None
-    if state_file is not None and state_file.is_file():
-        checkpoint = torch.load(state_file, map_location="cpu", weights_only=False)
-        hparams = checkpoint.get("hyper_parameters", {})
-        if "config" in hparams:
-            return GPTConfig(**hparams["config"]), None
-    raise UserError("cannot tell the model's architecture: pass --config <training recipe.yaml> "
-                    "(the checkpoint carries no GPT hyper-parameters)")
+        return _recipe_model(config)
+    if not ckpt:
+        raise UserError("cannot tell the model's architecture: pass --config <training recipe.yaml> or --ckpt")
+    module = _gpt(module_from_saved(read_saved_module(ckpt)), ckpt)
+    options = {"lora": module.lora, "init_from": module.init_from} if module.lora else {}
+    return module.config, options, None
 
 
-def lora_options(ckpt: str | None, config: str | None) -> dict[str, Any]:
-    """``lora`` and ``init_from`` for :class:`GPT` from the recipe, else from a training checkpoint's
-    hyper-parameters: a LoRA model is built with its adapters (merged once loaded), and an adapters-only
-    checkpoint with its base model (``init_from``)."""
-    if config:
-        options = ((yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}).get("init_args", {})
-    else:
-        state_file = Path(ckpt) / "trainer.pt" if ckpt and Path(ckpt).is_dir() else None
-        options = (torch.load(state_file, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-                   if state_file is not None and state_file.is_file() else {})
-    if not options.get("lora"):
-        return {}
-    lora = LoRAConfig(**options["lora"])
-    return {"lora": lora, "init_from": options.get("init_from") if lora.adapters_only else None}
+def _recipe_model(config: str) -> tuple[GPTConfig, dict[str, Any], str | None]:
+    """:func:`model_options` from a training recipe's ``model`` and ``data`` sections."""
+    recipe = yaml.safe_load(Path(config).read_text()) or {}
+    model = (recipe.get("model") or {}).get("init_args", {})
+    data = (recipe.get("data") or {}).get("init_args", {})
+    if "config" not in model:
+        raise UserError(f"{config} has no model.init_args.config; pass a training recipe such as "
+                        f"recipes/gpt-tiny.yaml")
+    options = {}
+    if model.get("lora"):
+        lora = LoRAConfig(**model["lora"])
+        options = {"lora": lora, "init_from": model.get("init_from") if lora.adapters_only else None}
+    return GPTConfig(**model["config"]), options, data.get("tokenizer")
 
 
-def load_weights(model: GPT, path: str) -> None:
-    """Load a Lightning ``.ckpt``'s model weights into this rank's chunks.
+def _check_exists(ckpt: str | None) -> None:
+    if ckpt and not Path(ckpt).exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist; pass --ckpt <the path of a saved checkpoint>")
 
-    megatron's DDP saves its module's keys without its own prefix, which ``LightningModule.load_state_dict`` does
-    not undo, so each chunk loads its share itself. The checkpoint must come from the same TP/PP layout.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as error:
-        raise UserError(f"{path} is not a readable Lightning checkpoint ({error}); pass the checkpoint directory "
-                        f"training wrote (e.g. runs/gpt-tiny/checkpoints/last.ckpt)") from None
-    for index, chunk in enumerate(model.chunks):
-        prefix = f"chunks.{index}."
-        weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-        try:
-            unwrap(chunk).load_state_dict(weights, strict=True)
-        except RuntimeError as error:
-            raise UserError(
-                f"{path} does not fit this rank's model chunk {index}: load it with the parallel layout it was "
-                f"trained with (--tp/--pp), or convert it to a sharded checkpoint\n{error}"
-            ) from None
+
+def _gpt(module: MegatronModule, ckpt: str) -> GPT:
+    if not isinstance(module, GPT):
+        raise UserError(f"{ckpt} holds a {type(module).__name__}; generation, serving and evaluation run GPTs")
+    return module
 
 
 class _RunAfterWarmup(pl.Callback):
@@ -157,10 +136,7 @@ class _RunAfterWarmup(pl.Callback):
 
 def run_inference(args: argparse.Namespace, fn: InferenceFn) -> Any:
     """Load the model described by :func:`add_model_arguments`'s ``args`` and run ``fn`` on every rank."""
-    config, model_tokenizer = model_config(args.ckpt, args.config)
-    if converted(args.ckpt) and args.config and not model_tokenizer:
-        model_tokenizer = model_config(None, args.config)[1]
-    options = {} if converted(args.ckpt) else lora_options(args.ckpt, args.config)
+    config, options, model_tokenizer = model_options(args.ckpt, args.config)
     return run_with_model(config, fn, ckpt=args.ckpt, tokenizer=args.tokenizer or model_tokenizer,
                           devices=args.devices, tp=args.tp, pp=args.pp, accelerator=args.accelerator,
                           precision=args.precision, quantize=args.quantize, **options)
@@ -176,8 +152,7 @@ def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, 
     model's adapters are merged into its weights once loaded (``init_from``: the base model of an adapters-only
     checkpoint). Returns ``fn``'s value on global rank 0 (``None`` elsewhere).
     """
-    if ckpt and not Path(ckpt).exists():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist; pass --ckpt <the path of a saved checkpoint>")
+    _check_exists(ckpt)
     if ckpt and Path(ckpt).is_file() and tp * pp > 1:
         raise UserError(f"{ckpt} is a Lightning .ckpt, which holds the weights of one process only; load it "
                         f"with --tp 1 --pp 1, or save a sharded checkpoint to generate under TP/PP")
@@ -188,7 +163,7 @@ def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, 
     # A Lightning .ckpt file and a converted checkpoint are loaded here; a sharded checkpoint by the strategy.
     load: Callable[[GPT], None] | None = None
     if ckpt and Path(ckpt).is_file():
-        load = partial(load_weights, path=ckpt)
+        load = lambda module: load_lightning_file(module.chunks, ckpt)
     elif converted(ckpt):
         from lightning_megatron.convert.hf import load_checkpoint
 
