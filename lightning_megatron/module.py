@@ -153,7 +153,7 @@ class MegatronModule(pl.LightningModule, ABC):
 
         Nothing is read back from the device here: the loss is logged as a device tensor that loggers read once per
         logging interval (not as a progress-bar metric, which Lightning reads back after every step;
-        :class:`~lightning_megatron.callbacks.MegatronProgressBar` shows it when it refreshes), and the learning rate
+        :class:`~lightning_megatron.callbacks.MegatronProgressBar` reads it on logging steps), and the learning rate
         as a CPU tensor (a Python number would be copied to the device, which waits for the step)."""
         result = self._run(batch, forward_only=False)
         size = batch_size_of(batch)

@@ -11,6 +11,7 @@ import torch
 
 import lightning_megatron as lm
 from launch import REPO
+from lightning_megatron.callbacks import MegatronProgressBar
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from train_throughput import RandomData  # noqa: E402
@@ -63,3 +64,20 @@ def test_training_steps_read_nothing_back(monkeypatch):
     assert not counter.sites, f"read-backs in {counter.steps} steps: {counter.sites.most_common()}"
     # The step's results are still there to read: the logged loss and gradient norm.
     assert torch.isfinite(trainer.callback_metrics["train_loss"]) and trainer.callback_metrics["grad_norm"] > 0
+
+
+def test_the_progress_bar_reads_the_loss_back_on_logging_steps_only(monkeypatch):
+    steps = 10
+    config = lm.GPTConfig.tiny(vocab_size=256, hidden_size=64, seq_length=32)
+    counter = ReadBacks(first=2)
+    counter.install(monkeypatch)
+    bar = MegatronProgressBar()
+    trainer = L.Trainer(strategy=lm.MegatronStrategy(), accelerator="cpu", devices=1, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                        log_every_n_steps=3, callbacks=[counter, bar])
+    trainer.fit(lm.GPT(config, lm.OptimConfig(warmup_steps=0)), datamodule=RandomData(256, 32, 4, 2, steps))
+    # Steps 3-9 are counted (batch_idx 2-8); the logging steps among them are 3, 6 and 9 (where the strategy's
+    # empty-batch check reads its flag back too).
+    reads = sum(count for site, count in counter.sites.items() if "callbacks/progress.py" in site)
+    assert reads == 3, counter.sites.most_common()
+    assert bar.train_progress_bar.postfix and "train_loss=" in bar.train_progress_bar.postfix

@@ -7,6 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from lightning_megatron.cadence import is_logging_step
+
 
 def format_metric(name: str, value: float) -> str:
     """Learning rates in scientific notation, rates as integers, fractions as percentages, losses to 4 digits."""
@@ -25,15 +27,22 @@ class MegatronProgressBar(TQDMProgressBar):
     With ``max_steps`` set, one bar counts optimizer steps to ``max_steps`` across epochs (a resumed run starts at
     its step), so its ETA is the run's; the description still names the epoch. ``train_loss`` is logged without
     ``prog_bar`` (Lightning would read a progress-bar metric back from the GPU after every step); this bar shows it
-    anyway, reading it only when it refreshes.
+    anyway, reading it back on logging steps only (:mod:`lightning_megatron.cadence`) and showing the last value
+    read in between, so that the bar never makes the host wait for a step.
     """
 
     read_at_refresh: tuple[str, ...] = ("train_loss",)
     """Logged metrics the bar shows although they are not progress-bar metrics."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_read: dict[str, float] = {}
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         logged = trainer.callback_metrics
-        metrics = {name: float(logged[name]) for name in self.read_at_refresh if name in logged}
+        if not (trainer.training and self._last_read) or is_logging_step(trainer):
+            self._last_read = {name: float(logged[name]) for name in self.read_at_refresh if name in logged}
+        metrics = dict(self._last_read)
         metrics.update(super().get_metrics(trainer, pl_module))
         metrics.pop("v_num", None)
         return {name: format_metric(name, value) if isinstance(value, (int, float)) else value
