@@ -57,7 +57,8 @@ class Throughput(pl.Callback):
     between two synchronisations with the device: the steps in between run without waiting for it, and the values
     are logged as CPU tensors, which Lightning's progress bar reads without waiting for the device either. Tokens per
     step are counted from the batch (``tokens``, or T5's encoder and decoder tokens, × data-parallel size); FLOPs per
-    token come from :func:`gpt_flops_per_token` when the module is a :class:`~lightning_megatron.GPT`.
+    token come from :func:`gpt_flops_per_token` when the module is a :class:`~lightning_megatron.GPT`. Validation
+    during fit is not training time: the clock stops while it runs.
     """
 
     def __init__(self, peak_tflops_per_device: float | None = None) -> None:
@@ -65,6 +66,7 @@ class Throughput(pl.Callback):
         self._since = 0.0
         self._tokens = 0
         self._flops_per_token: float | None = None
+        self._paused: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flops_per_token = _module_flops_per_token(pl_module)
@@ -73,15 +75,22 @@ class Throughput(pl.Callback):
         self._since = time.perf_counter()
         self._tokens = 0
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit":  # validation inside a fit run, not `validate`
+            self._paused = _synchronized_clock(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._paused is not None:
+            self._since += _synchronized_clock(trainer) - self._paused
+            self._paused = None
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._tokens += _batch_tokens(batch) * getattr(trainer.strategy, "data_parallel_size", trainer.world_size)
         if not is_logging_step(trainer):
             return
         cuda = trainer.strategy.root_device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
+        now = _synchronized_clock(trainer)
         elapsed, tokens = now - self._since, self._tokens
         self._since, self._tokens = now, 0
         if elapsed <= 0:
@@ -97,6 +106,13 @@ class Throughput(pl.Callback):
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         pl_module.log_dict({name: torch.tensor(value) for name, value in metrics.items()}, prog_bar=True,
                            on_step=True, on_epoch=False, batch_size=1)
+
+
+def _synchronized_clock(trainer: pl.Trainer) -> float:
+    """``time.perf_counter()`` once the device has finished the work queued so far."""
+    if trainer.strategy.root_device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _batch_tokens(batch: Any) -> int:
