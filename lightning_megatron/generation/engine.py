@@ -3,7 +3,8 @@
 Every rank of a model replica runs the same engine in lockstep. Each step is either a *prefill* (the prompts of
 newly admitted requests) or a *decode* (one token for every running sequence); the source rank (see
 :class:`~lightning_megatron.generation.runner.ModelRunner`) chooses the tokens on the device and broadcasts them,
-then every rank applies them identically, so all ranks agree on which requests run, stop or leave.
+then every rank applies them identically (:mod:`~lightning_megatron.generation.decisions`), so all ranks agree on
+which requests run, stop or leave.
 
 The key/value cache has one row per sequence ("slot") and one write position shared by all rows (the clock);
 :class:`~lightning_megatron.generation.slots.Slots` keeps which requests hold which rows and where each sequence
@@ -32,13 +33,14 @@ import torch
 import torch.distributed as dist
 
 from lightning_megatron.errors import UserError
+from lightning_megatron.generation.decisions import Applier, Decision, decide, tokens_only
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.readback import InFlight, ReadBack
 from lightning_megatron.generation.requests import GenerationOutput, Request, prompt_tokens, request_limits
 from lightning_megatron.generation.runner import ModelRunner
-from lightning_megatron.generation.sampling import Choice, RowState, Sampler, beam_step
+from lightning_megatron.generation.sampling import Choice, RowState, Sampler
 from lightning_megatron.generation.sessions import SessionStore
-from lightning_megatron.generation.scoring import prefill_scores, top_alternatives
+from lightning_megatron.generation.scoring import prefill_scores
 from lightning_megatron.generation.slots import Slots, layout, rows_of
 from lightning_megatron.generation.stream import TokenEvent
 
@@ -97,6 +99,7 @@ class Engine:
         self.sessions = SessionStore(session_ttl, max_batch_size * self.cache_length if session_tokens is None
                                      else session_tokens)
         self.slots = Slots(runner, self.sampler, self.sessions, max_batch_size, self.cache_length, tokenizer, self.eod)
+        self._applier = Applier(runner, self.sampler, use_cache, self._finish)
         self._steps = 0
         single = runner.tp_size == runner.pp_size == runner.cp_size == 1
         if lookahead and not (single and use_cache):
@@ -246,25 +249,19 @@ class Engine:
             requests = self.active
         else:
             return events
-        if self.lookahead and self._reads_back_only(requests):
+        if self.lookahead and tokens_only(requests):
             choice = self._choose(logits, requests)
             in_flight = self._read_back.start(choice.tokens, choice.logprobs, requests)
             self._in_flight = self._launch_decode() if self._may_look_ahead() else None
             events.extend(self._commit(in_flight))
         else:
-            decision = self.runner.broadcast(self._with_top_logprobs(self._decide(logits, requests), logits, requests)
+            decision = self.runner.broadcast(decide(self._choose(logits, requests), logits, requests)
                                              if self.runner.is_source else None)
-            self._keep_top_logprobs(decision, requests)
-            events.extend(self._apply(decision, requests))
+            events.extend(self._applier.apply(decision, requests))
         self.slots.retire()
         return events
 
     # ------------------------------------------------------------------ lookahead
-    @staticmethod
-    def _reads_back_only(requests: Sequence[Request]) -> bool:
-        """Whether the step's decision is just each row's token and log probability (no beams, no alternatives)."""
-        return all(r.width == 1 and not r.params.top_logprobs for r in requests)
-
     def _may_look_ahead(self) -> bool:
         """Whether the next decode step can be launched before the host knows this step's tokens.
 
@@ -273,7 +270,7 @@ class Engine:
         must go on after this step (by length; one that stops on a token has one token too many computed, dropped),
         and no waiting request may be admissible (it is let in first).
         """
-        if not self.active or not self._reads_back_only(self.active) or self.slots.admissible():
+        if not self.active or not tokens_only(self.active) or self.slots.admissible():
             return False
         for request in self.active:
             row, p = request.rows[0], request.params
@@ -292,7 +289,7 @@ class Engine:
     def _commit(self, in_flight: InFlight[Request]) -> list[TokenEvent]:
         """Wait for an in-flight step's tokens (only for its own kernels) and apply them to its requests."""
         tokens, logprobs = in_flight.wait()
-        return self._apply({"tokens": tokens, "logprobs": logprobs, "beams": {}}, in_flight.requests)
+        return self._applier.apply(Decision(tokens, logprobs), in_flight.requests)
 
     # ------------------------------------------------------------------ the model's steps
     def _prefill(self, admitted: list[Request]) -> torch.Tensor | None:
@@ -334,26 +331,6 @@ class Engine:
     def _last(logits: torch.Tensor | None) -> torch.Tensor | None:
         return None if logits is None else logits[:, -1]
 
-    # ------------------------------------------------------------------ choosing and applying tokens
-    def _with_top_logprobs(self, decision: dict[str, Any], logits: torch.Tensor, requests: list[Request]
-                           ) -> dict[str, Any]:
-        """On the source rank: add the most likely tokens of the rows whose requests keep them to ``decision``."""
-        top: dict[int, dict[int, float]] = {}
-        row = 0
-        for request in requests:
-            if request.params.top_logprobs and request.max_new > 0:
-                top[request.id] = top_alternatives(logits[row : row + 1].log_softmax(dim=-1),
-                                                   request.params.top_logprobs)[0]
-            row += request.width
-        if top:
-            decision["top_logprobs"] = top
-        return decision
-
-    def _keep_top_logprobs(self, decision: dict[str, Any], requests: list[Request]) -> None:
-        for request in requests:
-            if request.id in decision.get("top_logprobs", {}):
-                request.top_logprobs.append(decision["top_logprobs"][request.id])
-
     def _choose(self, logits: torch.Tensor, requests: list[Request]) -> Choice:
         """On the source rank, on the device: every row's next token, which becomes the row's next input."""
         rows = rows_of(requests)
@@ -363,87 +340,6 @@ class Engine:
             self.runner.tokens[first : first + len(rows)] = choice.tokens
         self.sampler.record(first, choice.tokens)
         return choice
-
-    def _decide(self, logits: torch.Tensor, requests: list[Request]) -> dict[str, Any]:
-        """On the source rank: the next token of every sampled row, and each beam search's step."""
-        choice = self._choose(logits, requests)
-        # The one read-back of the step: the chosen tokens and their log probabilities, together.
-        tokens, logprobs = torch.stack([choice.tokens.double(), choice.logprobs.double()]).tolist()
-        decision: dict[str, Any] = {"tokens": [int(t) for t in tokens], "logprobs": logprobs, "beams": {}}
-        offset = 0
-        for request in requests:
-            if request.width > 1:
-                span = slice(offset, offset + request.width)
-                cumulative = ([sum(row.logprobs) for row in request.rows] if request.rows[0].generated
-                              else [0.0] + [float("-inf")] * (request.width - 1))
-                beam_logprobs = choice.constrained[span].log_softmax(dim=-1)
-                step = beam_step(beam_logprobs, cumulative, request.rows[0].end_ids, request.width,
-                                 request.params.diversity_rate)
-                decision["beams"][request.id] = {
-                    "parents": step.parents, "tokens": step.tokens,
-                    "logprobs": [beam_logprobs[p, t].item() for p, t in zip(step.parents, step.tokens)],
-                    "ended": [(p, t, beam_logprobs[p, t].item()) for p, t, _ in step.ended],
-                }
-            offset += request.width
-        return decision
-
-    def _apply(self, decision: dict[str, Any], requests: list[Request]) -> list[TokenEvent]:
-        if self.use_cache and not self.runner.is_source:
-            self.runner.set_tokens(requests[0].slot, decision["tokens"])
-        events = []
-        offset = 0
-        for request in requests:
-            offset += request.width
-            if request.output is not None:  # it ended while this step was in flight: its token is dropped
-                continue
-            if request.width == 1:
-                token, logprob = decision["tokens"][offset - 1], decision["logprobs"][offset - 1]
-                events.append(self._advance(request, token, logprob))
-            else:
-                event = self._advance_beams(request, decision["beams"][request.id])
-                if event is not None:
-                    events.append(event)
-        return events
-
-    def _advance(self, request: Request, token: int, logprob: float) -> TokenEvent:
-        if request.max_new == 0:  # the prompt was only scored
-            self._finish(request, "length", request.rows[0])
-            return TokenEvent(request.id, None, "", True, "length")
-        piece, reason = request.advance(token, logprob)
-        if reason is not None:
-            self._finish(request, reason, request.rows[0])
-        top = request.top_logprobs[-1] if request.top_logprobs else None
-        return TokenEvent(request.id, token, piece, reason is not None, reason, logprob, top)
-
-    def _advance_beams(self, request: Request, step: dict[str, Any]) -> TokenEvent | None:
-        alpha = request.params.length_penalty
-        for parent, token, logprob in step["ended"]:
-            hypothesis = request.rows[parent].fork()
-            hypothesis.advance(token, logprob)
-            request.hypotheses.append((sum(hypothesis.logprobs) / len(hypothesis.generated) ** alpha, hypothesis))
-        parents = step["parents"]
-        new_rows = []
-        for parent, token, logprob in zip(parents, step["tokens"], step["logprobs"]):
-            row = request.rows[parent].fork()
-            row.advance(token, logprob)
-            new_rows.append(row)
-        if len(parents) == request.width:
-            slots = list(range(request.slot, request.slot + request.width))
-            self.runner.move_rows(slots, [request.slot + p for p in parents])
-            self.runner.set_tokens(request.slot, step["tokens"])
-            if self.sampler is not None:
-                self.sampler.reset(request.slot, new_rows)
-        alive_done = not new_rows or len(new_rows[0].generated) >= request.max_new
-        if alive_done or len(request.hypotheses) >= request.width or len(new_rows) < request.width:
-            for row in new_rows:
-                request.hypotheses.append((sum(row.logprobs) / len(row.generated) ** alpha, row))
-            best = max(request.hypotheses, key=lambda item: item[0])[1]
-            ended = bool(best.generated) and best.generated[-1] in best.end_ids
-            self._finish(request, "stop" if ended else "length", best)
-            text = request.output.text or ""
-            return TokenEvent(request.id, None, text, True, request.output.finish_reason)
-        request.rows = new_rows
-        return None
 
     # ------------------------------------------------------------------ finished requests and sessions
     def _finish(self, request: Request, reason: str, row: RowState | None) -> None:
