@@ -4,7 +4,8 @@ Every rank of a model replica runs the same engine in lockstep. Each step is eit
 newly admitted requests) or a *decode* (one token for every running sequence); the source rank (see
 :class:`~lightning_megatron.generation.runner.ModelRunner`) chooses the tokens on the device and broadcasts them,
 then every rank applies them identically (:mod:`~lightning_megatron.generation.decisions`), so all ranks agree on
-which requests run, stop or leave.
+which requests run, stop or leave. Requests reach the loop through an
+:class:`~lightning_megatron.generation.inbox.Inbox`.
 
 The key/value cache has one row per sequence ("slot") and one write position shared by all rows (the clock);
 :class:`~lightning_megatron.generation.slots.Slots` keeps which requests hold which rows and where each sequence
@@ -25,8 +26,6 @@ bad words of one token, past ``min_new_tokens``; other batches step without it.
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -34,6 +33,7 @@ import torch.distributed as dist
 
 from lightning_megatron.errors import UserError
 from lightning_megatron.generation.decisions import Applier, Decision, decide, tokens_only
+from lightning_megatron.generation.inbox import Inbox
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.readback import InFlight, ReadBack
 from lightning_megatron.generation.requests import GenerationOutput, Request, prompt_tokens, request_limits
@@ -90,9 +90,8 @@ class Engine:
         if use_cache:
             runner.allocate(max_batch_size, self.cache_length)
         self.sampler = Sampler(max_batch_size, runner.vocab_size, runner.device) if runner.is_source else None
-        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._inbox = Inbox()
         self._ids = itertools.count()
-        self._arrived = threading.Event()
         self.finished: dict[int, GenerationOutput] = {}
         self.closed = False
         self._prefilled = False
@@ -123,12 +122,12 @@ class Engine:
     @property
     def busy(self) -> bool:
         """Whether any request is waiting or running (or, for the leader, queued for the next step)."""
-        return bool(self.active or self.pending or not self._inbox.empty())
+        return bool(self.active or self.pending or self._inbox)
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a slot."""
-        return len(self.pending) + self._inbox.qsize()
+        return len(self.pending) + len(self._inbox)
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                session_id: str | None = None, replica: int = 0) -> int:
@@ -159,42 +158,30 @@ class Engine:
                           replica=replica)
         if session_id is not None:
             self.sessions.hold(session_id)
-        self._post("add", request)
+        self._inbox.post("add", request)
         return request.id
 
     def cancel(self, request_id: int) -> None:
         """Stop a request at the next step (its output ends with finish reason ``"cancelled"``)."""
-        self._post("cancel", request_id)
+        self._inbox.post("cancel", request_id)
 
     def close(self) -> None:
         """Ask every rank to stop serving: :attr:`closed` becomes true at the next step."""
-        self._post("close", None)
+        self._inbox.post("close", None)
 
     def end_session(self, session_id: str) -> None:
         """Forget a session and free its cached keys/values (once a request of it running now finishes)."""
         self.sessions.end(session_id)
-        self._post("end_session", session_id)  # the other ranks end it at their next intake
+        self._inbox.post("end_session", session_id)  # the other ranks end it at their next intake
 
     def wait(self, timeout: float) -> None:
         """Block until a request arrives or ``timeout`` seconds pass (returns at once while busy)."""
-        if not self.busy:
-            self._arrived.wait(timeout)
-        self._arrived.clear()
-
-    def _post(self, kind: str, item: Any) -> None:
-        self._inbox.put((kind, item))
-        self._arrived.set()
+        self._inbox.wait(0.0 if self.busy else timeout)
 
     def _intake(self) -> list[TokenEvent]:
-        messages: list[tuple[str, Any]] = []
-        while not self._inbox.empty():
-            messages.append(self._inbox.get_nowait())
-        if self.leader_submits and self.runner.distributed and dist.get_world_size() > 1:
-            box = [messages]
-            dist.broadcast_object_list(box, src=0)
-            messages = box[0]
         events = []
-        for kind, item in messages:
+        for kind, item in self._inbox.take(self.leader_submits and self.runner.distributed
+                                           and dist.get_world_size() > 1):
             if kind == "add":
                 if item.replica != self.replica:
                     continue
