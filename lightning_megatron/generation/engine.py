@@ -3,15 +3,16 @@
 Every rank of a model replica runs the same engine in lockstep. Each step is either a *prefill* (the prompts of
 newly admitted requests) or a *decode* (one token for every running sequence); the source rank (see
 :class:`~lightning_megatron.generation.runner.ModelRunner`) chooses the tokens on the device and broadcasts them,
-then every rank applies them identically, so all ranks agree on which requests run, stop or leave.
+then every rank applies them identically (:mod:`~lightning_megatron.generation.decisions`), so all ranks agree on
+which requests run, stop or leave. Requests reach the loop through an
+:class:`~lightning_megatron.generation.inbox.Inbox`.
 
-The key/value cache (:class:`~lightning_megatron.generation.kv_cache.KVCache`) has one row per sequence ("slot") and
-one write position shared by all rows (the clock ``T``). A request joining at clock ``T`` writes its prompt into the
-positions just before ``T``; the cache's per-row ``valid`` cells hide everything its row held before. Each sequence
-is fed its own positions (learned and rotary embeddings alike), so where it sits in the cache does not change its
-logits. A decode step reads its inputs (the tokens just chosen, each row's position) from device buffers, which is
-what lets it replay from a CUDA graph. Recompute mode (``use_cache=False``) runs the whole sequence every step
-through plain masked attention and is the reference the cache is tested against.
+The key/value cache has one row per sequence ("slot") and one write position shared by all rows (the clock);
+:class:`~lightning_megatron.generation.slots.Slots` keeps which requests hold which rows and where each sequence
+starts. Each sequence is fed its own positions (learned and rotary embeddings alike), so where it sits in the cache
+does not change its logits. A decode step reads its inputs (the tokens just chosen, each row's position) from device
+buffers, which is what lets it replay from a CUDA graph. Recompute mode (``use_cache=False``) runs the whole sequence
+every step through plain masked attention and is the reference the cache is tested against.
 
 *Lookahead* keeps the device busy while the host reads tokens back: a step's tokens are chosen on the device and
 become the next step's inputs there, so the next decode step is launched before this step's tokens reach the host
@@ -25,22 +26,23 @@ bad words of one token, past ``min_new_tokens``; other batches step without it.
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from lightning_megatron.errors import UserError
+from lightning_megatron.generation.decisions import Applier, Decision, decide, tokens_only
+from lightning_megatron.generation.inbox import Inbox
 from lightning_megatron.generation.params import SamplingParams
 from lightning_megatron.generation.readback import InFlight, ReadBack
 from lightning_megatron.generation.requests import GenerationOutput, Request, prompt_tokens, request_limits
 from lightning_megatron.generation.runner import ModelRunner
-from lightning_megatron.generation.sampling import Choice, RowState, Sampler, beam_step, new_seed
+from lightning_megatron.generation.sampling import Choice, RowState, Sampler
 from lightning_megatron.generation.sessions import SessionStore
-from lightning_megatron.generation.scoring import TokenScores, score_tokens, top_alternatives
-from lightning_megatron.generation.stream import TextTracker, TokenEvent
+from lightning_megatron.generation.scoring import prefill_scores
+from lightning_megatron.generation.slots import Slots, layout, rows_of
+from lightning_megatron.generation.stream import TokenEvent
 
 
 class Engine:
@@ -88,17 +90,15 @@ class Engine:
         if use_cache:
             runner.allocate(max_batch_size, self.cache_length)
         self.sampler = Sampler(max_batch_size, runner.vocab_size, runner.device) if runner.is_source else None
-        self.clock = 0
-        self.active: list[Request] = []
-        self.pending: list[Request] = []
-        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._inbox = Inbox()
         self._ids = itertools.count()
-        self._arrived = threading.Event()
         self.finished: dict[int, GenerationOutput] = {}
         self.closed = False
         self._prefilled = False
         self.sessions = SessionStore(session_ttl, max_batch_size * self.cache_length if session_tokens is None
                                      else session_tokens)
+        self.slots = Slots(runner, self.sampler, self.sessions, max_batch_size, self.cache_length, tokenizer, self.eod)
+        self._applier = Applier(runner, self.sampler, use_cache, self._finish)
         self._steps = 0
         single = runner.tp_size == runner.pp_size == runner.cp_size == 1
         if lookahead and not (single and use_cache):
@@ -110,14 +110,24 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     @property
+    def active(self) -> list[Request]:
+        """The running requests, in the order of the cache rows they hold."""
+        return self.slots.active
+
+    @property
+    def pending(self) -> list[Request]:
+        """The requests waiting for cache rows, in arrival order."""
+        return self.slots.pending
+
+    @property
     def busy(self) -> bool:
         """Whether any request is waiting or running (or, for the leader, queued for the next step)."""
-        return bool(self.active or self.pending or not self._inbox.empty())
+        return bool(self.active or self.pending or self._inbox)
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a slot."""
-        return len(self.pending) + self._inbox.qsize()
+        return len(self.pending) + len(self._inbox)
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                session_id: str | None = None, replica: int = 0) -> int:
@@ -148,42 +158,30 @@ class Engine:
                           replica=replica)
         if session_id is not None:
             self.sessions.hold(session_id)
-        self._post("add", request)
+        self._inbox.post("add", request)
         return request.id
 
     def cancel(self, request_id: int) -> None:
         """Stop a request at the next step (its output ends with finish reason ``"cancelled"``)."""
-        self._post("cancel", request_id)
+        self._inbox.post("cancel", request_id)
 
     def close(self) -> None:
         """Ask every rank to stop serving: :attr:`closed` becomes true at the next step."""
-        self._post("close", None)
+        self._inbox.post("close", None)
 
     def end_session(self, session_id: str) -> None:
         """Forget a session and free its cached keys/values (once a request of it running now finishes)."""
         self.sessions.end(session_id)
-        self._post("end_session", session_id)  # the other ranks end it at their next intake
+        self._inbox.post("end_session", session_id)  # the other ranks end it at their next intake
 
     def wait(self, timeout: float) -> None:
         """Block until a request arrives or ``timeout`` seconds pass (returns at once while busy)."""
-        if not self.busy:
-            self._arrived.wait(timeout)
-        self._arrived.clear()
-
-    def _post(self, kind: str, item: Any) -> None:
-        self._inbox.put((kind, item))
-        self._arrived.set()
+        self._inbox.wait(0.0 if self.busy else timeout)
 
     def _intake(self) -> list[TokenEvent]:
-        messages: list[tuple[str, Any]] = []
-        while not self._inbox.empty():
-            messages.append(self._inbox.get_nowait())
-        if self.leader_submits and self.runner.distributed and dist.get_world_size() > 1:
-            box = [messages]
-            dist.broadcast_object_list(box, src=0)
-            messages = box[0]
         events = []
-        for kind, item in messages:
+        for kind, item in self._inbox.take(self.leader_submits and self.runner.distributed
+                                           and dist.get_world_size() > 1):
             if kind == "add":
                 if item.replica != self.replica:
                     continue
@@ -216,7 +214,7 @@ class Engine:
         self._steps += 1
         self._expire_sessions()
         events = self._intake()
-        self._retire()
+        self.slots.retire()
         if self._in_flight is not None and all(r.output is not None for r in self._in_flight.requests):
             self._in_flight = None  # every request it ran for has ended: its tokens are not needed
         if self._in_flight is not None:
@@ -224,11 +222,11 @@ class Engine:
             self._prefilled = False
             self._in_flight = self._launch_decode() if self._may_look_ahead() else None
             events.extend(self._commit(in_flight))
-            self._retire()
+            self.slots.retire()
             return events
         # After a prefill the running sequences decode once before more requests are let in, so a steady stream of
         # arrivals cannot stall them.
-        admitted = [] if self._prefilled and self.active else self._admit()
+        admitted = [] if self._prefilled and self.active else self.slots.admit()
         self._prefilled = bool(admitted)
         if admitted:
             logits = self._prefill(admitted)
@@ -238,25 +236,19 @@ class Engine:
             requests = self.active
         else:
             return events
-        if self.lookahead and self._reads_back_only(requests):
+        if self.lookahead and tokens_only(requests):
             choice = self._choose(logits, requests)
             in_flight = self._read_back.start(choice.tokens, choice.logprobs, requests)
             self._in_flight = self._launch_decode() if self._may_look_ahead() else None
             events.extend(self._commit(in_flight))
         else:
-            decision = self.runner.broadcast(self._with_top_logprobs(self._decide(logits, requests), logits, requests)
+            decision = self.runner.broadcast(decide(self._choose(logits, requests), logits, requests)
                                              if self.runner.is_source else None)
-            self._keep_top_logprobs(decision, requests)
-            events.extend(self._apply(decision, requests))
-        self._retire()
+            events.extend(self._applier.apply(decision, requests))
+        self.slots.retire()
         return events
 
     # ------------------------------------------------------------------ lookahead
-    @staticmethod
-    def _reads_back_only(requests: Sequence[Request]) -> bool:
-        """Whether the step's decision is just each row's token and log probability (no beams, no alternatives)."""
-        return all(r.width == 1 and not r.params.top_logprobs for r in requests)
-
     def _may_look_ahead(self) -> bool:
         """Whether the next decode step can be launched before the host knows this step's tokens.
 
@@ -265,7 +257,7 @@ class Engine:
         must go on after this step (by length; one that stops on a token has one token too many computed, dropped),
         and no waiting request may be admissible (it is let in first).
         """
-        if not self.active or not self._reads_back_only(self.active) or self._admissible():
+        if not self.active or not tokens_only(self.active) or self.slots.admissible():
             return False
         for request in self.active:
             row, p = request.rows[0], request.params
@@ -273,7 +265,7 @@ class Engine:
                     len(row.generated) < p.min_new_tokens:
                 return False
         going_on = any(len(r.rows[0].generated) + 1 < r.max_new for r in self.active)
-        return going_on and self.clock < self.cache_length
+        return going_on and self.slots.clock < self.cache_length
 
     def _launch_decode(self) -> InFlight[Request]:
         """Run a decode step of the running rows and choose their tokens, all on the device; the read-back is queued."""
@@ -284,166 +276,51 @@ class Engine:
     def _commit(self, in_flight: InFlight[Request]) -> list[TokenEvent]:
         """Wait for an in-flight step's tokens (only for its own kernels) and apply them to its requests."""
         tokens, logprobs = in_flight.wait()
-        return self._apply({"tokens": tokens, "logprobs": logprobs, "beams": {}}, in_flight.requests)
+        return self._applier.apply(Decision(tokens, logprobs), in_flight.requests)
 
-    def _admissible(self) -> list[Request]:
-        """The waiting requests, in arrival order, that fit the free slots and the cache now."""
-        free = self.max_batch_size - sum(r.width for r in self.active)
-        admitted: list[Request] = []
-        longest = 0
-        for request in self.pending:
-            if request.width > free:
-                break
-            if self.active:
-                fits = len(request.prompt) <= self.clock and self.clock + request.max_new <= self.cache_length
-            else:
-                longest_with = max(longest, len(request.prompt))
-                fits = all(longest_with + r.max_new <= self.cache_length for r in (*admitted, request))
-            if not fits:
-                break
-            longest = max(longest, len(request.prompt))
-            admitted.append(request)
-            free -= request.width
-        return admitted
-
-    def _admit(self) -> list[Request]:
-        """Take the admissible waiting requests into free slots, restoring the cached turns of sessions."""
-        admitted = self._admissible()
-        if not admitted:
-            return []
-        del self.pending[: len(admitted)]
-        longest = max(len(request.prompt) for request in admitted)
-        if not self.active:
-            self.clock = self.runner.prefill_width(longest, self.cache_length - max(r.max_new for r in admitted))
-        slot = sum(r.width for r in self.active)
-        for request in admitted:
-            request.slot, request.start = slot, self.clock - len(request.prompt)
-            slot += request.width
-            request.rows = [self._row(request) for _ in range(request.width)]
-            if request.cached:
-                self.runner.restore_row(request.slot, self.sessions.take(request.session_id), request.start)
-            if self.sampler is not None:
-                self.sampler.reset(request.slot, request.rows)
-            if self.tokenizer is not None and request.width == 1:
-                request.tracker = TextTracker(self.tokenizer, request.params.stop)
-        self.active.extend(admitted)
-        return admitted
-
-    def _row(self, request: Request) -> RowState:
-        p = request.params
-        end_ids = set(p.stop_token_ids)
-        if self.eod is not None and not p.ignore_eos:
-            end_ids.add(self.eod)
-        return RowState(p, request.prompt, end_ids=frozenset(end_ids), bad_words=request.bad_words,
-                        seed=new_seed(p.seed), top_p=p.top_p)
-
-    def _rows(self, requests: Sequence[Request]) -> list[tuple[Request, RowState]]:
-        return [(request, row) for request in requests for row in request.rows]
-
-    def _layout(self, rows: list[tuple[Request, RowState]], first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens and each sequence's own positions at cache positions ``[first, last)`` of ``rows`` (0 before a
-        sequence's start)."""
-        tokens = torch.zeros(len(rows), last - first, dtype=torch.long)
-        for i, (request, row) in enumerate(rows):
-            sequence = row.prompt + row.generated
-            begin = max(first, request.start)
-            if begin < last:
-                tokens[i, begin - first :] = torch.tensor(sequence[begin - request.start : last - request.start])
-        starts = torch.tensor([request.start for request, _ in rows])
-        positions = (torch.arange(first, last)[None, :] - starts[:, None]).clamp(min=0)
-        return tokens, positions
-
-    def _recompute(self, rows: list[tuple[Request, RowState]], all_positions: bool = False) -> torch.Tensor | None:
-        """Logits of the last position of every row (of every position with ``all_positions``), from the whole
-        sequences (no cache).
-
-        A query sees the keys at or before it and not before its own sequence's start (older rows' leftovers); a
-        padding query sees itself, so that no row of the attention is empty. When every sequence starts at 0 plain
-        causal attention is the same, and no mask lets fused kernels run.
-        """
-        tokens, positions = self._layout(rows, 0, self.clock)
-        starts = torch.tensor([request.start for request, _ in rows])
-        mask = None
-        if starts.any():
-            queries = torch.arange(self.clock)
-            keys = queries[None, None, :]
-            mask = (keys > queries[None, :, None]) | ((keys < starts[:, None, None]) & (keys != queries[None, :, None]))
-            mask = mask[:, None]
-        logits = self.runner.forward(tokens, positions, mask)
-        return logits if all_positions else self._last(logits)
-
+    # ------------------------------------------------------------------ the model's steps
     def _prefill(self, admitted: list[Request]) -> torch.Tensor | None:
-        rows = self._rows(admitted)
+        rows = rows_of(admitted)
         scoring = any(r.params.prompt_logprobs is not None for r in admitted)
         if not self.use_cache:
             first = 0
             logits = self._recompute(rows, all_positions=scoring)
         else:
-            # A fresh batch fills positions [0, clock) (the clock may be padded for a graphed prefill); a batch
-            # joining running sequences, or continuing sessions, computes only as far back as its longest uncached
-            # prompt.
-            fresh = admitted[0].slot == 0 and not any(r.cached for r in admitted)
-            width = self.clock if fresh else max(len(r.prompt) - r.cached for r in admitted)
-            first = self.clock - width
-            tokens, positions = self._layout(rows, first, self.clock)
+            first, clock = self.slots.prefill_start(admitted), self.slots.clock
+            tokens, positions = layout(rows, first, clock)
             logits = self.runner.prefill(admitted[0].slot, tokens, positions, [request.start for request, _ in rows],
-                                         self.clock, all_positions=scoring)
+                                         clock, all_positions=scoring)
         if not scoring:
             return logits
-        self._score_prompts(admitted, logits, first)
-        return self._last(logits)
-
-    def _score_prompts(self, admitted: list[Request], logits: torch.Tensor | None, first: int) -> None:
-        """Every rank: the source scores the prompts of requests that asked (``logits`` cover cache positions from
-        ``first``) and sends the scores to all ranks, which keep them on their requests."""
-        scores: dict[int, TokenScores] | None = None
-        if self.runner.is_source:
-            scores, row = {}, 0
-            for request in admitted:
-                if request.params.prompt_logprobs is not None:
-                    positions = logits[row, request.start - first : self.clock - first - 1]
-                    scores[request.id] = score_tokens(positions, request.prompt[1:], request.params.prompt_logprobs)
-                row += request.width
-        scores = self.runner.broadcast(scores)
+        # The source scores the prompts of the requests that asked; every rank keeps the scores on its requests.
+        scores = self.runner.broadcast(prefill_scores(admitted, logits, first, self.slots.clock)
+                                       if self.runner.is_source else None)
         for request in admitted:
             request.prompt_scores = scores.get(request.id)
+        return self._last(logits)
 
     def _decode(self) -> torch.Tensor | None:
-        rows = self._rows(self.active)
+        rows = rows_of(self.active)
         if not self.use_cache:
-            self.clock += 1
+            self.slots.clock += 1
             return self._recompute(rows)
-        logits = self.runner.decode(len(rows), self.clock)
-        self.clock += 1
+        logits = self.runner.decode(len(rows), self.slots.clock)
+        self.slots.clock += 1
         return logits
+
+    def _recompute(self, rows: list[tuple[Request, RowState]], all_positions: bool = False) -> torch.Tensor | None:
+        """Logits of the last position of every row (of every position with ``all_positions``), from the whole
+        sequences (no cache)."""
+        logits = self.runner.forward(*self.slots.whole_sequences(rows))
+        return logits if all_positions else self._last(logits)
 
     @staticmethod
     def _last(logits: torch.Tensor | None) -> torch.Tensor | None:
         return None if logits is None else logits[:, -1]
 
-    # ------------------------------------------------------------------ choosing and applying tokens
-    def _with_top_logprobs(self, decision: dict[str, Any], logits: torch.Tensor, requests: list[Request]
-                           ) -> dict[str, Any]:
-        """On the source rank: add the most likely tokens of the rows whose requests keep them to ``decision``."""
-        top: dict[int, dict[int, float]] = {}
-        row = 0
-        for request in requests:
-            if request.params.top_logprobs and request.max_new > 0:
-                top[request.id] = top_alternatives(logits[row : row + 1].log_softmax(dim=-1),
-                                                   request.params.top_logprobs)[0]
-            row += request.width
-        if top:
-            decision["top_logprobs"] = top
-        return decision
-
-    def _keep_top_logprobs(self, decision: dict[str, Any], requests: list[Request]) -> None:
-        for request in requests:
-            if request.id in decision.get("top_logprobs", {}):
-                request.top_logprobs.append(decision["top_logprobs"][request.id])
-
     def _choose(self, logits: torch.Tensor, requests: list[Request]) -> Choice:
         """On the source rank, on the device: every row's next token, which becomes the row's next input."""
-        rows = self._rows(requests)
+        rows = rows_of(requests)
         first = requests[0].slot
         choice = self.sampler.choose(logits, first, [row for _, row in rows])
         if self.use_cache:
@@ -451,103 +328,12 @@ class Engine:
         self.sampler.record(first, choice.tokens)
         return choice
 
-    def _decide(self, logits: torch.Tensor, requests: list[Request]) -> dict[str, Any]:
-        """On the source rank: the next token of every sampled row, and each beam search's step."""
-        choice = self._choose(logits, requests)
-        # The one read-back of the step: the chosen tokens and their log probabilities, together.
-        tokens, logprobs = torch.stack([choice.tokens.double(), choice.logprobs.double()]).tolist()
-        decision: dict[str, Any] = {"tokens": [int(t) for t in tokens], "logprobs": logprobs, "beams": {}}
-        offset = 0
-        for request in requests:
-            if request.width > 1:
-                span = slice(offset, offset + request.width)
-                cumulative = ([sum(row.logprobs) for row in request.rows] if request.rows[0].generated
-                              else [0.0] + [float("-inf")] * (request.width - 1))
-                beam_logprobs = choice.constrained[span].log_softmax(dim=-1)
-                step = beam_step(beam_logprobs, cumulative, request.rows[0].end_ids, request.width,
-                                 request.params.diversity_rate)
-                decision["beams"][request.id] = {
-                    "parents": step.parents, "tokens": step.tokens,
-                    "logprobs": [beam_logprobs[p, t].item() for p, t in zip(step.parents, step.tokens)],
-                    "ended": [(p, t, beam_logprobs[p, t].item()) for p, t, _ in step.ended],
-                }
-            offset += request.width
-        return decision
-
-    def _apply(self, decision: dict[str, Any], requests: list[Request]) -> list[TokenEvent]:
-        if self.use_cache and not self.runner.is_source:
-            self.runner.set_tokens(requests[0].slot, decision["tokens"])
-        events = []
-        offset = 0
-        for request in requests:
-            offset += request.width
-            if request.output is not None:  # it ended while this step was in flight: its token is dropped
-                continue
-            if request.width == 1:
-                token, logprob = decision["tokens"][offset - 1], decision["logprobs"][offset - 1]
-                events.append(self._advance(request, token, logprob))
-            else:
-                event = self._advance_beams(request, decision["beams"][request.id])
-                if event is not None:
-                    events.append(event)
-        return events
-
-    def _advance(self, request: Request, token: int, logprob: float) -> TokenEvent:
-        if request.max_new == 0:  # the prompt was only scored
-            self._finish(request, "length", request.rows[0])
-            return TokenEvent(request.id, None, "", True, "length")
-        piece, reason = request.advance(token, logprob)
-        if reason is not None:
-            self._finish(request, reason, request.rows[0])
-        top = request.top_logprobs[-1] if request.top_logprobs else None
-        return TokenEvent(request.id, token, piece, reason is not None, reason, logprob, top)
-
-    def _advance_beams(self, request: Request, step: dict[str, Any]) -> TokenEvent | None:
-        alpha = request.params.length_penalty
-        for parent, token, logprob in step["ended"]:
-            hypothesis = request.rows[parent].fork()
-            hypothesis.advance(token, logprob)
-            request.hypotheses.append((sum(hypothesis.logprobs) / len(hypothesis.generated) ** alpha, hypothesis))
-        parents = step["parents"]
-        new_rows = []
-        for parent, token, logprob in zip(parents, step["tokens"], step["logprobs"]):
-            row = request.rows[parent].fork()
-            row.advance(token, logprob)
-            new_rows.append(row)
-        if len(parents) == request.width:
-            slots = list(range(request.slot, request.slot + request.width))
-            self.runner.move_rows(slots, [request.slot + p for p in parents])
-            self.runner.set_tokens(request.slot, step["tokens"])
-            if self.sampler is not None:
-                self.sampler.reset(request.slot, new_rows)
-        alive_done = not new_rows or len(new_rows[0].generated) >= request.max_new
-        if alive_done or len(request.hypotheses) >= request.width or len(new_rows) < request.width:
-            for row in new_rows:
-                request.hypotheses.append((sum(row.logprobs) / len(row.generated) ** alpha, row))
-            best = max(request.hypotheses, key=lambda item: item[0])[1]
-            ended = bool(best.generated) and best.generated[-1] in best.end_ids
-            self._finish(request, "stop" if ended else "length", best)
-            text = request.output.text or ""
-            return TokenEvent(request.id, None, text, True, request.output.finish_reason)
-        request.rows = new_rows
-        return None
-
+    # ------------------------------------------------------------------ finished requests and sessions
     def _finish(self, request: Request, reason: str, row: RowState | None) -> None:
         request.output = request.result(reason, row, self.tokenizer)
         self.finished[request.id] = request.output
         if request.session_id is not None:
-            self._keep_session(request, row)
-
-    # ------------------------------------------------------------------ sessions
-    def _keep_session(self, request: Request, row: RowState | None) -> None:
-        """Save a finished request's keys/values (its row's cells: every token but the last generated one)."""
-        if row is None or request.slot < 0:
-            self.sessions.keep(request.session_id, None, None, self._steps)
-            return
-        # Not up to the clock: under lookahead the clock may already be a step ahead of this request's last token.
-        end = request.start + len(request.prompt) + len(row.generated) - 1
-        saved = self.runner.save_row(request.slot, request.start, end)
-        self.sessions.keep(request.session_id, request.prompt + row.generated, saved, self._steps)
+            self.slots.keep_session(request, row, self._steps)
 
     def _expire_sessions(self) -> None:
         """On the rank that takes requests: end sessions idle for longer than their time to live (all ranks follow)."""
@@ -556,26 +342,6 @@ class Engine:
         if leader:
             for key in self.sessions.expired():
                 self.end_session(key)
-
-    def _retire(self) -> None:
-        """Free the slots of finished requests and close the gaps (copying cache rows down)."""
-        if not any(r.output is not None for r in self.active):
-            return
-        kept = [r for r in self.active if r.output is None]
-        dst, src = [], []
-        slot = 0
-        for request in kept:
-            if request.slot != slot:
-                dst.extend(range(slot, slot + request.width))
-                src.extend(range(request.slot, request.slot + request.width))
-                request.slot = slot
-            slot += request.width
-        self.runner.move_rows(dst, src)
-        if self.sampler is not None:
-            self.sampler.move_rows(dst, src)
-        self.active = kept
-        if not kept:
-            self.clock = 0
 
     # ------------------------------------------------------------------ conveniences
     def generate(self, prompts: Iterable[str | Sequence[int]],

@@ -1,7 +1,7 @@
 """Log probabilities of given text under the model: the one scoring path behind the server's ``echo``/``logprobs``,
 the lm-evaluation-harness adapter and ``lightning-megatron evaluate``.
 
-The engine scores prompt tokens in its prefill with :func:`score_tokens`; :func:`score_prompts` runs score-only
+The engine scores prompt tokens in its prefill with :func:`prefill_scores`; :func:`score_prompts` runs score-only
 requests (``max_new_tokens=0``) through an engine, and :func:`continuation_loglikelihoods` and
 :func:`rolling_loglikelihoods` build lm-evaluation-harness's two kinds of log-likelihood request on it, so every tool
 reports the same numbers for the same tokens.
@@ -18,6 +18,7 @@ from lightning_megatron.generation.params import SamplingParams
 
 if TYPE_CHECKING:
     from lightning_megatron.generation.engine import Engine
+    from lightning_megatron.generation.requests import Request
 
 
 @dataclass
@@ -43,6 +44,19 @@ def score_tokens(logits: torch.Tensor, targets: Sequence[int], top_n: int = 0) -
     logprobs = logits.float().log_softmax(dim=-1)
     index = torch.tensor(list(targets), dtype=torch.long, device=logits.device)[:, None]
     return TokenScores(logprobs.gather(1, index).squeeze(1).tolist(), top_alternatives(logprobs, top_n))
+
+
+def prefill_scores(requests: Sequence["Request"], logits: torch.Tensor, first: int, clock: int
+                   ) -> dict[int, TokenScores]:
+    """On the source rank, after a prefill of ``requests`` (``logits``: their rows at cache positions ``[first,
+    clock)``): the scores of the prompts of the requests that asked for them, by request id."""
+    scores, row = {}, 0
+    for request in requests:
+        if request.params.prompt_logprobs is not None:
+            positions = logits[row, request.start - first : clock - first - 1]
+            scores[request.id] = score_tokens(positions, request.prompt[1:], request.params.prompt_logprobs)
+        row += request.width
+    return scores
 
 
 def score_prompts(engine: "Engine", prompts: Sequence[Sequence[int]], scored: Sequence[int]
