@@ -63,19 +63,23 @@ def one_line(error: BaseException) -> str:
 
 def describe_argument_error(message: str) -> str:
     """``--trainer.devices: Expected a <class 'int'>. Got value: x; ...`` from jsonargparse's nested report."""
+    top = re.match(r'Parser key "([^"]+)":', message.strip())
+    nested = re.search(r"NestedArg\(key='([^']+)'", message)
+    reason = argument_error_reason(message)
+    if top is None:
+        return f"{reason}; see --help for the accepted options"
+    option = "--" + top.group(1) + (f".{nested.group(1)}" if nested else "")
+    return f"{option}: {reason}; see --help for the accepted options"
+
+
+def argument_error_reason(message: str) -> str:
+    """The innermost reason of jsonargparse's nested report (``Expected a <class 'int'>. Got value: x``)."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     top = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0]) if lines else None
-    nested = re.search(r"NestedArg\(key='([^']+)'", message)
-    option = None
-    if top:
-        option = "--" + top.group(1) + (f".{nested.group(1)}" if nested else "")
     skip = ("Parser key", "Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Given value",
             "- Expected a <class 'NoneType'>", "- Expected a <class 'str'>")
     reasons = [line.lstrip("- ") for line in lines[1:] if not line.startswith(skip)]
-    reason = reasons[-1] if reasons else (top.group(2) if top else message)
-    if option is None:
-        return f"{reason}; see --help for the accepted options"
-    return f"{option}: {reason}; see --help for the accepted options"
+    return reasons[-1] if reasons else (top.group(2) if top else message)
 
 
 def _global_rank() -> int:

@@ -27,12 +27,10 @@ from lightning_megatron.checkpoint import (
     read_saved_module,
 )
 from lightning_megatron.convert.consolidated import SafetensorsFiles, load_consolidated
+from lightning_megatron.convert.hf import converted, read_checkpoint_metadata
 from lightning_megatron.models.lora import is_adapter
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import unwrap
-
-CONVERTED_METADATA = "lightning_megatron.json"
-"""The file that marks a directory written by ``convert hf-to-megatron``."""
 
 
 def load_pretrained(module: MegatronModule, path: str | os.PathLike) -> None:
@@ -51,9 +49,7 @@ def load_pretrained(module: MegatronModule, path: str | os.PathLike) -> None:
         source = SafetensorsFiles(path)
         vocab_size = source.metadata.get("vocab_size")
         load_consolidated(module, source, origin, int(vocab_size) if vocab_size else None, CheckpointError, optional)
-    elif (path / CONVERTED_METADATA).is_file():
-        from lightning_megatron.convert.hf import read_checkpoint_metadata
-
+    elif converted(path):
         vocab_size = read_checkpoint_metadata(path)["config"]["vocab_size"]
         load_consolidated(module, SafetensorsFiles(path, CheckpointError), origin, vocab_size, CheckpointError,
                           optional)

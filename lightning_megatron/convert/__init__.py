@@ -1,7 +1,7 @@
 """Conversion between Hugging Face checkpoints and our megatron-core models (see docs/models.md).
 
 The names below are imported from their submodules on first use, so that importing one submodule (as
-:mod:`lightning_megatron.pretrained` imports ``convert.consolidated``) does not import the others:
+:mod:`lightning_megatron.pretrained` imports ``convert.consolidated`` and ``convert.hf``) does not import the others:
 ``convert.export`` itself builds on :mod:`lightning_megatron.pretrained`.
 """
 

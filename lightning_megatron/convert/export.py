@@ -1,12 +1,12 @@
 """``megatron-to-hf`` from any checkpoint: one written by ``fit`` (any TP/PP/VP/CP/DP layout) or by ``hf-to-megatron``.
 
-The model comes from the training recipe (``--config``: its ``model`` and ``data`` sections, read the way ``fit``
-reads them) or, without one, from the checkpoint itself (:func:`~lightning_megatron.checkpoint.read_saved_module`:
-the module class, config and LoRA settings it saved); a one-process Lightning ``.ckpt`` file converts too. The
-tokenizer is ``--tokenizer``, else the recipe datamodule's, else the bundled corpus's (what a recipe without a
-``tokenizer`` trains with). The model is built in this one process on the CPU, where megatron's
-``dist_checkpointing`` reshards whatever layout the checkpoint was saved in, and written by
-:func:`~lightning_megatron.convert.hf.export_hf`.
+The model comes from the training recipe (``--config``, read as ``fit`` reads it by
+:func:`~lightning_megatron.recipes.read_recipe`) or, without one, from the checkpoint itself
+(:func:`~lightning_megatron.checkpoint.read_saved_module`: the module class, config and LoRA settings it saved); a
+one-process Lightning ``.ckpt`` file converts too. The tokenizer is ``--tokenizer``, else the recipe datamodule's,
+else the bundled corpus's (what a recipe without a ``tokenizer`` trains with). The model is built in this one
+process on the CPU, where megatron's ``dist_checkpointing`` reshards whatever layout the checkpoint was saved in,
+and written by :func:`~lightning_megatron.convert.hf.export_hf`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import dataclasses
 from contextlib import ExitStack
 from pathlib import Path
 
-import lightning.pytorch as pl
-import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_megatron import parallel
@@ -44,35 +42,10 @@ from lightning_megatron.models.saved import module_from_saved
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig
 from lightning_megatron.pretrained import load_pretrained
+from lightning_megatron.recipes import read_recipe
 
 _PRECISIONS = {"float32": "32-true", "bfloat16": "bf16-mixed", "float16": "16-mixed"}
 """A checkpoint's ``params_dtype`` -> the precision its module is built with to load it."""
-
-
-def recipe_model(recipe: str | Path) -> tuple[MegatronModule, str | None]:
-    """The (unbuilt) module of a training recipe and its datamodule's tokenizer (``None``: the bundled one)."""
-    from jsonargparse import ArgumentParser
-
-    path = Path(recipe)
-    if not path.is_file():
-        raise ConversionError(f"recipe {recipe} does not exist; pass --config <the training recipe, e.g. "
-                              f"recipes/gpt-tiny.yaml>")
-    sections = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(sections, dict) or "model" not in sections:
-        raise ConversionError(f"{recipe} has no model section; pass --config <the recipe the checkpoint was trained "
-                              f"with>")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(pl.LightningModule, "model", required=True)
-    parser.add_subclass_arguments(pl.LightningDataModule, "data", required=False)
-    try:
-        built = parser.instantiate_classes(parser.parse_object(
-            {key: sections[key] for key in ("model", "data") if sections.get(key) is not None}))
-    except (TypeError, ValueError) as error:
-        raise ConversionError(f"{recipe}: {str(error).splitlines()[0]}; fix the recipe's model/data section") from None
-    if not isinstance(built.model, MegatronModule):
-        raise ConversionError(f"{recipe}'s model is a {type(built.model).__name__}, not a lightning_megatron "
-                              f"MegatronModule; only those convert")
-    return built.model, getattr(built.get("data"), "tokenizer_spec", None)
 
 
 def _check_recipe_fits(module: MegatronModule, saved: SavedModule) -> None:
@@ -147,7 +120,8 @@ def checkpoint_to_hf(ckpt: str | Path, out: str | Path, config: str | Path | Non
         if config is None:
             module = module_from_saved(saved)
         else:
-            module, recipe_tokenizer = recipe_model(config)
+            recipe = read_recipe(config)
+            module, recipe_tokenizer = recipe.module, recipe.tokenizer
             _check_recipe_fits(module, saved)
     if tokenizer is None:
         tokenizer = load_tokenizer(recipe_tokenizer).path

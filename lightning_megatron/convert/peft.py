@@ -13,11 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
-import yaml
 from safetensors.torch import save_file
 
 from lightning_megatron import parallel
@@ -30,11 +29,11 @@ from lightning_megatron.checkpoint import (
 from lightning_megatron.convert.consolidated import gather_consolidated
 from lightning_megatron.convert.core import ConversionError, Rule, build_module
 from lightning_megatron.cpu import CPUEmulation
-from lightning_megatron.models.gpt import GPT, GPTConfig
 from lightning_megatron.models.lora import ADAPTER_SUFFIX, LoRAConfig, adapter_state
 from lightning_megatron.models.saved import module_from_saved
 from lightning_megatron.module import MegatronModule
 from lightning_megatron.parallel import ParallelConfig, unwrap
+from lightning_megatron.recipes import read_recipe
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -75,10 +74,7 @@ def export_peft(module: MegatronModule, out: str | Path, base_model_name_or_path
     """
     from lightning_megatron.convert.hf import architecture_for_module
 
-    lora = module.lora
-    if lora is None:
-        raise ConversionError("the model has no LoRA adapters; set model.init_args.lora in the recipe, or export "
-                              "the whole model without --adapter-only")
+    lora = _lora_of(module, "the model")
     arch = architecture_for_module(module)
     tensors = gather_consolidated(module)
     path = None
@@ -99,6 +95,14 @@ def export_peft(module: MegatronModule, out: str | Path, base_model_name_or_path
     return path
 
 
+def _lora_of(module: MegatronModule, name: str) -> LoRAConfig:
+    """The module's LoRA settings, or an error saying that ``name`` (the model, the recipe's) has no adapters."""
+    if module.lora is None:
+        raise ConversionError(f"{name} has no LoRA adapters; set model.init_args.lora in the training recipe (as "
+                              f"recipes/gpt-tiny-lora.yaml does), or export the whole model without --adapter-only")
+    return module.lora
+
+
 @contextlib.contextmanager
 def _one_process() -> Iterator[None]:
     """megatron's parallel state for one process on the CPU (a one-process gloo group if none exists)."""
@@ -115,19 +119,12 @@ def _one_process() -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def _recipe_model(recipe: str | Path) -> tuple[GPT, dict[str, Any]]:
-    init_args = ((yaml.safe_load(Path(recipe).read_text()) or {}).get("model") or {}).get("init_args", {})
-    if "lora" not in init_args or "config" not in init_args:
-        raise ConversionError(f"{recipe} has no model.init_args.lora (or config); --adapter-only exports the "
-                              f"adapters of a LoRA recipe such as recipes/gpt-tiny-lora.yaml")
-    return GPT(GPTConfig(**init_args["config"]), lora=LoRAConfig(**init_args["lora"])), init_args
-
-
 def checkpoint_to_peft(ckpt: str | Path, recipe: str | Path | None, out: str | Path) -> Path:
     """Write the adapters of a LoRA run's checkpoint (whole or adapters-only; a directory or a one-process ``.ckpt``
     file) as a PEFT directory, in one process; the model is the recipe's, else the one the checkpoint saved."""
     saved = read_saved_module(ckpt)
-    module, init_args = _recipe_model(recipe) if recipe else (module_from_saved(saved), saved.init_args)
+    module = read_recipe(recipe).module if recipe else module_from_saved(saved)
+    _lora_of(module, f"{recipe}'s model" if recipe else f"{ckpt}")  # before building and loading it
     with _one_process():
         build_module(module, ParallelConfig())
         assert module.chunks is not None
@@ -138,7 +135,7 @@ def checkpoint_to_peft(ckpt: str | Path, recipe: str | Path | None, out: str | P
             loaded = MegatronCheckpointIO().load_sharded(ckpt, template)
             for name, chunk in zip(template, module.chunks):
                 unwrap(chunk).load_state_dict(loaded[name], strict=False)
-        path = export_peft(module, out, str(init_args.get("init_from") or ""))
+        path = export_peft(module, out, str(module.init_from or saved.init_args.get("init_from") or ""))
     assert path is not None
     return path
 

@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-import yaml
 
 from lightning_megatron.checkpoint import load_lightning_file, read_saved_module
 from lightning_megatron.data.tokenizer import Tokenizer
@@ -27,6 +26,7 @@ from lightning_megatron.models.gpt import GPT, GPTConfig
 from lightning_megatron.models.lora import LoRAConfig, merge_adapters
 from lightning_megatron.models.saved import module_from_saved
 from lightning_megatron.module import MegatronModule
+from lightning_megatron.recipes import read_recipe
 from lightning_megatron.strategy import MegatronStrategy
 
 InferenceFn = Callable[[GPT, Tokenizer], Any]
@@ -69,40 +69,24 @@ def converted(ckpt: str | None) -> bool:
     return is_converted(ckpt)
 
 
-def model_options(ckpt: str | None, config: str | None) -> tuple[GPTConfig, dict[str, Any], str | None]:
-    """The GPT architecture, its ``lora``/``init_from`` options and the tokenizer: a converted checkpoint's own (its
-    directory holds the tokenizer, else the recipe's), else the recipe's, else what a training checkpoint saved
-    (:func:`~lightning_megatron.checkpoint.read_saved_module`; the bundled tokenizer). A LoRA model is built with its
-    adapters (merged once loaded), an adapters-only checkpoint with its base model (``init_from``)."""
+def model_and_tokenizer(ckpt: str | None, config: str | None) -> tuple[GPT, str | None]:
+    """The GPT to load (unbuilt, with its LoRA adapters and ``init_from``) and its tokenizer: a converted checkpoint's
+    own (its directory holds the tokenizer, else the recipe's), else the recipe's
+    (:func:`~lightning_megatron.recipes.read_recipe`), else what a training checkpoint saved
+    (:func:`~lightning_megatron.checkpoint.read_saved_module`; the bundled tokenizer)."""
     _check_exists(ckpt)
     if converted(ckpt):
         from lightning_megatron.convert.hf import module_from_checkpoint
 
-        module = _gpt(module_from_checkpoint(ckpt), ckpt)
+        module = _gpt(module_from_checkpoint(ckpt), f"{ckpt} holds")
         own = ckpt if (Path(ckpt) / "tokenizer.json").is_file() else None
-        return module.config, {}, own or (_recipe_model(config)[2] if config else None)
+        return module, own or (read_recipe(config).tokenizer if config else None)
     if config:
-        return _recipe_model(config)
+        recipe = read_recipe(config)
+        return _gpt(recipe.module, f"{config}'s model is"), recipe.tokenizer
     if not ckpt:
         raise UserError("cannot tell the model's architecture: pass --config <training recipe.yaml> or --ckpt")
-    module = _gpt(module_from_saved(read_saved_module(ckpt)), ckpt)
-    options = {"lora": module.lora, "init_from": module.init_from} if module.lora else {}
-    return module.config, options, None
-
-
-def _recipe_model(config: str) -> tuple[GPTConfig, dict[str, Any], str | None]:
-    """:func:`model_options` from a training recipe's ``model`` and ``data`` sections."""
-    recipe = yaml.safe_load(Path(config).read_text()) or {}
-    model = (recipe.get("model") or {}).get("init_args", {})
-    data = (recipe.get("data") or {}).get("init_args", {})
-    if "config" not in model:
-        raise UserError(f"{config} has no model.init_args.config; pass a training recipe such as "
-                        f"recipes/gpt-tiny.yaml")
-    options = {}
-    if model.get("lora"):
-        lora = LoRAConfig(**model["lora"])
-        options = {"lora": lora, "init_from": model.get("init_from") if lora.adapters_only else None}
-    return GPTConfig(**model["config"]), options, data.get("tokenizer")
+    return _gpt(module_from_saved(read_saved_module(ckpt)), f"{ckpt} holds"), None
 
 
 def _check_exists(ckpt: str | None) -> None:
@@ -110,9 +94,9 @@ def _check_exists(ckpt: str | None) -> None:
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist; pass --ckpt <the path of a saved checkpoint>")
 
 
-def _gpt(module: MegatronModule, ckpt: str) -> GPT:
+def _gpt(module: MegatronModule, source: str) -> GPT:
     if not isinstance(module, GPT):
-        raise UserError(f"{ckpt} holds a {type(module).__name__}; generation, serving and evaluation run GPTs")
+        raise UserError(f"{source} a {type(module).__name__}; generation, serving and evaluation run GPTs")
     return module
 
 
@@ -136,10 +120,12 @@ class _RunAfterWarmup(pl.Callback):
 
 def run_inference(args: argparse.Namespace, fn: InferenceFn) -> Any:
     """Load the model described by :func:`add_model_arguments`'s ``args`` and run ``fn`` on every rank."""
-    config, options, model_tokenizer = model_options(args.ckpt, args.config)
-    return run_with_model(config, fn, ckpt=args.ckpt, tokenizer=args.tokenizer or model_tokenizer,
+    module, model_tokenizer = model_and_tokenizer(args.ckpt, args.config)
+    # The base weights are loaded only under adapters that were saved without them.
+    base = module.init_from if module.lora is not None and module.lora.adapters_only else None
+    return run_with_model(module.config, fn, ckpt=args.ckpt, tokenizer=args.tokenizer or model_tokenizer,
                           devices=args.devices, tp=args.tp, pp=args.pp, accelerator=args.accelerator,
-                          precision=args.precision, quantize=args.quantize, **options)
+                          precision=args.precision, quantize=args.quantize, lora=module.lora, init_from=base)
 
 
 def run_with_model(config: GPTConfig, fn: InferenceFn, ckpt: str | None = None, tokenizer: str | None = None,
