@@ -7,6 +7,7 @@ instead of hanging in a collective.
 
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Sequence
@@ -166,20 +167,43 @@ def initialize(config: ParallelConfig, seed: int, cudagraphable_rng: bool = Fals
     Groups left by an earlier run in this process (kept so that it can still save after ``fit`` returns) are
     replaced."""
     destroy()
+    before = _live_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=config.tensor_model_parallel_size,
         pipeline_model_parallel_size=config.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=config.vp,
         context_parallel_size=config.context_parallel_size,
     )
+    _megatron_groups.extend(group for group in _live_groups() if group not in before)
     # megatron creates its tracker once per process; one that graphs can capture replaces an earlier plain one.
     model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=cudagraphable_rng, force_reset_rng=cudagraphable_rng)
+
+
+# The groups ``initialize`` created: megatron's ``destroy_model_parallel`` forgets its groups without destroying them,
+# and each gloo group keeps polling threads alive until the default group goes (thousands after a few re-fits).
+_megatron_groups: list[torch.distributed.ProcessGroup] = []
+
+
+def _live_groups() -> list[torch.distributed.ProcessGroup]:
+    if not torch.distributed.is_initialized():
+        return []
+    return list(torch.distributed.distributed_c10d._world.pg_map)
 
 
 def destroy() -> None:
     """Tear down megatron's process groups (the default group is left to Lightning)."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if not _megatron_groups:
+        return
+    live = _live_groups()
+    for group in _megatron_groups:
+        if group in live:
+            torch.distributed.destroy_process_group(group)
+    _megatron_groups.clear()
+    # A gloo group's threads stop only when the group is freed, and a finished run's model and optimizer hold
+    # theirs in reference cycles.
+    gc.collect()
 
 
 def stage_layout() -> list[tuple[bool, bool, int | None]]:

@@ -12,7 +12,6 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore")
 def _no_megatron_state():
     """Each test starts with megatron's parallel state torn down, as a fresh process would."""
     yield
-    from megatron.core import parallel_state
+    from lightning_megatron import parallel
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    parallel.destroy()
