@@ -4,6 +4,9 @@ Run under torchrun (or plain python for one process). Writes JSON to --out on gl
 {"losses": [...], "steps": [...], "batches": [...], "val_loss": float, "world_size": int}
 (``steps`` are the global steps the losses belong to, ``batches`` a checksum of rank 0's tokens at each step).
 
+``--then`` starts another run's arguments: the runs go one after another in the same processes, each as if alone
+(see fresh_runs.py).
+
 Checkpoint flags: --save-dir with --every-n saves sharded checkpoints (ModelCheckpoint, save_last), --resume
 continues from a path or "last", --validate-only evaluates a checkpoint, --kill-at-save STEP SIGKILLs every rank
 after the shards of that step's first checkpoint are written and before it is published.
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 
 import lightning as L
 import psutil
@@ -20,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_megatron as lm
+from fresh_runs import run_each
 from lightning_megatron import checkpoint
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
@@ -108,7 +113,8 @@ def kill_when_publishing(step: int) -> None:
     checkpoint._publish = publish_or_die
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The options of one run."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=1)
@@ -146,7 +152,11 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="LoRA adapters (rank 4, alpha 8) on every target")
     parser.add_argument("--adapters-only", action="store_true", help="LoRA checkpoints hold only the adapters")
     parser.add_argument("--init-from", default=None, help="start from this checkpoint's weights")
-    args = parser.parse_args()
+    return parser
+
+
+def train(args: argparse.Namespace) -> None:
+    """One run: train (or validate) as the options say and write its results to ``args.out``."""
     if args.kill_at_save is not None:
         kill_when_publishing(args.kill_at_save)
 
@@ -222,6 +232,10 @@ def main() -> None:
                        "val_loss": float(metrics["val_loss"]),
                        "skipped_steps": float(metrics.get("skipped_steps", 0.0)),
                        "world_size": trainer.world_size}, handle)
+
+
+def main() -> None:
+    run_each(arguments(), train, sys.argv[1:])
 
 
 if __name__ == "__main__":
