@@ -2,7 +2,8 @@
 
 Run under torchrun (or plain python for one process). Writes JSON to --out on global rank 0:
 {"losses": [...], "steps": [...], "batches": [...], "val_loss": float, "world_size": int}
-(``steps`` are the global steps the losses belong to, ``batches`` a checksum of rank 0's tokens at each step).
+(``steps`` are the global steps the losses belong to, ``batches`` a checksum of rank 0's tokens at each step), and
+with --save-dir "saved": {checkpoint name: its global step} of what the directory holds when the run ends.
 
 ``--then`` starts another run's arguments: the runs go one after another in the same processes, each as if alone
 (see fresh_runs.py).
@@ -17,6 +18,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import lightning as L
 import psutil
@@ -226,12 +228,15 @@ def train(args: argparse.Namespace) -> None:
     else:
         trainer.fit(model, datamodule=data, ckpt_path=args.resume)
     if trainer.is_global_zero:
+        metrics = trainer.callback_metrics
+        results = {"losses": record.losses, "steps": record.steps, "batches": record.batches, "lrs": record.lrs,
+                   "val_loss": float(metrics["val_loss"]), "skipped_steps": float(metrics.get("skipped_steps", 0.0)),
+                   "world_size": trainer.world_size}
+        if args.save_dir:  # what a later run in the same directory will change
+            results["saved"] = {path.name: checkpoint.read_layout(path).global_step
+                                for path in sorted(Path(args.save_dir).iterdir())}
         with open(args.out, "w") as handle:
-            metrics = trainer.callback_metrics
-            json.dump({"losses": record.losses, "steps": record.steps, "batches": record.batches, "lrs": record.lrs,
-                       "val_loss": float(metrics["val_loss"]),
-                       "skipped_steps": float(metrics.get("skipped_steps", 0.0)),
-                       "world_size": trainer.world_size}, handle)
+            json.dump(results, handle)
 
 
 def main() -> None:
