@@ -211,10 +211,9 @@ def cli(*args, status=0, timeout=600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_lora_recipes_fine_tune_export_and_generate(tmp_path):
+def test_lora_recipes_fine_tune_export_and_generate(gpt_tiny_run, tmp_path):
     short = ["--trainer.max_steps", 3, "--trainer.val_check_interval", 3, "--trainer.limit_val_batches", 1]
-    cli("fit", "--config", "recipes/gpt-tiny.yaml", *short, "--trainer.default_root_dir", tmp_path / "base")
-    base = tmp_path / "base" / "checkpoints" / "last.ckpt"
+    base = gpt_tiny_run / "checkpoints" / "last.ckpt"
     for recipe in ("gpt-tiny-lora", "gpt-tiny-lora-sft"):
         cli("fit", "--config", f"recipes/{recipe}.yaml", "--model.init_args.init_from", base, *short,
             "--trainer.default_root_dir", tmp_path / recipe)
