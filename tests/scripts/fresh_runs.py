@@ -45,8 +45,13 @@ def split_runs(argv: list[str]) -> list[list[str]]:
 
 def run_each(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None], argv: list[str]) -> None:
     """Call ``run`` with the parsed arguments of each run of ``argv`` in turn, each from the state the process had
-    when this was called."""
+    when this was called; then end the process groups."""
     fresh = FreshState()
     for args in split_runs(argv):
         fresh.restore()
         run(parser.parse_args(args))
+    # Gloo's worker threads, left running into the interpreter's exit, now and then abort it ("terminate called
+    # without an active exception") after every run has succeeded.
+    parallel.destroy()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
