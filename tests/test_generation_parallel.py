@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+import lightning_megatron  # noqa: F401  (imported before any capsys: Lightning's log handler keeps this stderr)
 from launch import REPO, read_json, run_python, train_together
+from lightning_megatron_cli import main
 
 CLI = REPO / "lightning_megatron" / "cli.py"
 
@@ -133,11 +135,12 @@ def test_a_bad_prompt_in_one_replica_stops_every_replica():
     assert "Traceback" not in result.stderr and "Connection closed" not in result.stderr
 
 
-def test_generate_refuses_a_layout_that_cannot_split_the_devices():
-    result = run_python(CLI, "generate", "--config", REPO / "recipes" / "gpt-tiny.yaml", "--prompt", "x",
-                        "--devices", 3, "--tp", 2, check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
+def test_generate_refuses_a_layout_that_cannot_split_the_devices(capsys):
+    with pytest.raises(SystemExit) as done:  # before any process starts: the command runs in this one
+        main(["generate", "--config", str(REPO / "recipes" / "gpt-tiny.yaml"), "--prompt", "x", "--devices", "3",
+              "--tp", "2"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "lightning-megatron generate: error: --devices 3 is not a multiple of --tp x --pp = 2: each replica of the "
         "model takes tp x pp processes")
 
