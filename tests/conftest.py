@@ -19,6 +19,19 @@ def _no_megatron_state():
         parallel_state.destroy_model_parallel()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_group():
+    """Each test file ends with no process group left, as its own process would. Tearing down megatron's state
+    leaves its groups registered with torch.distributed until the default group goes, each with gloo threads that
+    poll: a default group that outlived its file (an in-process Trainer's) kept about 50 threads per test for the
+    rest of the session, thousands by its end, taking a core from the runs launched meanwhile."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def gpt_tiny_run(tmp_path_factory) -> Path:
     """``lightning-megatron fit`` of recipes/gpt-tiny.yaml for 4 steps in one process (validating every 2 steps, a loss
