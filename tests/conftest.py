@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,3 +16,20 @@ def _no_megatron_state():
     from lightning_megatron import parallel
 
     parallel.destroy()
+
+
+@pytest.fixture(scope="session")
+def gpt_tiny_run(tmp_path_factory) -> Path:
+    """``lightning-megatron fit`` of recipes/gpt-tiny.yaml for 4 steps in one process (validating every 2 steps, a loss
+    logged every step, no callbacks), trained once for every test that reads it: its default_root_dir, holding
+    ``checkpoints/last.ckpt`` and ``lightning_logs/version_0/metrics.csv``. Tests copy what they change."""
+    from launch import REPO, child_env
+
+    root = tmp_path_factory.mktemp("gpt-tiny")
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_megatron", "fit", "--config", str(REPO / "recipes" / "gpt-tiny.yaml"),
+         "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+         "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--trainer.callbacks", "[]"],
+        capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -52,6 +52,23 @@ def run_python(script: str | Path, *args: Any, timeout: float = 300, check: bool
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-6000:]}")
     return result
+
+
+def train_together(root: Path, nproc: int, runs: dict[str, Sequence[Any]], script: str = "train_gpt.py",
+                   timeout: float = 240) -> dict[str, dict]:
+    """Run ``script`` (one that takes ``--then``, see scripts/fresh_runs.py) once per entry of ``runs`` (a name and
+    its arguments), one after another in the same ``nproc`` processes (``--devices nproc``) of one launch; each run's
+    results (``<root>/<name>.json``) by name.
+
+    ``timeout`` is per run; a later run may use files an earlier one wrote."""
+    args: list[Any] = []
+    for name, run in runs.items():
+        args += [*(["--then"] if args else []), "--out", root / f"{name}.json", "--devices", nproc, *run]
+    if nproc == 1:
+        run_python(script, *args, timeout=timeout * len(runs))
+    else:
+        torchrun(script, nproc, *args, timeout=timeout * len(runs))
+    return {name: read_json(root / f"{name}.json") for name in runs}
 
 
 @contextlib.contextmanager

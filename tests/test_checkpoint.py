@@ -1,7 +1,8 @@
 """Sharded checkpoints: exact resume, crash safety, async save, resharding, consolidated export, clear errors.
 
 The multi-process runs share one uninterrupted 10-step reference (DP=2, distributed optimizer); every resumed run
-must reproduce its losses and its batches step for step.
+must reproduce its losses and its batches step for step. The runs that end normally go one after another in one
+launch (``runs``); the run killed while saving has a launch of its own.
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import read_json, torchrun
+from launch import torchrun, train_together
 
 from lightning_megatron import checkpoint as ckpt
 
-DP2 = ("--devices", 2, "--dist-opt")
-
-
-def _train(tmp: Path, name: str, *args, check: bool = True):
-    out = tmp / f"{name}.json"
-    result = torchrun("train_gpt.py", 2, *DP2, "--out", out, *args, timeout=240, check=check)
-    return (read_json(out) if out.exists() else None), result
+DP2 = "--dist-opt"
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +27,38 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(workdir: Path) -> dict:
-    """10 uninterrupted steps."""
-    return _train(workdir, "reference", "--steps", 10)[0]
+def runs(workdir: Path) -> dict[str, dict]:
+    """Every two-process run of this file that ends normally, by name, one after another in one launch."""
+    return train_together(workdir, 2, {
+        "reference": [DP2, "--steps", 10],  # 10 uninterrupted steps
+        # 5 steps of the reference run (same schedule), checkpointed every 5 steps; then resumed from the last.
+        "first_half": [DP2, "--steps", 5, "--decay-steps", 10, "--save-dir", workdir / "sync", "--every-n", 5],
+        "second_half": [DP2, "--steps", 10, "--save-dir", workdir / "sync", "--resume", "last"],
+        # The same with background saves.
+        "async_first": [DP2, "--steps", 5, "--decay-steps", 10, "--save-dir", workdir / "async", "--every-n", 5,
+                        "--async-save"],
+        "async_second": [DP2, "--steps", 10, "--save-dir", workdir / "async", "--every-n", 5, "--async-save",
+                         "--resume", "last"],
+        # TP2 trains 4 steps; PP2 resumes its step-2 checkpoint (weights and optimizer); TP2 then evaluates PP2's
+        # final checkpoint; each layout imports the other's consolidated export.
+        "tp2": ["--tp", 2, "--steps", 4, "--save-dir", workdir / "tp2", "--every-n", 2],
+        "pp2": ["--pp", 2, "--steps", 4, "--resume", workdir / "tp2" / "step=2.ckpt", "--save-end",
+                workdir / "pp2.ckpt", "--export", workdir / "pp2.safetensors"],
+        "tp2_eval": ["--tp", 2, "--validate-only", "--resume", workdir / "pp2.ckpt", "--export",
+                     workdir / "tp2.safetensors"],
+        "tp2_import": ["--tp", 2, "--validate-only", "--import", workdir / "pp2.safetensors"],
+        "pp2_import": ["--pp", 2, "--validate-only", "--import", workdir / "tp2.safetensors"],
+    })
 
 
 @pytest.fixture(scope="module")
-def saved_at_5(workdir: Path) -> Path:
-    """5 steps of the reference run (same schedule), checkpointed every 5 steps."""
-    _train(workdir, "first_half", "--steps", 5, "--decay-steps", 10, "--save-dir", workdir / "sync", "--every-n", 5)
+def reference(runs: dict) -> dict:
+    return runs["reference"]
+
+
+@pytest.fixture(scope="module")
+def saved_at_5(runs: dict, workdir: Path) -> Path:
+    """The checkpoints of the first half (step=5.ckpt and last.ckpt), and those the second half added."""
     return workdir / "sync"
 
 
@@ -53,72 +71,55 @@ def _assert_continues(reference: dict, resumed: dict, first_step: int) -> None:
 
 
 @pytest.mark.slow
-def test_resume_from_last_matches_uninterrupted_run(workdir, reference, saved_at_5):
-    assert sorted(p.name for p in saved_at_5.iterdir()) == ["last.ckpt", "step=5.ckpt"]
-    assert ckpt.read_layout(saved_at_5 / "last.ckpt").global_step == 5
-    resumed, _ = _train(workdir, "second_half", "--steps", 10, "--save-dir", saved_at_5, "--resume", "last")
-    _assert_continues(reference, resumed, first_step=6)
+def test_resume_from_last_matches_uninterrupted_run(runs, reference):
+    assert runs["first_half"]["saved"] == {"last.ckpt": 5, "step=5.ckpt": 5}  # the directory the second half found
+    _assert_continues(reference, runs["second_half"], first_step=6)
 
 
 @pytest.mark.slow
 def test_sigkill_during_save_leaves_previous_checkpoint_resumable(workdir, reference):
     save_dir = workdir / "killed"
-    _, result = _train(workdir, "killed", "--steps", 10, "--save-dir", save_dir, "--every-n", 2,
-                       "--kill-at-save", 4, check=False)
+    run = [DP2, "--steps", 10, "--save-dir", save_dir, "--every-n", 2]
+    result = torchrun("train_gpt.py", 2, "--devices", 2, "--out", workdir / "killed.json", *run, "--kill-at-save", 4,
+                      timeout=240, check=False)
     assert result.returncode != 0
     names = sorted(p.name for p in save_dir.iterdir())
     assert names == ["last.ckpt", "step=2.ckpt", "step=4.ckpt.partial"], names
     assert ckpt.read_layout(save_dir / "last.ckpt").global_step == 2
     with pytest.raises(FileNotFoundError, match="never finished"):
         ckpt.read_layout(save_dir / "step=4.ckpt")
-    resumed, _ = _train(workdir, "after_kill", "--steps", 10, "--save-dir", save_dir, "--every-n", 2,
-                        "--resume", "last")
+    resumed = train_together(workdir, 2, {"after_kill": [*run, "--resume", "last"]})["after_kill"]
     _assert_continues(reference, resumed, first_step=3)
     assert not (save_dir / "step=4.ckpt.partial").exists()
     assert ckpt.read_layout(save_dir / "last.ckpt").global_step == 10
 
 
 @pytest.mark.slow
-def test_async_save_then_resume(workdir, reference):
+def test_async_save_then_resume(runs, reference, workdir):
     save_dir = workdir / "async"
-    _train(workdir, "async_first", "--steps", 5, "--decay-steps", 10, "--save-dir", save_dir, "--every-n", 5,
-           "--async-save")
     assert ckpt.read_layout(save_dir / "step=5.ckpt").global_step == 5
-    resumed, _ = _train(workdir, "async_second", "--steps", 10, "--save-dir", save_dir, "--every-n", 5,
-                        "--async-save", "--resume", "last")
-    _assert_continues(reference, resumed, first_step=6)
+    _assert_continues(reference, runs["async_second"], first_step=6)
     assert ckpt.read_layout(save_dir / "last.ckpt").global_step == 10
 
 
 @pytest.mark.slow
-def test_reshard_tp2_to_pp2_and_back(tmp_path):
+def test_reshard_tp2_to_pp2_and_back(runs, workdir):
     """TP2 trains 4 steps; PP2 resumes its step-2 checkpoint (weights and optimizer) and must follow the same losses;
     TP2 then evaluates PP2's final checkpoint. Consolidated exports of both layouts hold identical tensors, and
     TP2 importing PP2's export (and PP2 importing TP2's) evaluates the same."""
-    def run(name, *args):
-        out = tmp_path / f"{name}.json"
-        torchrun("train_gpt.py", 2, "--devices", 2, "--out", out, *args, timeout=240)
-        return read_json(out)
-
-    tp2 = run("tp2", "--tp", 2, "--steps", 4, "--save-dir", tmp_path / "tp2", "--every-n", 2)
-    pp2 = run("pp2", "--pp", 2, "--steps", 4, "--resume", tmp_path / "tp2" / "step=2.ckpt",
-              "--save-end", tmp_path / "pp2.ckpt", "--export", tmp_path / "pp2.safetensors")
+    tp2, pp2 = runs["tp2"], runs["pp2"]
     assert pp2["steps"] == [3, 4]
     assert pp2["losses"] == pytest.approx(tp2["losses"][2:], rel=1e-5)
     assert pp2["val_loss"] == pytest.approx(tp2["val_loss"], rel=1e-5)
-    back = run("tp2_eval", "--tp", 2, "--validate-only", "--resume", tmp_path / "pp2.ckpt",
-               "--export", tmp_path / "tp2.safetensors")
-    assert back["val_loss"] == pytest.approx(pp2["val_loss"], rel=1e-6)
-    exported_pp, exported_tp = load_file(tmp_path / "pp2.safetensors"), load_file(tmp_path / "tp2.safetensors")
+    assert runs["tp2_eval"]["val_loss"] == pytest.approx(pp2["val_loss"], rel=1e-6)
+    exported_pp, exported_tp = load_file(workdir / "pp2.safetensors"), load_file(workdir / "tp2.safetensors")
     assert sorted(exported_pp) == sorted(exported_tp)
     assert "decoder.layers.3.self_attention.linear_qkv.weight" in exported_pp
     for name, tensor in exported_pp.items():
         torch.testing.assert_close(exported_tp[name], tensor, rtol=0, atol=0, msg=name)
-    imported = run("tp2_import", "--tp", 2, "--validate-only", "--import", tmp_path / "pp2.safetensors")
-    assert imported["val_loss"] == pytest.approx(pp2["val_loss"], rel=1e-6)
+    assert runs["tp2_import"]["val_loss"] == pytest.approx(pp2["val_loss"], rel=1e-6)
     # The last stage's output layer is tied to the first stage's embedding: it loads the embedding's tensor.
-    imported = run("pp2_import", "--pp", 2, "--validate-only", "--import", tmp_path / "tp2.safetensors")
-    assert imported["val_loss"] == pytest.approx(pp2["val_loss"], rel=1e-6)
+    assert runs["pp2_import"]["val_loss"] == pytest.approx(pp2["val_loss"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ validation (no processes)

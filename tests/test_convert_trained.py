@@ -20,6 +20,7 @@ from launch import REPO, SCRIPTS, child_env
 from lightning_megatron.checkpoint import read_saved_module
 from lightning_megatron.convert import build_module, load_any_checkpoint
 from lightning_megatron.models.saved import module_from_saved
+from lightning_megatron_cli import main
 from test_convert_hf import gloo_world, logits_of, one_rank  # noqa: F401  (fixtures)
 
 RECIPES = REPO / "recipes"
@@ -92,10 +93,10 @@ def test_fit_checkpoint_exports_what_transformers_runs_alike(gpt_runs, tmp_path,
 
 
 @pytest.fixture(scope="module")
-def one_process_runs(tmp_path_factory) -> dict[str, Path]:
-    """gpt-tiny, bert-tiny and t5-tiny trained 4 steps in one process."""
-    return {recipe: fit(f"{recipe}.yaml", tmp_path_factory.mktemp(recipe)) for recipe in ("gpt-tiny", "bert-tiny",
-                                                                                          "t5-tiny")}
+def one_process_runs(tmp_path_factory, gpt_tiny_run) -> dict[str, Path]:
+    """gpt-tiny (the suite's shared run), bert-tiny and t5-tiny trained 4 steps in one process."""
+    runs = {recipe: fit(f"{recipe}.yaml", tmp_path_factory.mktemp(recipe)) for recipe in ("bert-tiny", "t5-tiny")}
+    return {"gpt-tiny": gpt_tiny_run / "checkpoints" / "last.ckpt", **runs}
 
 
 def _our_logits(ckpt: Path, inputs: dict, layout) -> torch.Tensor:
@@ -143,14 +144,17 @@ def test_bert_and_t5_fit_checkpoints_export_to_their_auto_classes(one_process_ru
 
 
 @pytest.mark.slow
-def test_bad_checkpoints_and_recipes_fail_in_one_line(one_process_runs, tmp_path):
+def test_bad_checkpoints_and_recipes_fail_in_one_line(one_process_runs, tmp_path, capsys):
     gpt, bert = one_process_runs["gpt-tiny"], one_process_runs["bert-tiny"]
 
-    def error_of(*args) -> str:
-        result = export(*args)
-        assert result.returncode == 2, result.stderr[-3000:]
-        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1, result.stderr[-3000:]
+    def error_of(ckpt, out, *args) -> str:
+        """The error line of the command, run in this process (as ``lightning-megatron convert ...`` runs it)."""
+        with pytest.raises(SystemExit) as done:
+            main(["convert", "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(out), *map(str, args)])
+        stderr = capsys.readouterr().err
+        assert done.value.code == 2, stderr[-3000:]
+        lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, stderr[-3000:]
         return lines[0]
 
     assert "does not exist; pass --ckpt" in error_of(tmp_path / "nowhere", tmp_path / "o1")

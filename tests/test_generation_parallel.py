@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from launch import REPO, read_json, run_python, torchrun
+import lightning_megatron  # noqa: F401  (imported before any capsys: Lightning's log handler keeps this stderr)
+from launch import REPO, run_python, train_together
+from lightning_megatron_cli import main
 
 CLI = REPO / "lightning_megatron" / "cli.py"
 
@@ -12,12 +14,37 @@ KEYS = ["cached", "recomputed", "sampled_alone", "sampled_together", "beam1", "b
         "session", "session_cached", "scored", "prompt_top", "generated_top"]
 
 
+LAYOUTS = {"tp2_sp": ["--tp", 2, "--sp"], "pp2_vp2": ["--pp", 2, "--vp", 2], "cp2": ["--cp", 2]}
+ALIBI_LAYOUTS = ["tp2_sp", "cp2"]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    run_python("generate_gpt.py", "--out", root / "ref.json", "--save-ckpt", root / "model.ckpt",
-               "--predict-out", root / "predicted.jsonl", timeout=400)
-    return read_json(root / "ref.json"), root / "model.ckpt", root / "predicted.jsonl"
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("gen")
+
+
+@pytest.fixture(scope="module")
+def references(root):
+    """The single-process runs, in one launch: GPT-2 (saved for the CLI tests, with trainer.predict's completions)
+    and ALiBi."""
+    return train_together(root, 1, {
+        "reference": ["--save-ckpt", root / "model.ckpt", "--predict-out", root / "predicted.jsonl"],
+        "alibi": ["--arch", "alibi"],
+    }, script="generate_gpt.py", timeout=400)
+
+
+@pytest.fixture(scope="module")
+def layouts(root):
+    """The two-process runs, in one launch: GPT-2 under each layout (PP2 x VP2 with trainer.predict too) and ALiBi
+    under TP2 and CP2."""
+    runs = {**LAYOUTS, "pp2_vp2": [*LAYOUTS["pp2_vp2"], "--predict-out", root / "pp2_vp2.jsonl"]}
+    runs.update({f"alibi_{layout}": ["--arch", "alibi", *LAYOUTS[layout]] for layout in ALIBI_LAYOUTS})
+    return train_together(root, 2, runs, script="generate_gpt.py", timeout=400)
+
+
+@pytest.fixture(scope="module")
+def reference(references, root):
+    return references["reference"], root / "model.ckpt", root / "predicted.jsonl"
 
 
 def read_jsonl(path):
@@ -39,14 +66,11 @@ def check_internal(result):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2_sp", "pp2_vp2", "cp2"])
-def test_parallel_generation_matches_one_process(reference, tmp_path, layout):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_generation_matches_one_process(reference, layouts, root, layout):
     ref, _, ref_predicted = reference
     check_internal(ref)
-    args = {"tp2_sp": ["--tp", 2, "--sp"], "cp2": ["--cp", 2],
-            "pp2_vp2": ["--pp", 2, "--vp", 2, "--predict-out", tmp_path / "p.jsonl"]}[layout]
-    torchrun("generate_gpt.py", 2, "--out", tmp_path / "out.json", "--devices", 2, *args, timeout=400)
-    result = read_json(tmp_path / "out.json")
+    result = layouts[layout]
     check_internal(result)
     for key in KEYS:
         assert result[key] == ref[key], f"{layout}: {key} differs from one process"
@@ -54,28 +78,19 @@ def test_parallel_generation_matches_one_process(reference, tmp_path, layout):
     for ours, one_process in zip(result["prompt_logprobs"], ref["prompt_logprobs"]):
         assert ours == pytest.approx(one_process, abs=1e-4)
     if layout == "pp2_vp2":  # trainer.predict over a prompts file: one record per prompt, in order, on rank 0
-        records, expected = read_jsonl(tmp_path / "p.jsonl"), read_jsonl(ref_predicted)
+        records, expected = read_jsonl(root / "pp2_vp2.jsonl"), read_jsonl(ref_predicted)
         assert [r["id"] for r in records] == [0, 1, 2] and len(records[0]["tokens"]) == 12
         assert [(r["prompt"], r["tokens"], r["completion"]) for r in records] == [
             (r["prompt"], r["tokens"], r["completion"]) for r in expected]
 
 
-@pytest.fixture(scope="module")
-def alibi_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("alibi") / "ref.json"
-    run_python("generate_gpt.py", "--out", out, "--arch", "alibi", timeout=400)
-    return read_json(out)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2_sp", "cp2"])
-def test_alibi_trains_and_generates_as_one_process(alibi_reference, tmp_path, layout):
+@pytest.mark.parametrize("layout", ALIBI_LAYOUTS)
+def test_alibi_trains_and_generates_as_one_process(references, layouts, layout):
     """ALiBi (6 heads, BLOOM-style model): TP ranks add their own heads' slopes, CP ranks use global positions."""
+    alibi_reference = references["alibi"]
     check_internal(alibi_reference)
-    args = {"tp2_sp": ["--tp", 2, "--sp"], "cp2": ["--cp", 2]}[layout]
-    torchrun("generate_gpt.py", 2, "--out", tmp_path / "out.json", "--devices", 2, "--arch", "alibi", *args,
-             timeout=400)
-    result = read_json(tmp_path / "out.json")
+    result = layouts[f"alibi_{layout}"]
     for key in KEYS:
         assert result[key] == alibi_reference[key], f"{layout}: {key} differs from one process"
 
@@ -120,11 +135,12 @@ def test_a_bad_prompt_in_one_replica_stops_every_replica():
     assert "Traceback" not in result.stderr and "Connection closed" not in result.stderr
 
 
-def test_generate_refuses_a_layout_that_cannot_split_the_devices():
-    result = run_python(CLI, "generate", "--config", REPO / "recipes" / "gpt-tiny.yaml", "--prompt", "x",
-                        "--devices", 3, "--tp", 2, check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
+def test_generate_refuses_a_layout_that_cannot_split_the_devices(capsys):
+    with pytest.raises(SystemExit) as done:  # before any process starts: the command runs in this one
+        main(["generate", "--config", str(REPO / "recipes" / "gpt-tiny.yaml"), "--prompt", "x", "--devices", "3",
+              "--tp", "2"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "lightning-megatron generate: error: --devices 3 is not a multiple of --tp x --pp = 2: each replica of the "
         "model takes tp x pp processes")
 

@@ -4,16 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch import read_json, run_python, torchrun
+from launch import train_together
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ref")
-    run_python("train_gpt.py", "--out", root / "losses.json", "--steps", STEPS, "--export", root / "final.safetensors")
-    return {**read_json(root / "losses.json"), "weights": load_file(root / "final.safetensors")}
 
 
 def assert_same_losses(result, reference, rel=1e-4):
@@ -34,7 +27,7 @@ def assert_same_run(result, weights, reference):
         torch.testing.assert_close(tensor, reference["weights"][key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-LAYOUTS = {
+LAYOUTS = {  # name: (processes, arguments)
     "tp2": (2, ["--tp", 2]),
     "pp2": (2, ["--pp", 2]),
     "dp2": (2, []),
@@ -47,26 +40,44 @@ LAYOUTS = {
     "recompute-selective": (1, ["--recompute", "selective"]),
     "compile-layers": (1, ["--compile"]),
 }
+PRECISIONS = ["bf16-mixed", "16-mixed"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="module")
+def runs(root) -> dict[str, dict]:
+    """Every run of this file by name, launched together per process count: the single-process reference and each
+    layout (its final weights in ``<root>/<name>.safetensors``), and each mixed precision."""
+    launches: dict[int, dict[str, list]] = {1: {}}
+    for name, (nproc, args) in {"reference": (1, []), **LAYOUTS}.items():
+        launches.setdefault(nproc, {})[name] = [*args, "--steps", STEPS, "--export", root / f"{name}.safetensors"]
+    for precision in PRECISIONS:
+        launches[1][precision] = ["--steps", STEPS, "--precision", precision]
+    return {name: result for nproc, launch in launches.items()
+            for name, result in train_together(root, nproc, launch).items()}
+
+
+@pytest.fixture(scope="module")
+def reference(runs, root):
+    return {**runs["reference"], "weights": load_file(root / "reference.safetensors")}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, reference, tmp_path):
-    nproc, args = LAYOUTS[name]
-    out, weights = tmp_path / "losses.json", tmp_path / "final.safetensors"
-    launch = torchrun if nproc > 1 else (lambda script, _, *rest: run_python(script, *rest))
-    launch("train_gpt.py", nproc, "--out", out, "--devices", nproc, "--steps", STEPS, "--export", weights, *args)
-    result = read_json(out)
-    assert result["world_size"] == nproc
-    assert_same_run(result, weights, reference)
+def test_layout_matches_single_process(name, runs, reference, root):
+    result = runs[name]
+    assert result["world_size"] == LAYOUTS[name][0]
+    assert_same_run(result, root / f"{name}.safetensors", reference)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_mixed_precision_trains(precision, reference, tmp_path):
-    out = tmp_path / "losses.json"
-    run_python("train_gpt.py", "--out", out, "--steps", STEPS, "--precision", precision)
-    result = read_json(out)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_mixed_precision_trains(precision, runs, reference):
+    result = runs[precision]
     assert result["losses"][-1] < result["losses"][0] - 0.3, result["losses"]
     # Low precision stays close to fp32 on this model, but not bitwise.
     assert abs(result["val_loss"] - reference["val_loss"]) < 0.05

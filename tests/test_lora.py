@@ -13,7 +13,7 @@ from megatron.core import dist_checkpointing
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from launch import REPO, child_env, read_json, run_python, torchrun
+from launch import REPO, child_env, train_together
 from lightning_megatron import GPT, GPTConfig, MegatronStrategy, OptimConfig, ParallelConfig, parallel
 from lightning_megatron.checkpoint import CheckpointError
 from lightning_megatron.convert.core import build_module
@@ -143,62 +143,63 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def lora_reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora-ref")
-    run_python("train_gpt.py", "--out", root / "losses.json", *LORA, "--export", root / "final.safetensors")
-    return {**read_json(root / "losses.json"), "weights": load_file(root / "final.safetensors")}
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("lora")
+
+
+@pytest.fixture(scope="module")
+def runs(root) -> dict[str, dict]:
+    """Every run of this file's layout and checkpoint tests by name: the two-process ones in one launch, then the
+    single-process ones (which load what those saved) in another. Files are named after their run."""
+    adapters_only = ["--lora", "--adapters-only", "--init-from", root / "base_tp2.ckpt"]
+    two = {name: [*LORA, "--export", root / f"{name}.safetensors", *args] for name, args in LAYOUTS.items()}
+    two.update({
+        "tp2_saved": ["--tp", 2, *LORA, "--save-end", root / "tp2_saved.ckpt"],
+        "base_tp2": ["--tp", 2, "--steps", STEPS, "--save-end", root / "base_tp2.ckpt"],  # a base model
+        "init_from_base_pp2": ["--pp", 2, "--steps", STEPS, "--init-from", root / "base_tp2.ckpt", "--validate-only"],
+        "adapters_only_pp2": ["--pp", 2, "--steps", 3, *adapters_only, "--save-end", root / "adapters_only_pp2.ckpt"],
+    })
+    one = {
+        "reference": [*LORA, "--export", root / "reference.safetensors"],
+        "tp2_saved_in_one": [*LORA, "--validate-only", "--resume", root / "tp2_saved.ckpt"],
+        "adapters_only_in_one": ["--steps", 3, *adapters_only, "--validate-only", "--resume",
+                                 root / "adapters_only_pp2.ckpt"],
+    }
+    return {**train_together(root, 2, two), **train_together(root, 1, one)}
+
+
+@pytest.fixture(scope="module")
+def lora_reference(runs, root):
+    return {**runs["reference"], "weights": load_file(root / "reference.safetensors")}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_lora_layout_matches_single_process(name, lora_reference, tmp_path):
-    out, weights = tmp_path / "losses.json", tmp_path / "final.safetensors"
-    torchrun("train_gpt.py", 2, "--out", out, "--devices", 2, *LORA, "--export", weights, *LAYOUTS[name])
-    assert_same_run(read_json(out), weights, lora_reference)
+def test_lora_layout_matches_single_process(name, runs, lora_reference, root):
+    assert_same_run(runs[name], root / f"{name}.safetensors", lora_reference)
 
 
 @pytest.mark.slow
-def test_adapters_survive_a_tp2_save_and_load_into_one_process(tmp_path):
-    ckpt = tmp_path / "lora.ckpt"
-    torchrun("train_gpt.py", 2, "--out", tmp_path / "tp2.json", "--devices", 2, "--tp", 2, *LORA, "--save-end", ckpt)
-    saved = read_json(tmp_path / "tp2.json")
-    run_python("train_gpt.py", "--out", tmp_path / "one.json", *LORA, "--validate-only", "--resume", ckpt)
+def test_adapters_survive_a_tp2_save_and_load_into_one_process(runs):
+    saved = runs["tp2_saved"]
     # Every adapter shard was written: the single process evaluates the TP=2 model exactly.
-    assert abs(read_json(tmp_path / "one.json")["val_loss"] - saved["val_loss"]) <= 1e-4 * saved["val_loss"]
-
-
-@pytest.fixture(scope="module")
-def base_tp2(tmp_path_factory):
-    """A base model trained under TP=2, saved; its final validation loss."""
-    root = tmp_path_factory.mktemp("base")
-    torchrun("train_gpt.py", 2, "--out", root / "base.json", "--devices", 2, "--tp", 2, "--steps", STEPS,
-             "--save-end", root / "base.ckpt")
-    return root / "base.ckpt", read_json(root / "base.json")
+    assert abs(runs["tp2_saved_in_one"]["val_loss"] - saved["val_loss"]) <= 1e-4 * saved["val_loss"]
 
 
 @pytest.mark.slow
-def test_init_from_a_tp2_checkpoint_into_pp2(base_tp2, tmp_path):
-    ckpt, base = base_tp2
-    torchrun("train_gpt.py", 2, "--out", tmp_path / "pp2.json", "--devices", 2, "--pp", 2, "--steps", STEPS,
-             "--init-from", ckpt, "--validate-only")
-    assert abs(read_json(tmp_path / "pp2.json")["val_loss"] - base["val_loss"]) <= 1e-4 * base["val_loss"]
+def test_init_from_a_tp2_checkpoint_into_pp2(runs):
+    base = runs["base_tp2"]
+    assert abs(runs["init_from_base_pp2"]["val_loss"] - base["val_loss"]) <= 1e-4 * base["val_loss"]
 
 
 @pytest.mark.slow
-def test_adapters_only_checkpoint_restores_the_model_with_init_from(base_tp2, tmp_path):
-    ckpt, base = base_tp2
-    lora_ckpt = tmp_path / "adapters.ckpt"
-    args = ["--lora", "--adapters-only", "--init-from", ckpt]
-    torchrun("train_gpt.py", 2, "--out", tmp_path / "pp2.json", "--devices", 2, "--pp", 2, "--steps", 3, *args,
-             "--save-end", lora_ckpt)
-    tuned = read_json(tmp_path / "pp2.json")
+def test_adapters_only_checkpoint_restores_the_model_with_init_from(runs, root):
+    base, tuned = runs["base_tp2"], runs["adapters_only_pp2"]
     assert tuned["steps"] == [1, 2, 3], "init_from starts at step 0"
     assert tuned["losses"][0] < base["losses"][0] - 0.05, "the run did not start from the trained base"
-    assert all(is_adapter(key) for key in dist_checkpointing.load_tensors_metadata(str(lora_ckpt))
-               if not key.startswith("optimizer."))
-    run_python("train_gpt.py", "--out", tmp_path / "one.json", "--steps", 3, *args, "--validate-only",
-               "--resume", lora_ckpt)
-    assert abs(read_json(tmp_path / "one.json")["val_loss"] - tuned["val_loss"]) <= 1e-4 * tuned["val_loss"]
+    saved = dist_checkpointing.load_tensors_metadata(str(root / "adapters_only_pp2.ckpt"))
+    assert all(is_adapter(key) for key in saved if not key.startswith("optimizer."))
+    assert abs(runs["adapters_only_in_one"]["val_loss"] - tuned["val_loss"]) <= 1e-4 * tuned["val_loss"]
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
@@ -210,10 +211,9 @@ def cli(*args, status=0, timeout=600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_lora_recipes_fine_tune_export_and_generate(tmp_path):
+def test_lora_recipes_fine_tune_export_and_generate(gpt_tiny_run, tmp_path):
     short = ["--trainer.max_steps", 3, "--trainer.val_check_interval", 3, "--trainer.limit_val_batches", 1]
-    cli("fit", "--config", "recipes/gpt-tiny.yaml", *short, "--trainer.default_root_dir", tmp_path / "base")
-    base = tmp_path / "base" / "checkpoints" / "last.ckpt"
+    base = gpt_tiny_run / "checkpoints" / "last.ckpt"
     for recipe in ("gpt-tiny-lora", "gpt-tiny-lora-sft"):
         cli("fit", "--config", f"recipes/{recipe}.yaml", "--model.init_args.init_from", base, *short,
             "--trainer.default_root_dir", tmp_path / recipe)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from launch import read_json, run_python, torchrun
+from launch import train_together
 from lightning_megatron.data.datamodule import TokenWindows
 from lightning_megatron.data import MaskedWindows
 
@@ -30,12 +30,9 @@ def test_masked_windows_mask_and_sentence_order():
 
 @pytest.mark.slow
 def test_bert_trains_identically_under_tp2_and_pp2(tmp_path):
-    args = ("--arch", "bert", "--steps", 4, "--layers", 2)
-    run_python("train_gpt.py", "--out", tmp_path / "ref.json", *args)
-    torchrun("train_gpt.py", 2, "--devices", 2, "--tp", 2, "--out", tmp_path / "tp.json", *args)
-    torchrun("train_gpt.py", 2, "--devices", 2, "--pp", 2, "--out", tmp_path / "pp.json", *args)
-    reference = read_json(tmp_path / "ref.json")["losses"]
+    args = ["--arch", "bert", "--steps", 4, "--layers", 2]
+    reference = train_together(tmp_path, 1, {"ref": args})["ref"]["losses"]
+    runs = train_together(tmp_path, 2, {"tp": ["--tp", 2, *args], "pp": ["--pp", 2, *args]})
     assert len(reference) == 4 and reference[-1] < reference[0]
     for name in ("tp", "pp"):
-        losses = read_json(tmp_path / f"{name}.json")["losses"]
-        assert losses == pytest.approx(reference, rel=1e-4), name
+        assert runs[name]["losses"] == pytest.approx(reference, rel=1e-4), name

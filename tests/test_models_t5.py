@@ -6,7 +6,7 @@ by the logit-parity test in test_convert_hf.py."""
 import pytest
 import torch
 
-from launch import read_json, run_python, torchrun
+from launch import train_together
 from lightning_megatron.data.datamodule import TokenWindows
 from lightning_megatron.data import SpanCorruption
 from lightning_megatron.models.t5 import T5, T5Config
@@ -39,11 +39,9 @@ def test_pipeline_parallel_is_refused():
 
 @pytest.mark.slow
 def test_t5_trains_identically_under_dp2_and_tp2(tmp_path):
-    args = ("--arch", "t5", "--steps", 4, "--layers", 2)
-    run_python("train_gpt.py", "--out", tmp_path / "ref.json", *args)
-    torchrun("train_gpt.py", 2, "--devices", 2, "--out", tmp_path / "dp.json", *args)
-    torchrun("train_gpt.py", 2, "--devices", 2, "--tp", 2, "--out", tmp_path / "tp.json", *args)
-    reference = read_json(tmp_path / "ref.json")["losses"]
+    args = ["--arch", "t5", "--steps", 4, "--layers", 2]
+    reference = train_together(tmp_path, 1, {"ref": args})["ref"]["losses"]
+    runs = train_together(tmp_path, 2, {"dp": args, "tp": ["--tp", 2, *args]})
     assert len(reference) == 4 and reference[-1] < reference[0]
-    assert read_json(tmp_path / "dp.json")["losses"] == pytest.approx(reference, rel=1e-4)
-    assert read_json(tmp_path / "tp.json")["losses"] == pytest.approx(reference, rel=1e-4)
+    assert runs["dp"]["losses"] == pytest.approx(reference, rel=1e-4)
+    assert runs["tp"]["losses"] == pytest.approx(reference, rel=1e-4)

@@ -3,17 +3,19 @@
 Run under torchrun (or plain python for one process). Writes JSON to --out on global rank 0 with the greedy tokens
 of a mixed-length batch decoded with the KV cache and by recomputation, seeded samples (alone and batched), beam
 results, prompt log probabilities with their top tokens, and the SampleText callback's text; --save-ckpt also saves
-the model for the CLI tools.
+the model for the CLI tools. ``--then`` starts another run's arguments (see fresh_runs.py).
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 
 import lightning_megatron as lm
+from fresh_runs import run_each
 from lightning_megatron.callbacks import SampleText
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.generation import SamplingParams, build_engine, generate
@@ -74,7 +76,8 @@ class Probe(L.Callback):
         }
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The options of one run."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=1)
@@ -88,7 +91,11 @@ def main() -> None:
     parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "alibi"])
     parser.add_argument("--save-ckpt", help="also save the trained model as a Lightning checkpoint here")
     parser.add_argument("--predict-out", help="then run trainer.predict over PROMPTS, writing completions here")
-    args = parser.parse_args()
+    return parser
+
+
+def train_and_generate(args: argparse.Namespace) -> None:
+    """One run: train, generate in every mode, write the results to ``args.out``."""
 
     torch.set_num_threads(1)
     data = TextDataModule(seq_length=64, global_batch_size=8, micro_batch_size=2)
@@ -129,6 +136,10 @@ def main() -> None:
     if trainer.is_global_zero:
         with open(args.out, "w") as handle:
             json.dump({**probe.results, "sample": sample.samples[-1][1]}, handle)
+
+
+def main() -> None:
+    run_each(arguments(), train_and_generate, sys.argv[1:])
 
 
 if __name__ == "__main__":

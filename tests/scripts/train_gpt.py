@@ -2,7 +2,11 @@
 
 Run under torchrun (or plain python for one process). Writes JSON to --out on global rank 0:
 {"losses": [...], "steps": [...], "batches": [...], "val_loss": float, "world_size": int}
-(``steps`` are the global steps the losses belong to, ``batches`` a checksum of rank 0's tokens at each step).
+(``steps`` are the global steps the losses belong to, ``batches`` a checksum of rank 0's tokens at each step), and
+with --save-dir "saved": {checkpoint name: its global step} of what the directory holds when the run ends.
+
+``--then`` starts another run's arguments: the runs go one after another in the same processes, each as if alone
+(see fresh_runs.py).
 
 Checkpoint flags: --save-dir with --every-n saves sharded checkpoints (ModelCheckpoint, save_last), --resume
 continues from a path or "last", --validate-only evaluates a checkpoint, --kill-at-save STEP SIGKILLs every rank
@@ -13,6 +17,8 @@ import argparse
 import json
 import os
 import signal
+import sys
+from pathlib import Path
 
 import lightning as L
 import psutil
@@ -20,6 +26,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_megatron as lm
+from fresh_runs import run_each
 from lightning_megatron import checkpoint
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
@@ -108,7 +115,8 @@ def kill_when_publishing(step: int) -> None:
     checkpoint._publish = publish_or_die
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The options of one run."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--devices", type=int, default=1)
@@ -146,7 +154,11 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="LoRA adapters (rank 4, alpha 8) on every target")
     parser.add_argument("--adapters-only", action="store_true", help="LoRA checkpoints hold only the adapters")
     parser.add_argument("--init-from", default=None, help="start from this checkpoint's weights")
-    args = parser.parse_args()
+    return parser
+
+
+def train(args: argparse.Namespace) -> None:
+    """One run: train (or validate) as the options say and write its results to ``args.out``."""
     if args.kill_at_save is not None:
         kill_when_publishing(args.kill_at_save)
 
@@ -216,12 +228,19 @@ def main() -> None:
     else:
         trainer.fit(model, datamodule=data, ckpt_path=args.resume)
     if trainer.is_global_zero:
+        metrics = trainer.callback_metrics
+        results = {"losses": record.losses, "steps": record.steps, "batches": record.batches, "lrs": record.lrs,
+                   "val_loss": float(metrics["val_loss"]), "skipped_steps": float(metrics.get("skipped_steps", 0.0)),
+                   "world_size": trainer.world_size}
+        if args.save_dir:  # what a later run in the same directory will change
+            results["saved"] = {path.name: checkpoint.read_layout(path).global_step
+                                for path in sorted(Path(args.save_dir).iterdir())}
         with open(args.out, "w") as handle:
-            metrics = trainer.callback_metrics
-            json.dump({"losses": record.losses, "steps": record.steps, "batches": record.batches, "lrs": record.lrs,
-                       "val_loss": float(metrics["val_loss"]),
-                       "skipped_steps": float(metrics.get("skipped_steps", 0.0)),
-                       "world_size": trainer.world_size}, handle)
+            json.dump(results, handle)
+
+
+def main() -> None:
+    run_each(arguments(), train, sys.argv[1:])
 
 
 if __name__ == "__main__":
