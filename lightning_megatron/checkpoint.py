@@ -43,6 +43,7 @@ from typing_extensions import override
 
 from lightning_megatron.atomic import atomic_write
 from lightning_megatron.errors import UserError
+from lightning_megatron.models.lora import is_adapter
 from lightning_megatron.parallel import ParallelConfig, unwrap
 
 FORMAT_VERSION = 1
@@ -296,8 +297,6 @@ def damaged_files(path: _PATH) -> list[str]:
 def mismatches(path: _PATH, template: dict[str, Any]) -> list[str]:
     """Tensors this rank would load whose key or shape the checkpoint lacks, and LoRA adapters the checkpoint holds
     but ``template`` lacks (reads metadata only, no collective)."""
-    from lightning_megatron.models.lora import is_adapter  # models import this module
-
     saved = dist_checkpointing.load_tensors_metadata(str(path))
     problems = []
     wanted = set()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -34,11 +34,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from lightning_megatron import parallel
 from lightning_megatron.cadence import is_logging_step
 from lightning_megatron.checkpoint import model_sharded_state_dict, restore_chunks
+from lightning_megatron.models.lora import LoRAConfig, adapter_state, add_adapters
 from lightning_megatron.optim import OptimConfig
 from lightning_megatron.schedule import LossFn, StepResult, batch_size_of
-
-if TYPE_CHECKING:
-    from lightning_megatron.models.lora import LoRAConfig
 
 
 class MegatronModule(pl.LightningModule, ABC):
@@ -109,8 +107,6 @@ class MegatronModule(pl.LightningModule, ABC):
             parallel.build_chunks(lambda pre, post, vp: self.build_stage(config, pre, post, vp))
         )
         if self.lora is not None:
-            from lightning_megatron.models.lora import add_adapters
-
             for chunk in self.chunks:
                 add_adapters(chunk, self.lora, self.config.seed, config.gated_linear_unit)
 
@@ -121,8 +117,6 @@ class MegatronModule(pl.LightningModule, ABC):
             raise RuntimeError("the model is not built yet; call configure_model() first")
         state = model_sharded_state_dict(self.chunks)
         if self.lora is not None and self.lora.adapters_only:
-            from lightning_megatron.models.lora import adapter_state
-
             state = {name: adapter_state(chunk_state) for name, chunk_state in state.items()}
         return state
 
