@@ -1,21 +1,42 @@
 """Profile training steps of Trainer(strategy="megatron") with torch.profiler; prints where the time goes.
 
 python benchmarks/profile_step.py --preset gpt2_124m [--cuda-graphs]   (GPU)
-Prints the top operators by device time and by host time, and the step's wall time against busy GPU time
-(the gap is host overhead: Python, syncs, launches).
+Prints the step's wall time against busy GPU time (the gap is host overhead: Python, syncs, launches), the GPU
+time per kind of kernel (matmuls, attention, optimizer, ...), and the top operators by device and by host time.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import time
 
 import lightning as L
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import lightning_megatron as lm
 from train_throughput import RandomData
+
+
+# First match wins: a kernel's name says what it does (cuBLAS/CUTLASS matmuls, flash/cuDNN attention, ...).
+KINDS = {
+    "attention": ("flash", "fmha", "attention", "sdpa", "cudnn"),
+    "matmul": ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitk"),
+    "optimizer": ("multi_tensor", "adam", "foreach"),
+    "norm": ("layer_norm", "layernorm", "rms_norm"),
+    "softmax / cross entropy": ("softmax", "nll", "cross_entropy", "logsumexp"),
+    "copy / cast": ("copy", "memcpy", "memset", "cast", "fill"),
+    "reduction": ("reduce",),
+    "compiled (triton)": ("triton",),
+    "elementwise": ("elementwise", "vectorized", "unrolled"),
+}
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, marks in KINDS.items() if any(mark in name for mark in marks)), "other")
 
 
 class Profile(L.Callback):
@@ -63,6 +84,12 @@ def main() -> None:
     wall = sorted(prof.walls[skip:])[len(prof.walls[skip:]) // 2] * 1e3
     print(f"# {torch.cuda.get_device_name()}: median step {wall:.1f} ms wall, {device_total:.1f} ms of GPU kernels "
           f"per step ({device_total / wall:.0%} busy)")
+    kinds: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.device_type == DeviceType.CUDA:
+            kinds[kind_of(event.key)] += event.self_device_time_total / active / 1e3
+    for kind, ms in kinds.most_common():
+        print(f"{kind:<26} {ms:9.2f} ms per step  {ms / device_total:6.1%} of GPU time  {ms / wall:6.1%} of the step")
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
 
