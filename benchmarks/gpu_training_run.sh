@@ -35,10 +35,10 @@ run_step() {  # name, seconds, command...
 BENCH="python benchmarks/train_throughput.py --out $RESULTS --steps 12 --warmup 4"
 # The comparison the targets are about first: overhead, transformers eager and compiled, each fusion, where the
 # step synchronises, CUDA graphs (last in its process: megatron's graphs are process-wide).
-run_step mbs8 170 $BENCH --cases overhead hf fusions syncs cuda_graphs --global-batch 16 --micro-batch 8
+run_step mbs8 200 $BENCH --cases overhead hf fusions fused_adam syncs cuda_graphs --global-batch 16 --micro-batch 8
 run_step gpu_tests 90 python -m pytest -v -p no:cacheprovider tests/test_training_gpu.py
-run_step 1_3b_mbs16 100 $BENCH --model gpt2_1_3b --cases hf --no-hf-compile --global-batch 32 --micro-batch 16 \
-    --steps 10 --warmup 3
+run_step 1_3b_mbs16 150 $BENCH --model gpt2_1_3b --cases hf fused_adam --no-hf-compile --global-batch 32 \
+    --micro-batch 16 --steps 10 --warmup 3
 # Least needed last: micro batch 16 without the compiled peer (a second compile would not fit the call).
 run_step mbs16 70 $BENCH --cases hf cuda_graphs --no-hf-compile --global-batch 32 --micro-batch 16
 

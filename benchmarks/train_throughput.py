@@ -5,13 +5,14 @@ Cases (each prints a JSON row and appends it to --out; a case that fails prints 
   hf           our strategy vs Hugging Face transformers GPT-2 (same shape, bf16 autocast, SDPA, fused AdamW), eager
                and compiled with torch.compile (rows named "... compile"; --no-hf-compile skips them)
   fusions      each of megatron's fusions switched on in turn, against the default (all off)
+  fused_adam   OptimConfig(fused=True) (torch's fused AdamW) against the default (torch's multi-tensor AdamW)
   syncs        synchronising CUDA calls per training step and the Python lines they come from
   cuda_graphs  cuda_graphs=True (megatron's local CUDA graphs of every layer) vs eager; run last in a process
   mfu          our strategy on the --presets
   memory       peak memory with no / selective / full recompute and with the distributed optimizer
   compile      compile_layers=True (torch.compile of each transformer layer) vs eager, on the --presets
   lora         full fine-tuning vs LoRA rank 16 on every linear layer: trainable parameters, peak memory, tokens/s
-overhead, hf, fusions, syncs, lora and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
+overhead, hf, fusions, fused_adam, syncs, lora and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
 each baseline measured earlier in the same run ("vs").
 
 GPU:  python benchmarks/train_throughput.py --cases overhead hf fusions cuda_graphs mfu memory
@@ -146,7 +147,7 @@ def median_step(times: list[float], warmup: int) -> float:
 
 
 def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus | None = None,
-             lora: LoRAConfig | None = None, **strategy_kwargs) -> dict:
+             lora: LoRAConfig | None = None, fused_adam: bool = False, **strategy_kwargs) -> dict:
     baseline = 0
     if args.device == "cuda":
         gc.collect()
@@ -161,7 +162,8 @@ def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus 
         enable_progress_bar=False, enable_model_summary=False, callbacks=[census or timer], num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    model = lm.GPT(config, lm.OptimConfig(lr=1e-4, warmup_steps=0, decay_steps=args.steps), lora=lora)
+    model = lm.GPT(config, lm.OptimConfig(lr=1e-4, warmup_steps=0, decay_steps=args.steps, fused=fused_adam),
+                   lora=lora)
     trainer.fit(model, datamodule=data)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if census is not None:
@@ -432,8 +434,8 @@ def main() -> None:
         measure("hf", HF, base, lambda: run_hf(base, args))
         if not args.no_hf_compile:
             measure("hf", HF_COMPILE, base, lambda: run_hf(base, args, compile=True))
-    if {"overhead", "hf", "fusions", "cuda_graphs"} & set(args.cases):
-        case = next(case for case in ("overhead", "hf", "fusions", "cuda_graphs") if case in args.cases)
+    if {"overhead", "hf", "fusions", "fused_adam", "cuda_graphs"} & set(args.cases):
+        case = next(case for case in ("overhead", "hf", "fusions", "fused_adam", "cuda_graphs") if case in args.cases)
         ours = measure(case, OURS, base, lambda: run_ours(base, args), (BARE, HF, HF_COMPILE))
         bare = session.rows.get(BARE)
         if bare and ours:
@@ -445,6 +447,10 @@ def main() -> None:
             config = replace(base, **switches)
             measure("fusions", name, config, lambda: run_ours(config, args), (OURS,))
             session.ratio("fusion on", name, OURS)
+    if "fused_adam" in args.cases and cuda:
+        measure("fused_adam", f"{OURS} OptimConfig(fused=True)", base, lambda: run_ours(base, args, fused_adam=True),
+                (OURS,))
+        session.ratio("fused Adam", f"{OURS} OptimConfig(fused=True)", OURS)
     if "syncs" in args.cases and cuda:
         census = SyncCensus(args.warmup)
         measure("syncs", f"{OURS} synchronising CUDA calls", base, lambda: run_ours(base, args, census=census))

@@ -245,9 +245,22 @@ def _init_optimizer_state(optimizer: Any) -> None:
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         if getattr(part, "init_state_fn", None) is not None:
             part.init_state_fn(part.optimizer, part.config)
-        for state in part.optimizer.state.values():
+        for group, param, state in _param_states(part.optimizer):
             if "exp_avg" in state:
-                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+                state.setdefault("step", torch.zeros((), dtype=torch.float32, device=_step_device(group, param)))
+
+
+def _param_states(inner: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], torch.Tensor, dict[str, Any]]]:
+    """``(group, parameter, its state)`` of every parameter a torch optimizer holds state for."""
+    for group in inner.param_groups:
+        for param in group["params"]:
+            if param in inner.state:
+                yield group, param, inner.state[param]
+
+
+def _step_device(group: dict[str, Any], param: torch.Tensor) -> torch.device:
+    """Where torch's Adam expects a parameter's ``step``: on its device for the fused and capturable kernels."""
+    return param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
 
 
 def load_optimizer_state(optimizer: Any, state: dict[str, Any] | None) -> None:
@@ -257,20 +270,26 @@ def load_optimizer_state(optimizer: Any, state: dict[str, Any] | None) -> None:
         if state is None:
             optimizer.reload_model_params()
             return
+        parts = getattr(optimizer, "chained_optimizers", [optimizer])
+        # Loading replaces the groups' options with the saved ones; which kernel runs Adam is this run's choice.
+        kernels = [[{key: group[key] for key in ("fused", "foreach") if key in group}
+                    for group in part.optimizer.param_groups] for part in parts]
         optimizer.load_state_dict(state)
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
     part_states = [state] if len(parts) == 1 else [state[index] for index in range(len(parts))]
-    for part, part_state in zip(parts, part_states):
+    for part, part_state, part_kernels in zip(parts, part_states, kernels):
+        for group, kernel in zip(part.optimizer.param_groups, part_kernels):
+            group.update(kernel)
         # With torch's Adam standing in for Apex/TE, megatron's distributed optimizer keeps the step count in its
         # param groups, then restores every parameter's ``step`` from the freshly initialised state (0) and shares
-        # one tensor among them; give each parameter its own tensor holding the saved count.
+        # one tensor among them; give each parameter its own tensor holding the saved count, where its kernel wants it.
         groups = part_state.get("optimizer", {}).get("param_groups", []) if isinstance(part_state, dict) else []
         steps = {float(group["step"]) for group in groups if group.get("step") is not None}
         saved = steps.pop() if len(steps) == 1 else None
-        for param_state in part.optimizer.state.values():
+        for group, param, param_state in _param_states(part.optimizer):
             current = param_state.get("step")
             if isinstance(current, torch.Tensor):
-                param_state["step"] = current.clone() if saved is None else torch.full_like(current, saved)
+                count = current.clone() if saved is None else torch.full_like(current, saved)
+                param_state["step"] = count.to(dtype=torch.float32, device=_step_device(group, param))
 
 
 def damaged_files(path: _PATH) -> list[str]:

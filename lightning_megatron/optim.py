@@ -33,6 +33,9 @@ class OptimConfig:
     decay_steps: int | None = None
     """Steps from the start to the end of the decay; ``None`` means the trainer's ``max_steps``."""
     decay_style: Literal["cosine", "linear", "constant", "inverse-square-root", "WSD"] = "cosine"
+    fused: bool = False
+    """Adam through torch's fused kernel (one launch per step) where megatron falls back to torch's multi-tensor
+    AdamW (no Apex or Transformer Engine); Apex's and TE's Adam are fused already."""
 
 
 def build_optimizer(
@@ -49,7 +52,23 @@ def build_optimizer(
     megatron_config = OptimizerConfig(
         **shared, use_distributed_optimizer=use_distributed_optimizer, **precision_fields, **extra
     )
-    return get_megatron_optimizer(megatron_config, list(chunks))
+    optimizer = get_megatron_optimizer(megatron_config, list(chunks))
+    if config.fused:
+        use_fused_adam(optimizer)
+    return optimizer
+
+
+def torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside megatron's optimizer (one per chained part)."""
+    return [part.optimizer for part in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def use_fused_adam(optimizer: Any) -> None:
+    """Switch megatron's fallback Adam, torch's AdamW, to torch's fused kernel (its options live in the groups)."""
+    for inner in torch_optimizers(optimizer):
+        if type(inner) is torch.optim.AdamW:
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
 
 
 def build_scheduler(config: OptimConfig, optimizer: Any, max_steps: int) -> OptimizerParamScheduler:

@@ -48,6 +48,13 @@ def runs(workdir: Path) -> dict[str, dict]:
                      workdir / "tp2.safetensors"],
         "tp2_import": ["--tp", 2, "--validate-only", "--import", workdir / "pp2.safetensors"],
         "pp2_import": ["--pp", 2, "--validate-only", "--import", workdir / "tp2.safetensors"],
+        # torch's fused AdamW: its own resume, and a resume of the reference's (multi-tensor AdamW) checkpoint.
+        "fused_reference": [DP2, "--fused-adam", "--steps", 10],
+        "fused_first": [DP2, "--fused-adam", "--steps", 5, "--decay-steps", 10, "--save-dir", workdir / "fused",
+                        "--every-n", 5],
+        "fused_second": [DP2, "--fused-adam", "--steps", 10, "--save-dir", workdir / "fused", "--resume", "last"],
+        "fused_from_foreach": [DP2, "--fused-adam", "--steps", 10, "--resume", workdir / "sync" / "step=5.ckpt"],
+        "fused_pp2": ["--pp", 2, "--fused-adam", "--steps", 4, "--resume", workdir / "tp2" / "step=2.ckpt"],
     })
 
 
@@ -62,18 +69,33 @@ def saved_at_5(runs: dict, workdir: Path) -> Path:
     return workdir / "sync"
 
 
-def _assert_continues(reference: dict, resumed: dict, first_step: int) -> None:
+def _assert_continues(reference: dict, resumed: dict, first_step: int, tolerance: float = 1e-6) -> None:
     start = first_step - 1
     assert resumed["steps"] == list(range(first_step, 11))
     assert resumed["batches"] == reference["batches"][start:], "resumed run read different data"
-    assert resumed["losses"] == pytest.approx(reference["losses"][start:], abs=1e-6)
-    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=1e-6)
+    assert resumed["losses"] == pytest.approx(reference["losses"][start:], abs=tolerance)
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], abs=tolerance)
 
 
 @pytest.mark.slow
 def test_resume_from_last_matches_uninterrupted_run(runs, reference):
     assert runs["first_half"]["saved"] == {"last.ckpt": 5, "step=5.ckpt": 5}  # the directory the second half found
     _assert_continues(reference, runs["second_half"], first_step=6)
+
+
+@pytest.mark.slow
+def test_fused_adam_trains_and_resumes_like_the_multi_tensor_one(runs, reference):
+    """The fused kernel trains as the multi-tensor one does (float rounding apart) and resumes its own checkpoint
+    exactly; it also resumes the multi-tensor reference's checkpoint (distributed optimizer, DP=2) and a TP=2
+    checkpoint under PP=2 (megatron's plain optimizer)."""
+    fused = runs["fused_reference"]
+    assert fused["losses"] == pytest.approx(reference["losses"], abs=1e-4)
+    for name in ("fused_reference", "fused_second", "fused_from_foreach", "fused_pp2"):
+        assert runs[name]["adam_fused"] and all(runs[name]["adam_fused"]), name  # a resume keeps the kernel
+    assert not any(reference["adam_fused"])
+    _assert_continues(fused, runs["fused_second"], first_step=6)
+    _assert_continues(reference, runs["fused_from_foreach"], first_step=6, tolerance=1e-4)
+    assert runs["fused_pp2"]["losses"] == pytest.approx(runs["tp2"]["losses"][2:], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from fresh_runs import run_each
 from lightning_megatron import checkpoint
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
+from lightning_megatron.optim import torch_optimizers
 from lightning_megatron.data import MaskedLMDataModule, SpanCorruptionDataModule
 from lightning_megatron.models.bert import Bert, BertConfig
 from lightning_megatron.models.lora import LoRAConfig
@@ -147,6 +148,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--fresh-optimizer", action="store_true")
+    parser.add_argument("--fused-adam", action="store_true", help="OptimConfig(fused=True): torch's fused AdamW")
     parser.add_argument("--validate-only", action="store_true")
     parser.add_argument("--kill-at-save", type=int, default=None)
     parser.add_argument("--export", default=None, help="write the final weights to this safetensors file")
@@ -170,7 +172,7 @@ def train(args: argparse.Namespace) -> None:
         data = TextDataModule(seq_length=args.seq, global_batch_size=args.global_batch,
                               micro_batch_size=args.micro_batch, rampup_batch_size=args.rampup)
     shape = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, seq_length=args.seq)
-    optim = lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.decay_steps or args.steps)
+    optim = lm.OptimConfig(lr=3e-3, warmup_steps=2, decay_steps=args.decay_steps or args.steps, fused=args.fused_adam)
     if args.arch == "bert":
         data = MaskedLMDataModule(seq_length=args.seq, global_batch_size=args.global_batch,
                                   micro_batch_size=args.micro_batch, sentence_order=True)
@@ -231,7 +233,9 @@ def train(args: argparse.Namespace) -> None:
         metrics = trainer.callback_metrics
         results = {"losses": record.losses, "steps": record.steps, "batches": record.batches, "lrs": record.lrs,
                    "val_loss": float(metrics["val_loss"]), "skipped_steps": float(metrics.get("skipped_steps", 0.0)),
-                   "world_size": trainer.world_size}
+                   "world_size": trainer.world_size,
+                   "adam_fused": [group.get("fused", False) for optimizer in trainer.optimizers
+                                  for inner in torch_optimizers(optimizer) for group in inner.param_groups]}
         if args.save_dir:  # what a later run in the same directory will change
             results["saved"] = {path.name: checkpoint.read_layout(path).global_step
                                 for path in sorted(Path(args.save_dir).iterdir())}
