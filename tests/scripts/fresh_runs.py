@@ -37,6 +37,19 @@ class FreshState:
         torch._dynamo.reset()  # layers an earlier run compiled
 
 
+def layout_arguments() -> argparse.ArgumentParser:
+    """A parser with the options every run has: ``--out`` (its JSON results), ``--devices`` and the layout."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vp", type=int, default=None)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--sp", action="store_true")
+    return parser
+
+
 def split_runs(argv: list[str]) -> list[list[str]]:
     """The command line cut at each ``--then`` into the arguments of each run."""
     cuts = [-1] + [i for i, arg in enumerate(argv) if arg == "--then"] + [len(argv)]

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 import lightning_megatron as lm
-from fresh_runs import run_each
+from fresh_runs import layout_arguments, run_each
 from lightning_megatron.callbacks import SampleText
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.generation import SamplingParams, build_engine, generate
@@ -78,14 +78,7 @@ class Probe(L.Callback):
 
 def arguments() -> argparse.ArgumentParser:
     """The options of one run."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--vp", type=int, default=None)
-    parser.add_argument("--cp", type=int, default=1)
-    parser.add_argument("--sp", action="store_true")
+    parser = layout_arguments()
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--init-std", type=float, default=0.2)
     parser.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "alibi"])

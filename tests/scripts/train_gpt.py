@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_megatron as lm
-from fresh_runs import run_each
+from fresh_runs import layout_arguments, run_each
 from lightning_megatron import checkpoint
 from lightning_megatron.data import TextDataModule
 from lightning_megatron.data.gpt_dataset import MegatronGPTDataModule
@@ -118,14 +118,7 @@ def kill_when_publishing(step: int) -> None:
 
 def arguments() -> argparse.ArgumentParser:
     """The options of one run."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--vp", type=int, default=None)
-    parser.add_argument("--cp", type=int, default=1)
-    parser.add_argument("--sp", action="store_true")
+    parser = layout_arguments()
     parser.add_argument("--dist-opt", action="store_true")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--recompute", default=None)
