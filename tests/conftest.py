@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -16,6 +17,22 @@ def _no_megatron_state():
     from lightning_megatron import parallel
 
     parallel.destroy()
+
+
+@pytest.fixture
+def cli_error(capsys) -> Callable[[list[str]], str]:
+    """Runs ``lightning-megatron <argv>`` in this process, which must fail with one line on stderr; returns the line."""
+    from lightning_megatron.cli import main
+
+    def run(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as status:
+            main(argv)
+        assert status.value.code != 0
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert len(errors) == 1 and errors[0].startswith("error: "), errors
+        return errors[0]
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -95,20 +95,11 @@ def test_a_recipe_that_cannot_give_its_model_is_a_one_line_error_naming_the_fix(
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
-def _one_line_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as status:
-        main(argv)
-    assert status.value.code != 0
-    errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith("error: "), errors
-    return errors[0]
-
-
-def test_generation_reads_the_recipe_in_one_line_errors(tmp_path, capsys):
+def test_generation_reads_the_recipe_in_one_line_errors(tmp_path, cli_error):
     write, expected = BAD["bad-value"]
-    assert expected in _one_line_error(["generate", "--config", str(write(tmp_path)), "--prompt", "In"], capsys)
+    assert expected in cli_error(["generate", "--config", str(write(tmp_path)), "--prompt", "In"])
     bert = RECIPES / "bert-tiny.yaml"
-    assert _one_line_error(["generate", "--config", str(bert), "--prompt", "In"], capsys) == (
+    assert cli_error(["generate", "--config", str(bert), "--prompt", "In"]) == (
         f"error: {bert}'s model is a Bert; generation, serving and evaluation run GPTs")
 
 
@@ -126,16 +117,16 @@ def lora_file(tmp_path_factory) -> Path:
     return path
 
 
-def test_export_reads_the_recipe_in_one_line_errors(lora_file, tmp_path, capsys):
+def test_export_reads_the_recipe_in_one_line_errors(lora_file, tmp_path, cli_error):
     write, expected = BAD["bad-value"]
     recipe = write(tmp_path)
     for adapter_only in ([], ["--adapter-only"]):
         argv = ["convert", "megatron-to-hf", "--ckpt", str(lora_file), "--out", str(tmp_path / "out"),
                 "--config", str(recipe), *adapter_only]
-        assert expected in _one_line_error(argv, capsys)
+        assert expected in cli_error(argv)
     base = RECIPES / "gpt-tiny.yaml"
-    assert _one_line_error(["convert", "megatron-to-hf", "--ckpt", str(lora_file), "--out", str(tmp_path / "out"),
-                            "--config", str(base), "--adapter-only"], capsys) == (
+    assert cli_error(["convert", "megatron-to-hf", "--ckpt", str(lora_file), "--out", str(tmp_path / "out"),
+                            "--config", str(base), "--adapter-only"]) == (
         f"error: {base}'s model has no LoRA adapters; set model.init_args.lora in the training recipe (as "
         f"recipes/gpt-tiny-lora.yaml does), or export the whole model without --adapter-only")
     assert not (tmp_path / "out").exists()

@@ -18,7 +18,6 @@ from peft import PeftModel
 
 from lightning_megatron import GPT, GPTConfig, MegatronStrategy, OptimConfig, ParallelConfig, parallel
 from lightning_megatron.checkpoint import TRAINER_FILE, CheckpointError, read_saved_module
-from lightning_megatron.cli import main
 from lightning_megatron.convert.consolidated import export_consolidated
 from lightning_megatron.convert.core import build_module
 from lightning_megatron.convert.export import checkpoint_to_hf
@@ -114,18 +113,9 @@ def _damage(file: Path, how: str) -> None:
     file.write_bytes(data[: len(data) // 2] if how == "truncated" else os.urandom(len(data)))
 
 
-def _one_line_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as status:
-        main(argv)
-    assert status.value.code != 0
-    errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith("error: "), errors
-    return errors[0]
-
-
 @pytest.mark.parametrize("how", ["truncated", "random"])
 @pytest.mark.parametrize("kind", ["directory", "file"])
-def test_damaged_saved_hyper_parameters_are_a_one_line_error(lora_runs, kind, how, tmp_path, capsys):
+def test_damaged_saved_hyper_parameters_are_a_one_line_error(lora_runs, kind, how, tmp_path, cli_error):
     ckpt = tmp_path / f"{kind}.ckpt"
     if kind == "directory":
         shutil.copytree(lora_runs["root"] / ckpt.name, ckpt)
@@ -140,5 +130,5 @@ def test_damaged_saved_hyper_parameters_are_a_one_line_error(lora_runs, kind, ho
     assert str(error.value).startswith(expected) and str(error.value).endswith(fix)
     for argv in (["generate", "--ckpt", str(ckpt), "--prompt", "In"],
                  ["convert", "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")]):
-        line = _one_line_error(argv, capsys)
+        line = cli_error(argv)
         assert line.startswith(f"error: {expected}") and line.endswith(fix), line
