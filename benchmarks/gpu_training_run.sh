@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Training speed on one GPU in one call of 5-7 minutes (issue 18): the GPU training tests, then
-# benchmarks/train_throughput.py on GPT-2 124M (micro batch 8 and 16) and the 1.3B preset (micro batch 16).
+# Training speed on one GPU (issue 18): the GPU training tests, benchmarks/train_throughput.py on GPT-2 124M (micro
+# batch 8 and 16) and the 1.3B preset (micro batch 16), and a profile of the 1.3B step. The steps' limits add up to
+# more than one device call's 10 minutes: split them over two calls with ONLY.
 # Every row is appended to $OUT/train_throughput.jsonl as soon as it is measured, each step's output goes to
 # $OUT/<step>.log, and a summary table is printed at the end. Each step runs under `timeout`, so a hang or a slow
 # step costs only its own rows.
 #
 #   OUT=/some/dir bash benchmarks/gpu_training_run.sh        (from the repository root, package installed)
+#   ONLY="mbs8 profile_1_3b" OUT=... bash benchmarks/gpu_training_run.sh    (only the steps named)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -17,6 +19,7 @@ START=$SECONDS
 run_step() {  # name, seconds, command...
     local name=$1 limit=$2 began=$SECONDS rc
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     echo "=== $name (at most ${limit} s): $*"
     timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
@@ -35,10 +38,11 @@ run_step() {  # name, seconds, command...
 BENCH="python benchmarks/train_throughput.py --out $RESULTS --steps 12 --warmup 4"
 # The comparison the targets are about first: overhead, transformers eager and compiled, each fusion, where the
 # step synchronises, CUDA graphs (last in its process: megatron's graphs are process-wide).
-run_step mbs8 200 $BENCH --cases overhead hf fusions fused_adam syncs cuda_graphs --global-batch 16 --micro-batch 8
+run_step mbs8 200 $BENCH --cases overhead hf fusions fused_adam cudnn_attention syncs cuda_graphs --global-batch 16 --micro-batch 8
 run_step gpu_tests 90 python -m pytest -v -p no:cacheprovider tests/test_training_gpu.py
-run_step 1_3b_mbs16 150 $BENCH --model gpt2_1_3b --cases hf fused_adam --no-hf-compile --global-batch 32 \
+run_step 1_3b_mbs16 150 $BENCH --model gpt2_1_3b --cases hf fused_adam cudnn_attention --no-hf-compile --global-batch 32 \
     --micro-batch 16 --steps 10 --warmup 3
+run_step profile_1_3b 120 python benchmarks/profile_step.py --preset gpt2_1_3b --global-batch 32 --micro-batch 16
 # Least needed last: micro batch 16 without the compiled peer (a second compile would not fit the call).
 run_step mbs16 70 $BENCH --cases hf cuda_graphs --no-hf-compile --global-batch 32 --micro-batch 16
 

@@ -6,13 +6,14 @@ Cases (each prints a JSON row and appends it to --out; a case that fails prints 
                and compiled with torch.compile (rows named "... compile"; --no-hf-compile skips them)
   fusions      each of megatron's fusions switched on in turn, against the default (all off)
   fused_adam   OptimConfig(fused=True) (torch's fused AdamW) against the default (torch's multi-tensor AdamW)
+  cudnn_attention  SDPA asked for cuDNN's attention kernel first, against its own order (flash first)
   syncs        synchronising CUDA calls per training step and the Python lines they come from
   cuda_graphs  cuda_graphs=True (megatron's local CUDA graphs of every layer) vs eager; run last in a process
   mfu          our strategy on the --presets
   memory       peak memory with no / selective / full recompute and with the distributed optimizer
   compile      compile_layers=True (torch.compile of each transformer layer) vs eager, on the --presets
   lora         full fine-tuning vs LoRA rank 16 on every linear layer: trainable parameters, peak memory, tokens/s
-overhead, hf, fusions, fused_adam, syncs, lora and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
+overhead, hf, fusions, fused_adam, cudnn_attention, syncs, lora and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
 each baseline measured earlier in the same run ("vs").
 
 GPU:  python benchmarks/train_throughput.py --cases overhead hf fusions cuda_graphs mfu memory
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gc
 import json
 import os
@@ -37,6 +39,7 @@ from typing import Callable
 import lightning as L
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_megatron as lm
@@ -147,7 +150,8 @@ def median_step(times: list[float], warmup: int) -> float:
 
 
 def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus | None = None,
-             lora: LoRAConfig | None = None, fused_adam: bool = False, **strategy_kwargs) -> dict:
+             lora: LoRAConfig | None = None, fused_adam: bool = False, cudnn_attention: bool = False,
+             **strategy_kwargs) -> dict:
     baseline = 0
     if args.device == "cuda":
         gc.collect()
@@ -164,7 +168,10 @@ def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus 
     )
     model = lm.GPT(config, lm.OptimConfig(lr=1e-4, warmup_steps=0, decay_steps=args.steps, fused=fused_adam),
                    lora=lora)
-    trainer.fit(model, datamodule=data)
+    # SDPA's own order tries flash attention first; this asks for cuDNN's kernel first (it falls back where refused).
+    preference = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with sdpa_kernel(preference, set_priority=True) if cudnn_attention else contextlib.nullcontext():
+        trainer.fit(model, datamodule=data)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if census is not None:
         steps = max(census.steps, 1)
@@ -434,8 +441,9 @@ def main() -> None:
         measure("hf", HF, base, lambda: run_hf(base, args))
         if not args.no_hf_compile:
             measure("hf", HF_COMPILE, base, lambda: run_hf(base, args, compile=True))
-    if {"overhead", "hf", "fusions", "fused_adam", "cuda_graphs"} & set(args.cases):
-        case = next(case for case in ("overhead", "hf", "fusions", "fused_adam", "cuda_graphs") if case in args.cases)
+    compared = ("overhead", "hf", "fusions", "fused_adam", "cudnn_attention", "cuda_graphs")
+    if set(compared) & set(args.cases):
+        case = next(case for case in compared if case in args.cases)
         ours = measure(case, OURS, base, lambda: run_ours(base, args), (BARE, HF, HF_COMPILE))
         bare = session.rows.get(BARE)
         if bare and ours:
@@ -451,6 +459,10 @@ def main() -> None:
         measure("fused_adam", f"{OURS} OptimConfig(fused=True)", base, lambda: run_ours(base, args, fused_adam=True),
                 (OURS,))
         session.ratio("fused Adam", f"{OURS} OptimConfig(fused=True)", OURS)
+    if "cudnn_attention" in args.cases and cuda:
+        name = f"{OURS} SDPA cuDNN first"
+        measure("cudnn_attention", name, base, lambda: run_ours(base, args, cudnn_attention=True), (OURS,))
+        session.ratio("cuDNN attention", name, OURS)
     if "syncs" in args.cases and cuda:
         census = SyncCensus(args.warmup)
         measure("syncs", f"{OURS} synchronising CUDA calls", base, lambda: run_ours(base, args, census=census))
