@@ -178,14 +178,25 @@ def load_lightning_file(chunks: Sequence[torch.nn.Module], path: _PATH) -> None:
     weights = _lightning_file(Path(path))["state_dict"]
     for index, chunk in enumerate(chunks):
         prefix = f"chunks.{index}."
-        try:
-            unwrap(chunk).load_state_dict({key[len(prefix):]: value for key, value in weights.items()
-                                           if key.startswith(prefix)}, strict=True)
-        except RuntimeError as error:
+        saved = {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
+        problems = _state_mismatches(unwrap(chunk).state_dict(), saved)
+        if problems:
             raise CheckpointError(
-                f"{path} does not fit model chunk {index}: load it into one process (tp 1, pp 1) with the model it "
-                f"was trained with (leave --config out to use the one it saved)\n{error}"
-            ) from None
+                f"{path} does not fit model chunk {index} ({len(problems)} tensor(s): {'; '.join(problems[:3])}): "
+                f"load it into one process (tp 1, pp 1) with the model it was trained with (leave --config out to "
+                f"use the one it saved)"
+            )
+        unwrap(chunk).load_state_dict(saved, strict=True)
+
+
+def _state_mismatches(expected: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    """What keeps ``saved`` from loading strictly into a module whose state dict is ``expected``, one phrase each."""
+    problems = [f"{key} is missing" for key in expected if key not in saved]
+    problems += [f"{key} is not in the model" for key in saved if key not in expected]
+    problems += [f"{key} has shape {tuple(saved[key].shape)}, the model {tuple(value.shape)}"
+                 for key, value in expected.items() if isinstance(value, torch.Tensor) and key in saved
+                 and isinstance(saved[key], torch.Tensor) and saved[key].shape != value.shape]
+    return problems
 
 
 def check_compatible(path: _PATH, saved: CheckpointLayout, current: CheckpointLayout, load_optimizer: bool) -> None:

@@ -143,3 +143,15 @@ def test_adapter_only_export_takes_the_lora_recipes_settings(lora_file, tmp_path
     targets = config["target_modules"]  # transformer.h.<layer>.<module>: the recipe's four targets in its 4 layers
     assert len(targets) == 16 and {target.split(".", 3)[3] for target in targets} == {"attn.c_attn", "attn.c_proj",
                                                                                       "mlp.c_fc", "mlp.c_proj"}
+
+
+def test_adapter_only_export_refuses_a_recipe_that_does_not_fit_the_checkpoint(lora_file, tmp_path, cli_error):
+    recipe = yaml.safe_load((RECIPES / "gpt-tiny-lora.yaml").read_text())
+    recipe["model"]["init_args"]["lora"]["rank"] = 4  # the checkpoint's adapters have rank 8
+    path = tmp_path / "rank4.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    line = cli_error(["convert", "megatron-to-hf", "--ckpt", str(lora_file), "--out", str(tmp_path / "out"),
+                      "--config", str(path), "--adapter-only"])
+    assert line.startswith(f"error: {lora_file} does not fit model chunk 0 (32 tensor(s): "), line
+    assert "has shape (8, 128), the model (4, 128)" in line and "with the model it was trained with" in line, line
+    assert not (tmp_path / "out").exists()
