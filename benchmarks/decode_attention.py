@@ -12,14 +12,13 @@ GPU only:   python benchmarks/decode_attention.py [--out rows.jsonl]
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 import torch.nn.functional as F
 
 from lightning_megatron.generation import decode_attention as A
-from matvec import graph_time
+from matvec import append_row, graph_time
 
 # (batch, heads, head dim, cache cells, keys read)
 SHAPES = {"1.3B b1 ctx256": (1, 16, 128, 256, 256), "1.3B b1 ctx2048": (1, 16, 128, 2048, 2048),
@@ -72,9 +71,7 @@ def main() -> None:
         forced = " ".join(f"{s}:{row[f'ours_splits{s}_us']:.2f}" for s in (1, 2, 4, 8, 16))
         print(f"{name:<17} torch {row['torch_us']:7.2f}  ours {row['ours_us']:6.2f} (splits {row['default_splits']})"
               f"  {row['ratio']:.2f}x   by splits {forced}   max diff {error:.3g}", flush=True)
-        if args.out:
-            with open(args.out, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        append_row(args.out, row)
 
 
 if __name__ == "__main__":

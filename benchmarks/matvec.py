@@ -51,6 +51,13 @@ def graph_time(fn, reps: int = 4) -> float:
     return best
 
 
+def append_row(out: str | None, row: dict) -> None:
+    """Append ``row`` to the JSON-lines file ``out`` (if one was given)."""
+    if out:
+        with open(out, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="append one JSON line per shape to this file")
@@ -82,9 +89,7 @@ def main() -> None:
                    date=time.strftime("%Y-%m-%d"))
         print(f"{name:<14}{f'{n} x {k}':>14}{row['cublas_us']:>11.2f}{row['ours_us']:>9.2f}{row['ratio']:>6.2f}x"
               f"{row['ours_int8_us']:>9.2f}{row['dequantize_matmul_int8_us']:>16.2f}", flush=True)
-        if args.out:
-            with open(args.out, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        append_row(args.out, row)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A checkpoint is a directory (its name may end in ``.ckpt``, as ModelCheckpoint names them) holding
 
-* megatron's sharded model and optimizer state (``metadata.json``, ``common.pt``, ``.metadata``, ``*.distcp``),
+* megatron's sharded model and optimizer state (the optimizer's from :mod:`lightning_megatron.optim`) (``metadata.json``, ``common.pt``, ``.metadata``, ``*.distcp``),
   stored with layers stacked on a layer axis so that it loads under another TP/PP layout;
 * ``trainer.pt`` - Lightning's own state (loop progress, callbacks, schedulers, precision, datamodule, hparams);
 * ``layout.json`` - the parallel layout, step, dtype and module class it was saved with; written last, it marks
@@ -50,7 +50,6 @@ FORMAT_VERSION = 1
 LAYOUT_FILE = "layout.json"
 TRAINER_FILE = "trainer.pt"
 PARTIAL_SUFFIX = ".partial"
-OPTIMIZER_SHARDING = "dp_reshardable"
 """Distributed-optimizer sharding: the one that saves and loads on megatron-core 0.16.1 (reshards over DP only)."""
 
 
@@ -239,68 +238,6 @@ def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, Any
     if len(models) == 1:
         return {"model": models[0].sharded_state_dict()}
     return {f"model{index}": model.sharded_state_dict() for index, model in enumerate(models)}
-
-
-def optimizer_sharded_state_dict(optimizer: Any, model_state: dict[str, Any], is_loading: bool = False) -> dict:
-    """The sharded state of megatron's optimizer, its tensors keyed by the model parameters they belong to."""
-    if is_loading:
-        _init_optimizer_state(optimizer)
-    return optimizer.sharded_state_dict(
-        model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING}
-    )
-
-
-def _init_optimizer_state(optimizer: Any) -> None:
-    """Give a fresh optimizer the state a loaded one will have: megatron's fallback to torch's Adam (no Apex/TE)
-    creates moments without the ``step`` its distributed optimizer's ``state_dict`` requires."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if getattr(part, "init_state_fn", None) is not None:
-            part.init_state_fn(part.optimizer, part.config)
-        for group, param, state in _param_states(part.optimizer):
-            if "exp_avg" in state:
-                state.setdefault("step", torch.zeros((), dtype=torch.float32, device=_step_device(group, param)))
-
-
-def _param_states(inner: torch.optim.Optimizer) -> Iterator[tuple[dict[str, Any], torch.Tensor, dict[str, Any]]]:
-    """``(group, parameter, its state)`` of every parameter a torch optimizer holds state for."""
-    for group in inner.param_groups:
-        for param in group["params"]:
-            if param in inner.state:
-                yield group, param, inner.state[param]
-
-
-def _step_device(group: dict[str, Any], param: torch.Tensor) -> torch.device:
-    """Where torch's Adam expects a parameter's ``step``: on its device for the fused and capturable kernels."""
-    return param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
-
-
-def load_optimizer_state(optimizer: Any, state: dict[str, Any] | None) -> None:
-    """Restore megatron's optimizer from a loaded sharded state (``None``: refresh main params from the model)."""
-    # In fp32 the main parameters are the model's own leaf tensors: copying into them needs no_grad.
-    with torch.no_grad():
-        if state is None:
-            optimizer.reload_model_params()
-            return
-        parts = getattr(optimizer, "chained_optimizers", [optimizer])
-        # Loading replaces the groups' options with the saved ones; which kernel runs Adam is this run's choice.
-        kernels = [[{key: group[key] for key in ("fused", "foreach") if key in group}
-                    for group in part.optimizer.param_groups] for part in parts]
-        optimizer.load_state_dict(state)
-    part_states = [state] if len(parts) == 1 else [state[index] for index in range(len(parts))]
-    for part, part_state, part_kernels in zip(parts, part_states, kernels):
-        for group, kernel in zip(part.optimizer.param_groups, part_kernels):
-            group.update(kernel)
-        # With torch's Adam standing in for Apex/TE, megatron's distributed optimizer keeps the step count in its
-        # param groups, then restores every parameter's ``step`` from the freshly initialised state (0) and shares
-        # one tensor among them; give each parameter its own tensor holding the saved count, where its kernel wants it.
-        groups = part_state.get("optimizer", {}).get("param_groups", []) if isinstance(part_state, dict) else []
-        steps = {float(group["step"]) for group in groups if group.get("step") is not None}
-        saved = steps.pop() if len(steps) == 1 else None
-        for group, param, param_state in _param_states(part.optimizer):
-            current = param_state.get("step")
-            if isinstance(current, torch.Tensor):
-                count = current.clone() if saved is None else torch.full_like(current, saved)
-                param_state["step"] = count.to(dtype=torch.float32, device=_step_device(group, param))
 
 
 def damaged_files(path: _PATH) -> list[str]:
@@ -543,7 +480,6 @@ __all__ = [
     "load_lightning_file",
     "MegatronCheckpointIO",
     "model_sharded_state_dict",
-    "optimizer_sharded_state_dict",
     "read_layout",
     "read_saved_module",
     "restore_chunks",

@@ -44,7 +44,13 @@ from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.errors import UserError
 from lightning_megatron.models.config import FUSIONS
 from lightning_megatron.module import MegatronModule
-from lightning_megatron.optim import OptimConfig, build_optimizer, build_scheduler
+from lightning_megatron.optim import (
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    load_optimizer_state,
+    optimizer_sharded_state_dict,
+)
 from lightning_megatron.parallel import DDPConfig, LayoutError, ParallelConfig, RecomputeConfig
 from lightning_megatron.precision import MegatronPrecision, to_megatron_precision
 from lightning_megatron.schedule import (
@@ -458,7 +464,7 @@ class MegatronStrategy(ParallelStrategy):
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """This rank's sharded optimizer state, keyed by the model parameters it belongs to."""
         with self._megatron_on_device():
-            return ckpt.optimizer_sharded_state_dict(optimizer, self.lightning_module_state_dict())
+            return optimizer_sharded_state_dict(optimizer, self.lightning_module_state_dict())
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
@@ -497,14 +503,14 @@ class MegatronStrategy(ParallelStrategy):
                               self._checkpoint_layout(checkpoint), load_optimizer)
         template = self.lightning_module_state_dict()
         if load_optimizer:
-            template["optimizer"] = [ckpt.optimizer_sharded_state_dict(self.optimizers[0], template, is_loading=True)]
+            template["optimizer"] = [optimizer_sharded_state_dict(self.optimizers[0], template, is_loading=True)]
         loaded = io.load_sharded(checkpoint_path, template)
         optimizer_states = loaded.pop("optimizer", [None])
         module = self.lightning_module
         assert isinstance(module, MegatronModule)
         module.load_checkpoint_state_dict(loaded)
         if self.optimizers:
-            ckpt.load_optimizer_state(self.optimizers[0], optimizer_states[0])
+            load_optimizer_state(self.optimizers[0], optimizer_states[0])
         return checkpoint
 
     @override
