@@ -185,6 +185,7 @@ _megatron_groups: list[torch.distributed.ProcessGroup] = []
 
 
 def _live_groups() -> list[torch.distributed.ProcessGroup]:
+    """Every process group torch.distributed holds now (its registry is private: torch offers no public list)."""
     if not torch.distributed.is_initialized():
         return []
     return list(torch.distributed.distributed_c10d._world.pg_map)
