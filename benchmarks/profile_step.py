@@ -1,6 +1,6 @@
 """Profile training steps of Trainer(strategy="megatron") with torch.profiler; prints where the time goes.
 
-python benchmarks/profile_step.py --preset gpt2_124m [--cuda-graphs]   (GPU)
+python benchmarks/profile_step.py --preset gpt2_124m [--cuda-graphs] [--fusions] [--fused-adam]   (GPU)
 Prints the step's wall time against busy GPU time (the gap is host overhead: Python, syncs, launches), the GPU
 time per kind of kernel (matmuls, attention, optimizer, ...), and the top operators by device and by host time.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -17,7 +18,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import lightning_megatron as lm
-from train_throughput import RandomData
+from train_throughput import RandomData, all_fusions
 
 
 # First match wins: a kernel's name says what it does (cuBLAS/CUTLASS matmuls, flash/cuDNN attention, ...).
@@ -69,15 +70,22 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--cuda-graphs", action="store_true", help="MegatronStrategy(cuda_graphs=True)")
+    parser.add_argument("--activation", default=None, help="override the preset's activation (e.g. gelu_tanh)")
+    parser.add_argument("--fusions", action="store_true", help="every megatron fusion that applies to the model")
+    parser.add_argument("--fused-adam", action="store_true", help="OptimConfig(fused=True)")
     args = parser.parse_args()
     config = getattr(lm.GPTConfig, args.preset)(seq_length=args.seq)
+    if args.activation:
+        config = replace(config, activation=args.activation)
+    if args.fusions:
+        config = all_fusions(config)
     skip, active = 6, 3
     steps = skip + 1 + active + 1
     prof = Profile(skip, active)
     trainer = L.Trainer(strategy=lm.MegatronStrategy(cuda_graphs=args.cuda_graphs), accelerator="gpu", devices=1,
                         precision="bf16-mixed", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[prof], limit_val_batches=0)
-    trainer.fit(lm.GPT(config), datamodule=RandomData(config.vocab_size, args.seq, args.global_batch,
+    trainer.fit(lm.GPT(config, lm.OptimConfig(fused=args.fused_adam)), datamodule=RandomData(config.vocab_size, args.seq, args.global_batch,
                                                       args.micro_batch, steps))
     events = prof.profiler.key_averages()
     device_total = sum(e.self_device_time_total for e in events) / active / 1e3

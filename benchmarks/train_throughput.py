@@ -387,12 +387,23 @@ HF = "transformers GPT2LMHeadModel"
 HF_COMPILE = "transformers GPT2LMHeadModel compile"
 
 
-def fusion_variants(config: lm.GPTConfig) -> dict[str, dict]:
-    """The fusions that change something on this model, each switched on alone (the default is all off)."""
-    applies = {"bias_activation_fusion": config.activation == "swiglu", "bias_dropout_fusion": True,
-               "cross_entropy_loss_fusion": True,
+def applicable_fusions(config: lm.GPTConfig) -> list[str]:
+    """The fusion switches that change something on this model (see docs/models.md, "Fused kernels")."""
+    applies = {"bias_activation_fusion": config.activation == "swiglu" or (config.activation == "gelu_tanh"
+                                                                          and config.add_bias_linear),
+               "bias_dropout_fusion": True, "cross_entropy_loss_fusion": True,
                "apply_rope_fusion": HAVE_TE and config.position_embedding_type == "rope"}
-    return {f"{OURS} {name}=True": {name: True} for name in FUSIONS if applies[name]}
+    return [name for name in FUSIONS if applies[name]]
+
+
+def fusion_variants(config: lm.GPTConfig) -> dict[str, dict]:
+    """The applicable fusions, each switched on alone (the default is all off)."""
+    return {f"{OURS} {name}=True": {name: True} for name in applicable_fusions(config)}
+
+
+def all_fusions(config: lm.GPTConfig) -> lm.GPTConfig:
+    """``config`` with every applicable fusion on."""
+    return replace(config, **dict.fromkeys(applicable_fusions(config), True))
 
 
 def main() -> None:

@@ -35,15 +35,31 @@ def test_presets_map_to_megatron_fields():
 
 
 @pytest.mark.parametrize("build, fused", [
-    (lambda: GPT(GPTConfig.tiny(vocab_size=256)), False),                       # erf GeLU
-    (lambda: GPT(GPTConfig.gpt2(vocab_size=256, num_layers=2)), False),         # tanh GeLU of our own
-    (lambda: GPT(GPTConfig.llama_tiny(vocab_size=256)), True),                  # SwiGLU
+    (lambda: GPT(GPTConfig.tiny(vocab_size=256)), False),                                       # erf GeLU
+    (lambda: GPT(GPTConfig.gpt2(vocab_size=256, num_layers=2)), True),                          # tanh GeLU
+    (lambda: GPT(GPTConfig.gpt2(vocab_size=256, num_layers=2, add_bias_linear=False)), False),  # nothing to fuse
+    (lambda: GPT(GPTConfig.llama_tiny(vocab_size=256)), True),                                  # SwiGLU
 ])
 def test_gpu_fusions_never_change_the_activation(build, fused):
-    # The strategy asks for fusions on GPUs; megatron's fused bias+GeLU is the tanh approximation, so only SwiGLU
-    # (whose fused kernel computes the same function) may take it, and no activation makes the config invalid.
+    # megatron's fused bias+GeLU is the tanh approximation, so erf GeLU never takes it, and no activation makes the
+    # config invalid.
     config = build().transformer_config(bias_activation_fusion=True, bias_dropout_fusion=True)
     assert config.bias_activation_fusion is fused and config.bias_dropout_fusion
+
+
+def test_fused_bias_gelu_is_the_tanh_gelu_of_unfused_runs():
+    # A gelu_tanh model asking for the fusion hands megatron F.gelu, which megatron computes with its fused
+    # bias + tanh-GeLU kernel: that function, and its gradient, must be gelu_tanh's.
+    from megatron.core.fusions.fused_bias_gelu import bias_gelu, bias_gelu_back
+
+    config = GPT(GPTConfig.gpt2(vocab_size=256, num_layers=2)).transformer_config(bias_activation_fusion=True)
+    assert config.activation_func is F.gelu and config.bias_activation_fusion
+    x = torch.randn(64, 32, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(32, dtype=torch.float64)
+    want = gelu_tanh(x + bias)
+    (grad,) = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(bias_gelu(bias, x), want)
+    torch.testing.assert_close(bias_gelu_back(torch.ones_like(x), bias, x.detach()), grad)
 
 
 def test_fusion_switches_reach_megatron_on_gpus_and_cpu_runs_never_fuse():

@@ -31,7 +31,7 @@ class Losses(L.Callback):
 
 def config(arch: str, **overrides) -> lm.GPTConfig:
     shape = dict(vocab_size=1024, num_layers=4, hidden_size=256, num_attention_heads=4, seq_length=SEQ)
-    preset = lm.GPTConfig.llama if arch == "llama" else lm.GPTConfig
+    preset = {"llama": lm.GPTConfig.llama, "gpt2": lm.GPTConfig.gpt2}.get(arch, lm.GPTConfig)
     return replace(preset(**shape), **overrides)
 
 
@@ -56,10 +56,12 @@ def assert_bf16_close(got: list[float], want: list[float]) -> None:
         assert abs(a - b) <= 0.02 * abs(b), f"step {step}: {a} != {b}\n{got}\n{want}"
 
 
-def test_fused_kernels_train_to_the_unfused_losses():
-    # Llama's SwiGLU takes the bias-activation fusion too; every fusion megatron has without TE runs here.
-    fused = train(config("llama"))
-    unfused = train(config("llama", **dict.fromkeys(FUSIONS, False)))
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_kernels_train_to_the_unfused_losses(arch):
+    # Every fusion megatron has without TE runs here: Llama's SwiGLU and GPT-2's tanh GeLU take the bias-activation
+    # fusion, both the bias-dropout-add and cross-entropy ones.
+    fused = train(config(arch, **dict.fromkeys(FUSIONS, True)))
+    unfused = train(config(arch, **dict.fromkeys(FUSIONS, False)))
     assert_bf16_close(fused, unfused)
 
 

@@ -39,8 +39,8 @@ class ModelConfig:
     cross_entropy_loss_fusion: bool = False
     """GPU runs: megatron's native fused vocabulary-parallel cross entropy."""
     bias_activation_fusion: bool = False
-    """GPU runs: megatron's fused bias + SwiGLU; other activations stay unfused (megatron's fused GeLU is the tanh
-    approximation, a different function)."""
+    """GPU runs: megatron's fused bias + SwiGLU or bias + tanh GeLU (``gelu_tanh``); erf GeLU stays unfused, since
+    megatron's fused GeLU is the tanh approximation."""
 
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
         """Vocabulary rounded up so that it splits evenly into TP shards of a multiple of 128 rows (megatron's)."""

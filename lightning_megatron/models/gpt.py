@@ -161,6 +161,12 @@ class GPT(MegatronModule):
         c = self.config
         swiglu = c.activation == "swiglu"
         activation = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "swiglu": F.silu}[c.activation]
+        # megatron fuses bias + GeLU only when given F.gelu, with a kernel that computes the tanh approximation:
+        # gelu_tanh's function exactly (erf GeLU never fuses). Its fused SwiGLU is exact, with or without a bias.
+        tanh_gelu = c.activation == "gelu_tanh" and c.add_bias_linear
+        fuse_activation = fields.get("bias_activation_fusion", c.bias_activation_fusion) and (swiglu or tanh_gelu)
+        if fuse_activation and tanh_gelu:
+            activation = F.gelu
         base: dict[str, Any] = dict(
             c.transformer_fields(),
             num_query_groups=c.num_query_groups,
@@ -171,12 +177,7 @@ class GPT(MegatronModule):
             qk_layernorm=c.qk_layernorm,
             apply_rope_fusion=c.apply_rope_fusion and HAVE_TE and c.position_embedding_type == "rope",
         )
-        merged = {**base, **fields}
-        if not swiglu:
-            # megatron's fused bias+GeLU is the tanh approximation (a different function from F.gelu) and fuses
-            # nothing else: only SwiGLU keeps its exact function when fused.
-            merged["bias_activation_fusion"] = False
-        return TransformerConfig(**merged)
+        return TransformerConfig(**{**base, **fields, "bias_activation_fusion": fuse_activation})
 
     def build_stage(
         self, config: TransformerConfig, pre_process: bool, post_process: bool, vp_stage: int | None
