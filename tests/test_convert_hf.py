@@ -358,7 +358,7 @@ def test_export_names_the_tokenizers_special_tokens(one_rank, tmp_path):
     from lightning_megatron.models.gpt import GPTConfig
 
     tokenizer = bundled_tokenizer()
-    config = GPTConfig.gpt2(vocab_size=tokenizer.vocab_size, num_layers=2, hidden_size=64, num_attention_heads=4,
+    config = GPTConfig.gpt2_124m(vocab_size=tokenizer.vocab_size, num_layers=2, hidden_size=64, num_attention_heads=4,
                             seq_length=64, hidden_dropout=0.1, attention_dropout=0.1)
     module = build_module(GPT(config), one_rank)
     export_hf(module, tmp_path / "hf", tokenizer=tokenizer.path)

@@ -30,14 +30,14 @@ def test_presets_map_to_megatron_fields():
     assert llama.normalization == "RMSNorm" and not llama.add_bias_linear
     mqa = GPT(GPTConfig.mqa_tiny(vocab_size=256)).transformer_config()
     assert mqa.num_query_groups == 1
-    gpt2 = GPT(GPTConfig.gpt2()).transformer_config()
+    gpt2 = GPT(GPTConfig.gpt2_124m()).transformer_config()
     assert gpt2.activation_func is gelu_tanh and gpt2.num_query_groups == gpt2.num_attention_heads
 
 
 @pytest.mark.parametrize("build, fused", [
     (lambda: GPT(GPTConfig.tiny(vocab_size=256)), False),                                       # erf GeLU
-    (lambda: GPT(GPTConfig.gpt2(vocab_size=256, num_layers=2)), True),                          # tanh GeLU
-    (lambda: GPT(GPTConfig.gpt2(vocab_size=256, num_layers=2, add_bias_linear=False)), False),  # nothing to fuse
+    (lambda: GPT(GPTConfig.gpt2_124m(vocab_size=256, num_layers=2)), True),                          # tanh GeLU
+    (lambda: GPT(GPTConfig.gpt2_124m(vocab_size=256, num_layers=2, add_bias_linear=False)), False),  # nothing to fuse
     (lambda: GPT(GPTConfig.llama_tiny(vocab_size=256)), True),                                  # SwiGLU
 ])
 def test_gpu_fusions_never_change_the_activation(build, fused):
@@ -52,7 +52,7 @@ def test_fused_bias_gelu_is_the_tanh_gelu_of_unfused_runs():
     # bias + tanh-GeLU kernel: that function, and its gradient, must be gelu_tanh's.
     from megatron.core.fusions.fused_bias_gelu import bias_gelu, bias_gelu_back
 
-    config = GPT(GPTConfig.gpt2(vocab_size=256, num_layers=2)).transformer_config(bias_activation_fusion=True)
+    config = GPT(GPTConfig.gpt2_124m(vocab_size=256, num_layers=2)).transformer_config(bias_activation_fusion=True)
     assert config.activation_func is F.gelu and config.bias_activation_fusion
     x = torch.randn(64, 32, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(32, dtype=torch.float64)

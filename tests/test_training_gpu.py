@@ -31,7 +31,7 @@ class Losses(L.Callback):
 
 def config(arch: str, **overrides) -> lm.GPTConfig:
     shape = dict(vocab_size=1024, num_layers=4, hidden_size=256, num_attention_heads=4, seq_length=SEQ)
-    preset = {"llama": lm.GPTConfig.llama, "gpt2": lm.GPTConfig.gpt2}.get(arch, lm.GPTConfig)
+    preset = {"llama": lm.GPTConfig.llama, "gpt2": lm.GPTConfig.gpt2_124m}.get(arch, lm.GPTConfig)
     return replace(preset(**shape), **overrides)
 
 

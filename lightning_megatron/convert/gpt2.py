@@ -49,7 +49,7 @@ class GPT2(Architecture):
         if not hf.get("tie_word_embeddings", True):
             raise ConversionError("GPT-2 with untied embeddings (tie_word_embeddings=False) is not supported")
         hidden = hf["n_embd"]
-        return GPTConfig.gpt2(
+        return GPTConfig.gpt2_124m(
             vocab_size=hf["vocab_size"], num_layers=hf["n_layer"], hidden_size=hidden,
             num_attention_heads=hf["n_head"], ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
             seq_length=hf["n_positions"], layernorm_epsilon=hf.get("layer_norm_epsilon", 1e-5),

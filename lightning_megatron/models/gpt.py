@@ -73,25 +73,21 @@ class GPTConfig(ModelConfig):
 
     @classmethod
     def gpt2_124m(cls, vocab_size: int = 50257, **overrides: Any) -> "GPTConfig":
-        """GPT-2 small: 12 layers, 12 heads, hidden 768."""
-        return cls(**{**dict(vocab_size=vocab_size), **overrides})
+        """GPT-2 small, exactly OpenAI's architecture: 12 layers, 12 heads, hidden 768, tanh GeLU, learned positions,
+        tied embeddings."""
+        return cls(**{**dict(vocab_size=vocab_size, activation="gelu_tanh"), **overrides})
 
     @classmethod
     def gpt2_350m(cls, vocab_size: int = 50257, **overrides: Any) -> "GPTConfig":
-        """GPT-2 medium: 24 layers, 16 heads, hidden 1024."""
-        return cls(**{**dict(vocab_size=vocab_size, num_layers=24, hidden_size=1024, num_attention_heads=16),
-                      **overrides})
+        """GPT-2 medium: 24 layers, 16 heads, hidden 1024, tanh GeLU."""
+        return cls.gpt2_124m(vocab_size, **{**dict(num_layers=24, hidden_size=1024, num_attention_heads=16),
+                                            **overrides})
 
     @classmethod
     def gpt2_1_3b(cls, vocab_size: int = 50257, **overrides: Any) -> "GPTConfig":
-        """GPT-3 XL shape: 24 layers, 16 heads, hidden 2048."""
-        return cls(**{**dict(vocab_size=vocab_size, num_layers=24, hidden_size=2048, num_attention_heads=16),
-                      **overrides})
-
-    @classmethod
-    def gpt2(cls, vocab_size: int = 50257, **overrides: Any) -> "GPTConfig":
-        """Exactly OpenAI GPT-2's architecture (tanh GELU, learned positions, tied embeddings); sizes of GPT-2 small."""
-        return cls(**{**dict(vocab_size=vocab_size, activation="gelu_tanh", seq_length=1024), **overrides})
+        """GPT-3 XL shape: 24 layers, 16 heads, hidden 2048, tanh GeLU (as GPT-2 and GPT-3)."""
+        return cls.gpt2_124m(vocab_size, **{**dict(num_layers=24, hidden_size=2048, num_attention_heads=16),
+                                            **overrides})
 
     @classmethod
     def llama(cls, vocab_size: int, **overrides: Any) -> "GPTConfig":
