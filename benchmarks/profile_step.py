@@ -35,14 +35,17 @@ KINDS = {
 }
 
 
+NOT_KERNELS = ("ProfilerStep", "Command Buffer Full")
+
+
 def kind_of(kernel: str) -> str:
     name = kernel.lower()
     return next((kind for kind, marks in KINDS.items() if any(mark in name for mark in marks)), "other")
 
 
 class Profile(L.Callback):
-    def __init__(self, skip: int, active: int) -> None:
-        self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+    def __init__(self, skip: int, active: int, stacks: bool = False) -> None:
+        self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=stacks,
                                 schedule=schedule(wait=skip, warmup=1, active=active, repeat=1))
         self.walls: list[float] = []
 
@@ -73,6 +76,8 @@ def main() -> None:
     parser.add_argument("--activation", default=None, help="override the preset's activation (e.g. gelu_tanh)")
     parser.add_argument("--fusions", action="store_true", help="every megatron fusion that applies to the model")
     parser.add_argument("--fused-adam", action="store_true", help="OptimConfig(fused=True)")
+    parser.add_argument("--stacks", action="store_true",
+                        help="also list the operators with the most GPU time by the Python lines that called them")
     args = parser.parse_args()
     config = getattr(lm.GPTConfig, args.preset)(seq_length=args.seq)
     if args.activation:
@@ -81,25 +86,30 @@ def main() -> None:
         config = all_fusions(config)
     skip, active = 6, 3
     steps = skip + 1 + active + 1
-    prof = Profile(skip, active)
+    prof = Profile(skip, active, args.stacks)
     trainer = L.Trainer(strategy=lm.MegatronStrategy(cuda_graphs=args.cuda_graphs), accelerator="gpu", devices=1,
-                        precision="bf16-mixed", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[prof], limit_val_batches=0)
-    trainer.fit(lm.GPT(config, lm.OptimConfig(fused=args.fused_adam)), datamodule=RandomData(config.vocab_size, args.seq, args.global_batch,
-                                                      args.micro_batch, steps))
+                        precision="bf16-mixed", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[prof], limit_val_batches=0)
+    data = RandomData(config.vocab_size, args.seq, args.global_batch, args.micro_batch, steps)
+    trainer.fit(lm.GPT(config, lm.OptimConfig(fused=args.fused_adam)), datamodule=data)
     events = prof.profiler.key_averages()
-    device_total = sum(e.self_device_time_total for e in events) / active / 1e3
+    # The profiler's own ranges (steps, a full launch queue) carry device time too; only kernels count.
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith(NOT_KERNELS)]
+    device_total = sum(e.self_device_time_total for e in kernels) / active / 1e3
     wall = sorted(prof.walls[skip:])[len(prof.walls[skip:]) // 2] * 1e3
     print(f"# {torch.cuda.get_device_name()}: median step {wall:.1f} ms wall, {device_total:.1f} ms of GPU kernels "
           f"per step ({device_total / wall:.0%} busy)")
     kinds: collections.Counter[str] = collections.Counter()
-    for event in events:
-        if event.device_type == DeviceType.CUDA:
-            kinds[kind_of(event.key)] += event.self_device_time_total / active / 1e3
+    for event in kernels:
+        kinds[kind_of(event.key)] += event.self_device_time_total / active / 1e3
     for kind, ms in kinds.most_common():
         print(f"{kind:<26} {ms:9.2f} ms per step  {ms / device_total:6.1%} of GPU time  {ms / wall:6.1%} of the step")
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.stacks:
+        by_stack = prof.profiler.key_averages(group_by_stack_n=5)
+        print(by_stack.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60,
+                             max_src_column_width=120))
 
 
 if __name__ == "__main__":

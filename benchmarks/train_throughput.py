@@ -5,15 +5,17 @@ Cases (each prints a JSON row and appends it to --out; a case that fails prints 
   hf           our strategy vs Hugging Face transformers GPT-2 (same shape, bf16 autocast, SDPA, fused AdamW), eager
                and compiled with torch.compile (rows named "... compile"; --no-hf-compile skips them)
   fusions      each of megatron's fusions switched on in turn, against the default (all off)
-  fused_adam   OptimConfig(fused=True) (torch's fused AdamW) against the default (torch's multi-tensor AdamW)
-  cudnn_attention  SDPA asked for cuDNN's attention kernel first, against its own order (flash first)
+  fusions_all  every applicable fusion at once, against the default (all off)
+  fused_adam   OptimConfig(fused=False) (torch's multi-tensor AdamW) against the default (its fused AdamW on GPUs)
+  wgrad        DDPConfig(fuse_wgrad_accumulation=False) against the default (weight gradients accumulated in the GEMM)
   syncs        synchronising CUDA calls per training step and the Python lines they come from
-  cuda_graphs  cuda_graphs=True (megatron's local CUDA graphs of every layer) vs eager; run last in a process
+  cuda_graphs  cuda_graphs=True (megatron's local CUDA graphs of every layer) with every applicable fusion on, vs
+               eager; run last in a process
   mfu          our strategy on the --presets
   memory       peak memory with no / selective / full recompute and with the distributed optimizer
   compile      compile_layers=True (torch.compile of each transformer layer) vs eager, on the --presets
   lora         full fine-tuning vs LoRA rank 16 on every linear layer: trainable parameters, peak memory, tokens/s
-overhead, hf, fusions, fused_adam, cudnn_attention, syncs, lora and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
+overhead, hf, fusions, fusions_all, fused_adam, wgrad, syncs, lora and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
 each baseline measured earlier in the same run ("vs").
 
 GPU:  python benchmarks/train_throughput.py --cases overhead hf fusions cuda_graphs mfu memory
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import gc
 import json
 import os
@@ -39,7 +40,6 @@ from typing import Callable
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_megatron as lm
@@ -150,7 +150,7 @@ def median_step(times: list[float], warmup: int) -> float:
 
 
 def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus | None = None,
-             lora: LoRAConfig | None = None, fused_adam: bool = False, cudnn_attention: bool = False,
+             lora: LoRAConfig | None = None, fused_adam: bool | None = None,
              **strategy_kwargs) -> dict:
     baseline = 0
     if args.device == "cuda":
@@ -168,10 +168,7 @@ def run_ours(config: lm.GPTConfig, args: argparse.Namespace, census: SyncCensus 
     )
     model = lm.GPT(config, lm.OptimConfig(lr=1e-4, warmup_steps=0, decay_steps=args.steps, fused=fused_adam),
                    lora=lora)
-    # SDPA's own order tries flash attention first; this asks for cuDNN's kernel first (it falls back where refused).
-    preference = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    with sdpa_kernel(preference, set_priority=True) if cudnn_attention else contextlib.nullcontext():
-        trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if census is not None:
         steps = max(census.steps, 1)
@@ -194,8 +191,9 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
     from megatron.core.transformer.module import Float16Module
 
     from lightning_megatron import parallel
-    from lightning_megatron.backends import use_foreach_multi_tensor_kernels
+    from lightning_megatron.backends import fuse_wgrad_accumulation, use_foreach_multi_tensor_kernels
     from lightning_megatron.cpu import CPUEmulation
+    from lightning_megatron.optim import use_fused_adam
     from lightning_megatron.schedule import finalize_grads
 
     emulation = CPUEmulation() if args.device == "cpu" else None
@@ -209,6 +207,7 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, calculate_per_token_loss=True,
         **({} if args.device == "cuda" else dict.fromkeys(FUSIONS, False)),  # as the strategy decides
+        gradient_accumulation_fusion=args.device == "cuda" and fuse_wgrad_accumulation(),
     )
     model = module.build_stage(tconfig, True, True, None).to(args.device)
     if bf16:
@@ -218,6 +217,8 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
     optimizer = get_megatron_optimizer(
         OptimizerConfig(lr=1e-4, bf16=bf16, params_dtype=tconfig.params_dtype, clip_grad=1.0), [model]
     )
+    if args.device == "cuda":
+        use_fused_adam(optimizer)  # as OptimConfig's default does on GPUs
     dataset = RandomTokens(config.vocab_size, config.seq_length, args.global_batch * args.steps)
     loader = DataLoader(dataset, batch_size=args.micro_batch)
     schedule = get_forward_backward_func()
@@ -452,7 +453,7 @@ def main() -> None:
         measure("hf", HF, base, lambda: run_hf(base, args))
         if not args.no_hf_compile:
             measure("hf", HF_COMPILE, base, lambda: run_hf(base, args, compile=True))
-    compared = ("overhead", "hf", "fusions", "fused_adam", "cudnn_attention", "cuda_graphs")
+    compared = ("overhead", "hf", "fusions", "fusions_all", "fused_adam", "wgrad", "cuda_graphs")
     if set(compared) & set(args.cases):
         case = next(case for case in compared if case in args.cases)
         ours = measure(case, OURS, base, lambda: run_ours(base, args), (BARE, HF, HF_COMPILE))
@@ -466,14 +467,18 @@ def main() -> None:
             config = replace(base, **switches)
             measure("fusions", name, config, lambda: run_ours(config, args), (OURS,))
             session.ratio("fusion on", name, OURS)
+    if "fusions_all" in args.cases and cuda:
+        fused = all_fusions(base)
+        measure("fusions_all", f"{OURS} all fusions", fused, lambda: run_ours(fused, args), (OURS, HF, HF_COMPILE))
+        session.ratio("all fusions", f"{OURS} all fusions", OURS)
     if "fused_adam" in args.cases and cuda:
-        measure("fused_adam", f"{OURS} OptimConfig(fused=True)", base, lambda: run_ours(base, args, fused_adam=True),
-                (OURS,))
-        session.ratio("fused Adam", f"{OURS} OptimConfig(fused=True)", OURS)
-    if "cudnn_attention" in args.cases and cuda:
-        name = f"{OURS} SDPA cuDNN first"
-        measure("cudnn_attention", name, base, lambda: run_ours(base, args, cudnn_attention=True), (OURS,))
-        session.ratio("cuDNN attention", name, OURS)
+        name = f"{OURS} OptimConfig(fused=False)"
+        measure("fused_adam", name, base, lambda: run_ours(base, args, fused_adam=False), (OURS,))
+        session.ratio("multi-tensor Adam", name, OURS)
+    if "wgrad" in args.cases and cuda:
+        name = f"{OURS} DDPConfig(fuse_wgrad_accumulation=False)"
+        measure("wgrad", name, base, lambda: run_ours(base, args, fuse_wgrad_accumulation=False), (OURS,))
+        session.ratio("weight gradients accumulated outside the GEMM", name, OURS)
     if "syncs" in args.cases and cuda:
         census = SyncCensus(args.warmup)
         measure("syncs", f"{OURS} synchronising CUDA calls", base, lambda: run_ours(base, args, census=census))
@@ -508,8 +513,9 @@ def main() -> None:
         session.ratio("LoRA vs full fine-tuning", lora_name, f"{OURS} full fine-tuning")
     if "cuda_graphs" in args.cases and cuda:
         # Last: megatron's graphs and the side stream they run on are process-wide.
-        name = f"{OURS} cuda_graphs"
-        measure("cuda_graphs", name, base, lambda: run_ours(base, args, cuda_graphs=True),
+        name = f"{OURS} cuda_graphs, all fusions"
+        fused = all_fusions(base)
+        measure("cuda_graphs", name, fused, lambda: run_ours(fused, args, cuda_graphs=True),
                 (OURS, BARE, HF, HF_COMPILE))
         session.ratio("cuda graphs", name, OURS)
         session.ratio("cuda graphs vs transformers eager", name, HF)

@@ -84,3 +84,32 @@ def use_foreach_multi_tensor_kernels() -> None:
         clip_grads.multi_tensor_scale_impl = _foreach_scale
     if optimizer.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
         optimizer.multi_tensor_scale_impl = _foreach_scale
+
+
+class _TorchWgradAccumulation:
+    """Apex's ``fused_weight_gradient_mlp_cuda`` in torch: the weight-gradient GEMM accumulates straight into the
+    parameter's ``main_grad`` (cuBLAS with beta=1 and an fp32 output for bf16/fp16 inputs), where megatron would
+    otherwise write a bf16 gradient, copy it into ``param.grad`` and add it to ``main_grad`` in two more passes."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+        if total_input.dtype == main_grad.dtype:
+            main_grad.addmm_(grad_output.t(), total_input)
+        else:
+            torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=main_grad.dtype, out=main_grad)
+
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
+
+
+def fuse_wgrad_accumulation() -> bool:
+    """Make megatron's ``gradient_accumulation_fusion`` runnable without Apex (process-wide, idempotent): with
+    Apex its kernel is used, else :class:`_TorchWgradAccumulation`; ``False`` where this torch cannot do it."""
+    from megatron.core.tensor_parallel import layers
+
+    if layers._grad_accum_fusion_available:
+        return True
+    if not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        return False
+    layers.fused_weight_gradient_mlp_cuda = _TorchWgradAccumulation
+    layers._grad_accum_fusion_available = True
+    return True

@@ -154,10 +154,15 @@ class DDPConfig:
     """Shard the fp32 main parameters and optimizer state across data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    fuse_wgrad_accumulation: bool = True
+    """GPU runs: each weight-gradient GEMM accumulates into the fp32 main gradient itself (megatron's
+    ``gradient_accumulation_fusion``; torch's ``addmm`` where Apex is absent) instead of two more passes per weight."""
 
     def megatron(self) -> DistributedDataParallelConfig:
         """megatron's DDP config: these options, gradients reduced in fp32."""
-        return DistributedDataParallelConfig(grad_reduce_in_fp32=True, **asdict(self))
+        options = asdict(self)
+        del options["fuse_wgrad_accumulation"]  # a TransformerConfig field (see strategy.transformer_fields)
+        return DistributedDataParallelConfig(grad_reduce_in_fp32=True, **options)
 
 
 def initialize(config: ParallelConfig, seed: int, cudagraphable_rng: bool = False) -> None:

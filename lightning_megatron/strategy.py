@@ -39,7 +39,7 @@ from typing_extensions import override
 
 from lightning_megatron import checkpoint as ckpt
 from lightning_megatron import parallel, preflight
-from lightning_megatron.backends import use_foreach_multi_tensor_kernels
+from lightning_megatron.backends import fuse_wgrad_accumulation, use_foreach_multi_tensor_kernels
 from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.errors import UserError
 from lightning_megatron.models.config import FUSIONS
@@ -65,10 +65,10 @@ from lightning_megatron.threads import set_threads
 
 
 def transformer_fields(parallel_config: ParallelConfig, precision: MegatronPrecision, recompute: RecomputeConfig,
-                       device: torch.device, cuda_graphs: bool = False) -> dict[str, Any]:
+                       device: torch.device, cuda_graphs: bool = False, fuse_wgrad: bool = False) -> dict[str, Any]:
     """What a run decides in every model's ``TransformerConfig``: layout, precision, recomputation, loss reduction,
-    CUDA graphs, and what the device can do. The strategy and :func:`lightning_megatron.convert.build_module` both
-    build from it."""
+    CUDA graphs, and what the device can do (``fuse_wgrad``: see :attr:`DDPConfig.fuse_wgrad_accumulation`). The
+    strategy and :func:`lightning_megatron.convert.build_module` both build from it."""
     cuda = device.type == "cuda"
     if cuda_graphs and not cuda:
         raise UserError("cuda_graphs=True needs a GPU (CUDA graphs); leave MegatronStrategy(cuda_graphs=...) off "
@@ -86,6 +86,7 @@ def transformer_fields(parallel_config: ParallelConfig, precision: MegatronPreci
         # unfused math, GPU runs the fusions the model config leaves on (see ModelConfig).
         **({} if cuda else dict.fromkeys(FUSIONS, False)),
         **({"cuda_graph_impl": "local"} if cuda_graphs else {}),
+        "gradient_accumulation_fusion": cuda and fuse_wgrad and fuse_wgrad_accumulation(),
     }
 
 
@@ -123,6 +124,7 @@ class MegatronStrategy(ParallelStrategy):
         use_distributed_optimizer: bool = False,
         overlap_grad_reduce: bool = False,
         overlap_param_gather: bool = False,
+        fuse_wgrad_accumulation: bool = True,
         recompute_granularity: Literal["selective", "full"] | None = None,
         recompute_method: Literal["uniform", "block"] | None = None,
         recompute_num_layers: int | None = None,
@@ -151,7 +153,7 @@ class MegatronStrategy(ParallelStrategy):
         self.recompute: RecomputeConfig = _given_or_flat("recompute", recompute, RecomputeConfig(
             recompute_granularity, recompute_method, recompute_num_layers))
         self.ddp: DDPConfig = _given_or_flat("ddp", ddp, DDPConfig(
-            use_distributed_optimizer, overlap_grad_reduce, overlap_param_gather))
+            use_distributed_optimizer, overlap_grad_reduce, overlap_param_gather, fuse_wgrad_accumulation))
         self.async_save = async_save
         self.ckpt_load_optimizer = ckpt_load_optimizer
         self.compile_layers = compile_layers
@@ -308,7 +310,7 @@ class MegatronStrategy(ParallelStrategy):
     def transformer_fields(self) -> dict[str, Any]:
         """What this strategy decides in every model's ``TransformerConfig`` (see :func:`transformer_fields`)."""
         return transformer_fields(self.parallel_config, self.precision_plugin, self.recompute, self.root_device,
-                                  self.cuda_graphs)
+                                  self.cuda_graphs, self.ddp.fuse_wgrad_accumulation)
 
     # ------------------------------------------------------------------ model and optimizer
     @override

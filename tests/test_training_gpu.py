@@ -65,6 +65,30 @@ def test_fused_kernels_train_to_the_unfused_losses(arch):
     assert_bf16_close(fused, unfused)
 
 
+class FirstGradients(L.Callback):
+    """Every parameter's fp32 main gradient after the first step (before the next one zeroes the buffers)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.grads = {name: param.main_grad.detach().clone() for name, param in pl_module.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # tied embeddings (megatron's zero_out_wgrad path) and untied
+def test_fused_wgrad_accumulation_gives_the_unfused_gradients_and_losses(arch):
+    # Two microbatches per step, so the second GEMM accumulates onto the first one's gradient.
+    fused, unfused = FirstGradients(), FirstGradients()
+    fused_losses = train(config(arch), callback=fused)
+    unfused_losses = train(config(arch), callback=unfused, fuse_wgrad_accumulation=False)
+    assert fused.grads.keys() == unfused.grads.keys() and any("embedding" in name for name in fused.grads)
+    for name, want in unfused.grads.items():
+        error = (fused.grads[name] - want).norm() / want.norm()
+        assert error < 1e-2, f"{name}: relative error {error:.2e}"
+    assert_bf16_close(fused_losses, unfused_losses)
+
+
 def test_training_steps_make_no_synchronising_call_of_ours():
     census = SyncCensus(warmup=3)
     train(config("gpt2"), steps=10, callback=census)
