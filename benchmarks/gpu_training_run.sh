@@ -53,7 +53,9 @@ import json, os, sys
 rows = [json.loads(line) for line in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
 print(f"{'case':<12} {'mb':>3} {'name':<62} {'tokens/s':>10} {'MFU':>6}  ratios (tokens/s over the baseline)")
 for row in rows:
-    if "error" in row:
+    if "rounds" in row:
+        print(f"{row['case']:<12} {'':>3} {row['name']:<62} median {row['median']:.3f} of {row['rounds']}")
+    elif "error" in row:
         print(f"{row['case']:<12} {row.get('micro_batch', ''):>3} {row['name']:<62} ERROR {row['error'][:150]}")
     elif "syncs_per_step" in row:
         print(f"{row['case']:<12} {row['micro_batch']:>3} {row['name']:<62} {row['syncs_per_step']:.1f} per step")
