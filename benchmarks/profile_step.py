@@ -1,6 +1,6 @@
 """Profile training steps of Trainer(strategy="megatron") with torch.profiler; prints where the time goes.
 
-python benchmarks/profile_step.py --preset gpt2_124m [--cuda-graphs] [--fusions] [--fused-adam]   (GPU)
+python benchmarks/profile_step.py --preset gpt2_124m [--cuda-graphs] [--fusions] [--multi-tensor-adam]   (GPU)
 Prints the step's wall time against busy GPU time (the gap is host overhead: Python, syncs, launches), the GPU
 time per kind of kernel (matmuls, attention, optimizer, ...), and the top operators by device and by host time.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import collections
 import time
-from dataclasses import replace
 
 import lightning as L
 import torch
@@ -73,15 +72,13 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--cuda-graphs", action="store_true", help="MegatronStrategy(cuda_graphs=True)")
-    parser.add_argument("--activation", default=None, help="override the preset's activation (e.g. gelu_tanh)")
     parser.add_argument("--fusions", action="store_true", help="every megatron fusion that applies to the model")
-    parser.add_argument("--fused-adam", action="store_true", help="OptimConfig(fused=True)")
+    parser.add_argument("--multi-tensor-adam", action="store_true",
+                        help="OptimConfig(fused=False) (the default is torch's fused AdamW on GPUs)")
     parser.add_argument("--stacks", action="store_true",
                         help="also list the operators with the most GPU time by the Python lines that called them")
     args = parser.parse_args()
     config = getattr(lm.GPTConfig, args.preset)(seq_length=args.seq)
-    if args.activation:
-        config = replace(config, activation=args.activation)
     if args.fusions:
         config = all_fusions(config)
     skip, active = 6, 3
@@ -91,7 +88,7 @@ def main() -> None:
                         precision="bf16-mixed", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[prof], limit_val_batches=0)
     data = RandomData(config.vocab_size, args.seq, args.global_batch, args.micro_batch, steps)
-    trainer.fit(lm.GPT(config, lm.OptimConfig(fused=args.fused_adam)), datamodule=data)
+    trainer.fit(lm.GPT(config, lm.OptimConfig(fused=False if args.multi_tensor_adam else None)), datamodule=data)
     events = prof.profiler.key_averages()
     # The profiler's own ranges (steps, a full launch queue) carry device time too; only kernels count.
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.key.startswith(NOT_KERNELS)]

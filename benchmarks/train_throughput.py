@@ -43,7 +43,6 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_megatron as lm
-from lightning_megatron.backends import HAVE_TE
 from lightning_megatron.callbacks.throughput import gpt_flops_per_token, peak_tflops
 from lightning_megatron.data.datamodule import MegatronDataModule
 from lightning_megatron.models.config import FUSIONS
@@ -191,10 +190,13 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
     from megatron.core.transformer.module import Float16Module
 
     from lightning_megatron import parallel
-    from lightning_megatron.backends import fuse_wgrad_accumulation, use_foreach_multi_tensor_kernels
+    from lightning_megatron.backends import use_foreach_multi_tensor_kernels
     from lightning_megatron.cpu import CPUEmulation
     from lightning_megatron.optim import use_fused_adam
+    from lightning_megatron.parallel import RecomputeConfig
+    from lightning_megatron.precision import MegatronPrecision
     from lightning_megatron.schedule import finalize_grads
+    from lightning_megatron.strategy import transformer_fields
 
     emulation = CPUEmulation() if args.device == "cpu" else None
     if emulation:
@@ -203,12 +205,10 @@ def run_bare_megatron(config: lm.GPTConfig, args: argparse.Namespace) -> dict:
     use_foreach_multi_tensor_kernels()
     module = lm.GPT(config)
     bf16 = args.precision.startswith("bf16")
-    tconfig = module.transformer_config(
-        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, calculate_per_token_loss=True,
-        **({} if args.device == "cuda" else dict.fromkeys(FUSIONS, False)),  # as the strategy decides
-        gradient_accumulation_fusion=args.device == "cuda" and fuse_wgrad_accumulation(),
-    )
+    # The megatron config the strategy would build (precision, per-token loss, fusions, weight-gradient fusion).
+    tconfig = module.transformer_config(**transformer_fields(
+        lm.ParallelConfig(), MegatronPrecision(args.precision), RecomputeConfig(), torch.device(args.device),
+        fuse_wgrad=True))
     model = module.build_stage(tconfig, True, True, None).to(args.device)
     if bf16:
         model = Float16Module(tconfig, model)
@@ -388,23 +388,21 @@ HF = "transformers GPT2LMHeadModel"
 HF_COMPILE = "transformers GPT2LMHeadModel compile"
 
 
+def all_fusions(config: lm.GPTConfig) -> lm.GPTConfig:
+    """``config`` asking for every fusion (the model keeps those that apply to it)."""
+    return replace(config, **dict.fromkeys(FUSIONS, True))
+
+
 def applicable_fusions(config: lm.GPTConfig) -> list[str]:
-    """The fusion switches that change something on this model (see docs/models.md, "Fused kernels")."""
-    applies = {"bias_activation_fusion": config.activation == "swiglu" or (config.activation == "gelu_tanh"
-                                                                          and config.add_bias_linear),
-               "bias_dropout_fusion": True, "cross_entropy_loss_fusion": True,
-               "apply_rope_fusion": HAVE_TE and config.position_embedding_type == "rope"}
-    return [name for name in FUSIONS if applies[name]]
+    """The fusion switches that change something on this model: those its megatron config keeps when all are asked
+    for (see docs/models.md, "Fused kernels")."""
+    megatron_config = lm.GPT(all_fusions(config)).transformer_config()
+    return [name for name in FUSIONS if getattr(megatron_config, name)]
 
 
 def fusion_variants(config: lm.GPTConfig) -> dict[str, dict]:
     """The applicable fusions, each switched on alone (the default is all off)."""
     return {f"{OURS} {name}=True": {name: True} for name in applicable_fusions(config)}
-
-
-def all_fusions(config: lm.GPTConfig) -> lm.GPTConfig:
-    """``config`` with every applicable fusion on."""
-    return replace(config, **dict.fromkeys(applicable_fusions(config), True))
 
 
 def main() -> None:

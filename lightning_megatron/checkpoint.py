@@ -2,8 +2,9 @@
 
 A checkpoint is a directory (its name may end in ``.ckpt``, as ModelCheckpoint names them) holding
 
-* megatron's sharded model and optimizer state (the optimizer's from :mod:`lightning_megatron.optim`) (``metadata.json``, ``common.pt``, ``.metadata``, ``*.distcp``),
-  stored with layers stacked on a layer axis so that it loads under another TP/PP layout;
+* megatron's sharded model and optimizer state (``metadata.json``, ``common.pt``, ``.metadata``, ``*.distcp``;
+  the optimizer's comes from :mod:`lightning_megatron.optim`), stored with layers stacked on a layer axis so that
+  it loads under another TP/PP layout;
 * ``trainer.pt`` - Lightning's own state (loop progress, callbacks, schedulers, precision, datamodule, hparams);
 * ``layout.json`` - the parallel layout, step, dtype and module class it was saved with; written last, it marks
   completion.
@@ -50,7 +51,6 @@ FORMAT_VERSION = 1
 LAYOUT_FILE = "layout.json"
 TRAINER_FILE = "trainer.pt"
 PARTIAL_SUFFIX = ".partial"
-"""Distributed-optimizer sharding: the one that saves and loads on megatron-core 0.16.1 (reshards over DP only)."""
 
 
 class CheckpointError(UserError, RuntimeError):

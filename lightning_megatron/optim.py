@@ -18,7 +18,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from lightning_megatron.errors import UserError
 
 OPTIMIZER_SHARDING = "dp_reshardable"
-"""How the distributed optimizer's state is sharded in a checkpoint: reloadable under another data-parallel size."""
+"""How the distributed optimizer's state is sharded in a checkpoint: the sharding that saves and loads on
+megatron-core 0.16.1 (it reshards over data parallelism only)."""
 
 
 @dataclass
