@@ -45,7 +45,7 @@ run_step 1_3b 100 $BENCH --model gpt2_1_3b --cases fusions_all --global-batch 32
 run_step 1_3b_gb64 100 $BENCH --model gpt2_1_3b --cases fusions_all --global-batch 64 --micro-batch 16 --steps 8 --warmup 2
 run_step gpu_tests 90 python -m pytest -v -p no:cacheprovider tests/test_training_gpu.py
 # Not needed for the figures above: where the 1.3B step's GPU time goes, and micro batch 16 on GPT-2 124M.
-run_step profile_1_3b 120 python benchmarks/profile_step.py --preset gpt2_1_3b --fusions --global-batch 32 --micro-batch 16
+run_step profile_1_3b 120 python benchmarks/profile_step.py --preset gpt2_1_3b --fusions --stacks --rows 40 --global-batch 32 --micro-batch 16
 run_step mbs16 70 $BENCH --cases hf cuda_graphs --no-hf-compile --global-batch 32 --micro-batch 16
 
 python - "$RESULTS" <<'EOF' | tee "$OUT/summary_table.txt"

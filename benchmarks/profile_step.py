@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import time
 
 import lightning as L
@@ -104,10 +105,18 @@ def main() -> None:
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
     if args.stacks:
-        by_stack = prof.profiler.key_averages(group_by_stack_n=5)
-        print(by_stack.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60,
-                             max_src_column_width=120))
+        print_by_caller(prof.profiler, active, args.rows)
 
+
+def print_by_caller(profiler: profile, active: int, rows: int) -> None:
+    """The operators with the most GPU time outside matmuls and attention, each with the Python lines that called it
+    (innermost first), so that a copy or an add can be traced to its origin."""
+    events = [e for e in profiler.key_averages(group_by_stack_n=6)
+              if e.self_device_time_total > 0 and kind_of(e.key) not in ("matmul", "attention") and e.stack]
+    print("# by caller: GPU ms per step, operator, calling lines (innermost first)")
+    for event in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
+        frames = [re.sub(r".*/(site-packages|lightning_megatron)/", "", frame) for frame in event.stack]
+        print(f"{event.self_device_time_total / active / 1e3:8.2f}  {event.key[:36]:<36}  {' <- '.join(frames)}")
 
 if __name__ == "__main__":
     main()
