@@ -21,6 +21,7 @@ from lightning_megatron.backends import HAVE_TE
 from lightning_megatron.models.config import ModelConfig
 from lightning_megatron.models.layers import (
     add_embedding_norm,
+    compiled_token_cross_entropy,
     gelu_tanh,
     gpt_block_spec,
     init_weights,
@@ -142,6 +143,16 @@ class GPTConfig(ModelConfig):
         return cls.llama_tiny(vocab_size, **{**dict(num_query_groups=1), **overrides})
 
 
+class _GPTModel(GPTModel):
+    """megatron's ``GPTModel`` whose fused cross entropy, without tensor parallelism, is
+    :func:`~lightning_megatron.models.layers.token_cross_entropy` compiled (the same function in fewer passes)."""
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.config.cross_entropy_loss_fusion and self.config.tensor_model_parallel_size == 1:
+            return compiled_token_cross_entropy(logits, labels.t()).t().contiguous()  # [s, b] logits, [b, s] labels
+        return super().compute_language_model_loss(labels, logits)
+
+
 class GPT(MegatronModule):
     """A GPT language model trained with next-token cross entropy (masked by ``loss_mask``).
 
@@ -180,7 +191,7 @@ class GPT(MegatronModule):
     ) -> GPTModel:
         c = self.config
         alibi = c.position_embedding_type == "alibi"
-        model = GPTModel(
+        model = _GPTModel(
             config=config,
             transformer_layer_spec=gpt_block_spec(config, vp_stage, qk_layernorm=c.qk_layernorm, attention=c.attention,
                                                   alibi=alibi),
