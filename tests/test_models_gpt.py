@@ -104,15 +104,15 @@ def test_unsupported_settings_name_the_accepted_ones():
         gpt_layer_spec(attention="local", alibi=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_our_cross_entropy_is_megatrons(dtype):
-    # GPU runs with cross_entropy_loss_fusion and one TP rank compute the loss with token_cross_entropy (compiled):
+@pytest.mark.parametrize("dtype, compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_our_cross_entropy_is_megatrons(dtype, compiled):
+    # GPU runs with cross_entropy_loss_fusion and one TP rank compute the loss with token_cross_entropy, compiled:
     # losses and logit gradients must be megatron's, labels outside the vocabulary included.
     import torch.distributed as dist
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from lightning_megatron.cpu import CPUEmulation
-    from lightning_megatron.models.layers import token_cross_entropy
+    from lightning_megatron.models.layers import compiled_token_cross_entropy, token_cross_entropy
     from lightning_megatron.parallel import ParallelConfig, initialize
 
     if not dist.is_initialized():
@@ -123,7 +123,7 @@ def test_our_cross_entropy_is_megatrons(dtype):
         labels = torch.randint(0, 50, (7, 3))
         labels[0, 0], labels[1, 2] = -100, 50
         ours_in, theirs_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-        ours = token_cross_entropy(ours_in, labels)
+        ours = (compiled_token_cross_entropy if compiled else token_cross_entropy)(ours_in, labels)
         theirs = vocab_parallel_cross_entropy(theirs_in.float(), labels)
         torch.testing.assert_close(ours, theirs)
         weights = torch.rand(7, 3)
