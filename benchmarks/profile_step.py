@@ -36,6 +36,7 @@ KINDS = {
 
 
 NOT_KERNELS = ("ProfilerStep", "Command Buffer Full")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
 def kind_of(kernel: str) -> str:
@@ -109,14 +110,21 @@ def main() -> None:
 
 
 def print_by_caller(profiler: profile, active: int, rows: int) -> None:
-    """The operators with the most GPU time outside matmuls and attention, each with the Python lines that called it
-    (innermost first), so that a copy or an add can be traced to its origin."""
-    events = [e for e in profiler.key_averages(group_by_stack_n=6)
-              if e.self_device_time_total > 0 and kind_of(e.key) not in ("matmul", "attention") and e.stack]
-    print("# by caller: GPU ms per step, operator, calling lines (innermost first)")
-    for event in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
-        frames = [re.sub(r".*/(site-packages|lightning_megatron)/", "", frame) for frame in event.stack]
-        print(f"{event.self_device_time_total / active / 1e3:8.2f}  {event.key[:36]:<36}  {' <- '.join(frames)}")
+    """The operators with the most GPU time outside matmuls and attention, by their callers (innermost first), so
+    that a copy or an add can be traced to its origin. The profiler records Python frames and autograd nodes as
+    enclosing events, so an operator's callers are its ancestors."""
+    totals: collections.Counter[tuple[str, str]] = collections.Counter()
+    for event in profiler.events():
+        if event.self_device_time_total <= 0 or event.name in MATMULS or kind_of(event.name) in ("matmul", "attention"):
+            continue
+        callers, parent = [], event.cpu_parent
+        while parent is not None and len(callers) < 5:
+            callers.append(re.sub(r".*/(site-packages|lightning_megatron)/| object at 0x\w+", "", parent.name)[:90])
+            parent = parent.cpu_parent
+        totals[event.name, " <- ".join(callers)] += event.self_device_time_total / active / 1e3
+    print("# by caller: GPU ms per step, operator, callers (innermost first)")
+    for (name, callers), ms in totals.most_common(rows):
+        print(f"{ms:8.2f}  {name[:36]:<36}  {callers}")
 
 if __name__ == "__main__":
     main()
