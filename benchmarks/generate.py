@@ -174,7 +174,6 @@ def main() -> None:
                 bound = size * bandwidth / (weights + kv_bytes(config, size, context, element))
                 rows.append({"engine": NAMES[engine], "batch": size, "params": params, **result,
                              "bandwidth_bound_fraction": result["decode_tokens_per_s"] / bound})
-        del hf
         return {"rows": rows, "bandwidth_gb_s": bandwidth / 1e9, **memory}
 
     dtype_name = str(dtype).removeprefix("torch.")

@@ -50,3 +50,31 @@ def gpt_tiny_run(tmp_path_factory) -> Path:
         capture_output=True, text=True, cwd=REPO, env=child_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return root
+
+
+@pytest.fixture(scope="module")
+def gloo_world():
+    """A one-process gloo group with CPU emulation, as a user's notebook would have (an earlier in-process
+    Trainer may have left its default group behind, which serves as well)."""
+    import torch.distributed as dist
+
+    from lightning_megatron.cpu import CPUEmulation
+
+    ours = not dist.is_initialized()
+    if ours:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    with CPUEmulation():
+        yield
+    if ours:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def one_rank(gloo_world):
+    """Megatron's parallel state for TP=PP=1 (torn down after each test)."""
+    from lightning_megatron import parallel
+    from lightning_megatron.parallel import ParallelConfig
+
+    parallel.initialize(ParallelConfig(), seed=1)
+    yield ParallelConfig()
+    parallel.destroy()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import transformers
 from safetensors.torch import load_file
 
@@ -33,11 +32,9 @@ from lightning_megatron.checkpoint import CheckpointError
 from lightning_megatron.convert.bloom import Bloom
 from lightning_megatron.convert.command import main as convert_main
 from lightning_megatron.convert.consolidated import export_consolidated, gather_consolidated, import_consolidated
-from lightning_megatron.cpu import CPUEmulation
 from lightning_megatron.models.bert import Bert, BertConfig
 from lightning_megatron.models.gpt import GPT, GPTConfig
 from lightning_megatron.models.t5 import T5, T5Config
-from lightning_megatron.parallel import ParallelConfig
 from lightning_megatron.schedule import run_schedule
 
 sys.path.insert(0, str(REPO / "tests" / "scripts"))
@@ -126,27 +123,6 @@ KINDS = ("gpt2", "llama", "llama-mqa", "llama-tied", "bloom", "bert", "bert-pret
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     return {kind: make_hf(kind, root / kind) for kind in KINDS}
-
-
-@pytest.fixture(scope="module")
-def gloo_world():
-    """A one-process gloo group with CPU emulation, as a user's notebook would have (an earlier in-process
-    Trainer may have left its default group behind, which serves as well)."""
-    ours = not dist.is_initialized()
-    if ours:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    with CPUEmulation():
-        yield
-    if ours:
-        dist.destroy_process_group()
-
-
-@pytest.fixture
-def one_rank(gloo_world):
-    """Megatron's parallel state for TP=PP=1 (conftest tears it down after each test)."""
-    parallel.initialize(ParallelConfig(), seed=1)
-    yield ParallelConfig()
-    parallel.destroy()
 
 
 def assert_same_tensors(a: Path, b: Path) -> None:

@@ -21,7 +21,7 @@ from lightning_megatron.checkpoint import read_saved_module
 from lightning_megatron.convert import build_module, load_any_checkpoint
 from lightning_megatron.models.saved import module_from_saved
 from lightning_megatron_cli import main
-from test_convert_hf import gloo_world, logits_of, one_rank  # noqa: F401  (fixtures)
+from test_convert_hf import logits_of
 
 RECIPES = REPO / "recipes"
 FAST = ["--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.callbacks", "[]"]

@@ -25,7 +25,6 @@ from lightning_megatron.data import TextDataModule
 from lightning_megatron.errors import UserError
 from lightning_megatron.models.lora import LoRAConfig, is_adapter, merge_adapters
 from lightning_megatron.parallel import unwrap
-from test_convert_hf import gloo_world  # noqa: F401 - a fixture
 from test_layouts import STEPS, assert_same_run
 
 VOCAB = 4096
