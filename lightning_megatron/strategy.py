@@ -67,8 +67,10 @@ from lightning_megatron.threads import set_threads
 def transformer_fields(parallel_config: ParallelConfig, precision: MegatronPrecision, recompute: RecomputeConfig,
                        device: torch.device, cuda_graphs: bool = False, fuse_wgrad: bool = False) -> dict[str, Any]:
     """What a run decides in every model's ``TransformerConfig``: layout, precision, recomputation, loss reduction,
-    CUDA graphs, and what the device can do (``fuse_wgrad``: see :attr:`DDPConfig.fuse_wgrad_accumulation`). The
-    strategy and :func:`lightning_megatron.convert.build_module` both build from it."""
+    CUDA graphs, and what the device can do (``fuse_wgrad``: see :attr:`DDPConfig.fuse_wgrad_accumulation`; asking
+    for it on a GPU installs a torch stand-in for Apex's kernel, :func:`backends.fuse_wgrad_accumulation`,
+    which megatron's linear layers look for when built). The strategy and
+    :func:`lightning_megatron.convert.build_module` both build from it."""
     cuda = device.type == "cuda"
     if cuda_graphs and not cuda:
         raise UserError("cuda_graphs=True needs a GPU (CUDA graphs); leave MegatronStrategy(cuda_graphs=...) off "
