@@ -10,7 +10,6 @@ GPU only:   python benchmarks/cross_entropy.py [--out rows.jsonl]
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Callable
@@ -22,7 +21,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from lightning_megatron.models.layers import compiled_token_cross_entropy
 from lightning_megatron.parallel import ParallelConfig, initialize
-from matvec import append_row
+from matvec import append_row, kernel_benchmark_args
 
 # GPT-2 124M at micro batch 8 and the 1.3B preset at micro batch 16, sequence 1024, GPT-2's padded vocabulary.
 SHAPES = {"124M mb8": (1024, 8, 50304), "1.3B mb16": (1024, 16, 50304)}
@@ -49,11 +48,7 @@ def time_call(loss: Callable, logits: torch.Tensor, labels: torch.Tensor, repeat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="append one JSON line per shape to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/cross_entropy.py measures CUDA kernels: run it on a GPU")
+    args = kernel_benchmark_args(__doc__, "cross_entropy.py")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29534")
     dist.init_process_group("nccl", rank=0, world_size=1)

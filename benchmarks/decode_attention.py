@@ -11,14 +11,13 @@ GPU only:   python benchmarks/decode_attention.py [--out rows.jsonl]
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
 from lightning_megatron.generation import decode_attention as A
-from matvec import append_row, graph_time
+from matvec import append_row, graph_time, kernel_benchmark_args
 
 # (batch, heads, head dim, cache cells, keys read)
 SHAPES = {"1.3B b1 ctx256": (1, 16, 128, 256, 256), "1.3B b1 ctx2048": (1, 16, 128, 2048, 2048),
@@ -28,11 +27,7 @@ LAYERS = 24
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="append one JSON line per shape to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/decode_attention.py measures CUDA kernels: run it on a GPU")
+    args = kernel_benchmark_args(__doc__, "decode_attention.py")
     device, dtype = "cuda", torch.bfloat16
     hardware = torch.cuda.get_device_name()
     A.build()

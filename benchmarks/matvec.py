@@ -51,6 +51,16 @@ def graph_time(fn, reps: int = 4) -> float:
     return best
 
 
+def kernel_benchmark_args(doc: str, script: str) -> argparse.Namespace:
+    """The command line of the GPU kernel benchmarks (``--out``), leaving with a clear message where there is no GPU."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="append one JSON line per shape to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"benchmarks/{script} measures CUDA kernels: run it on a GPU")
+    return args
+
+
 def append_row(out: str | None, row: dict) -> None:
     """Append ``row`` to the JSON-lines file ``out`` (if one was given)."""
     if out:
@@ -59,11 +69,7 @@ def append_row(out: str | None, row: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="append one JSON line per shape to this file")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/matvec.py measures CUDA kernels: run it on a GPU")
+    args = kernel_benchmark_args(__doc__, "matvec.py")
     device, dtype = "cuda", torch.bfloat16
     hardware = torch.cuda.get_device_name()
     dequantize = torch.compile(lambda x, w, s: (x @ w.to(x.dtype).t()) * s)
