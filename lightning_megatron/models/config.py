@@ -33,7 +33,7 @@ class ModelConfig:
     """Seeds the initial weights; the same seed gives the same weights under every parallel layout."""
     # megatron-core builds these fusions with torch.compile: where the host is the bottleneck they cost more than they
     # save (GPT-2 124M at micro batch 8, eager: 0.58x with all of them on, H100), on the 1.3B preset they pay
-    # (1.04-1.05x; benchmarks/train_throughput.py --cases fusions_all). Off unless asked for.
+    # (1.08x; benchmarks/train_throughput.py --cases fusions_all). Off unless asked for.
     bias_dropout_fusion: bool = False
     """GPU runs: megatron's fused bias + dropout + residual add."""
     cross_entropy_loss_fusion: bool = False
