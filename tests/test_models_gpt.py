@@ -123,3 +123,44 @@ def test_our_cross_entropy_is_megatrons(dtype, compiled, one_rank):
     (ours * weights).sum().backward()
     (theirs * weights).sum().backward()
     torch.testing.assert_close(ours_in.grad, theirs_in.grad)
+
+
+@pytest.mark.parametrize("fuse_wgrad", [False, True])
+def test_qkv_bias_in_gemm_is_megatrons_linear(fuse_wgrad, one_rank):
+    # The attention's QKV projection adds its bias inside the GEMM: outputs and every gradient (straight into
+    # main_grad when the weight-gradient accumulation is fused) must be megatron's ColumnParallelLinear's.
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from lightning_megatron.backends import fuse_wgrad_accumulation
+    from lightning_megatron.models.layers import BiasInGemmColumnParallelLinear
+
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True,
+                               gradient_accumulation_fusion=fuse_wgrad and fuse_wgrad_accumulation())
+    layers = [cls(16, 48, config=config, init_method=torch.nn.init.normal_, bias=True, gather_output=False)
+              for cls in (BiasInGemmColumnParallelLinear, ColumnParallelLinear)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    torch.nn.init.normal_(layers[0].bias)
+    layers[1].bias.data.copy_(layers[0].bias)
+    x = torch.randn(5, 3, 16)
+    grad = torch.randn(5, 3, 48)
+    results = []
+    for layer in layers:
+        for param in layer.parameters():
+            param.main_grad = torch.zeros_like(param)
+        inputs = x.clone().requires_grad_()
+        output, bias = layer(inputs)
+        assert bias is None
+        output.backward(grad)
+        weight_grad = layer.weight.main_grad if config.gradient_accumulation_fusion else layer.weight.grad
+        results.append((output, inputs.grad, weight_grad, layer.bias.grad))
+    assert config.gradient_accumulation_fusion == fuse_wgrad and results[0][2].abs().sum() > 0
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_gpt_attention_adds_the_qkv_bias_in_the_gemm():
+    from lightning_megatron.models.layers import BiasInGemmColumnParallelLinear
+
+    spec = gpt_layer_spec()
+    assert spec.submodules.self_attention.submodules.linear_qkv is BiasInGemmColumnParallelLinear

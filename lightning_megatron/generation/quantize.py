@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from torch import Tensor
 
 from lightning_megatron.generation import gemv
+from lightning_megatron.models.layers import BiasInGemmColumnParallelLinear
 from lightning_megatron.parallel import unwrap
 
 MODES = ("int8",)
@@ -74,7 +75,8 @@ class Int8RowParallelLinear(Int8Linear, RowParallelLinear):
     """A ``RowParallelLinear`` with an int8 weight."""
 
 
-_QUANTIZED = {ColumnParallelLinear: Int8ColumnParallelLinear, RowParallelLinear: Int8RowParallelLinear}
+_QUANTIZED = {ColumnParallelLinear: Int8ColumnParallelLinear, BiasInGemmColumnParallelLinear: Int8ColumnParallelLinear,
+              RowParallelLinear: Int8RowParallelLinear}
 
 
 def _kernel(weight: Tensor, scale: Tensor) -> str:
