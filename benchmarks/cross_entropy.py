@@ -10,7 +10,6 @@ GPU only:   python benchmarks/cross_entropy.py [--out rows.jsonl]
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -20,8 +19,7 @@ from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from lightning_megatron.models.layers import compiled_token_cross_entropy
-from lightning_megatron.parallel import ParallelConfig, initialize
-from matvec import append_row, kernel_benchmark_args
+from matvec import append_row, kernel_benchmark_args, megatron_on_one_gpu
 
 # GPT-2 124M at micro batch 8 and the 1.3B preset at micro batch 16, sequence 1024, GPT-2's padded vocabulary.
 SHAPES = {"124M mb8": (1024, 8, 50304), "1.3B mb16": (1024, 16, 50304)}
@@ -49,11 +47,7 @@ def time_call(loss: Callable, logits: torch.Tensor, labels: torch.Tensor, repeat
 
 def main() -> None:
     args = kernel_benchmark_args(__doc__, "cross_entropy.py")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29534")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    initialize(ParallelConfig(), seed=0)
-    hardware = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    hardware = megatron_on_one_gpu(29534)
     print(f"Cross entropy forward + backward on {hardware}, bf16 logits, milliseconds per call")
     for name, (seq, batch, vocab) in SHAPES.items():
         logits = torch.randn(seq, batch, vocab, device="cuda", dtype=torch.bfloat16) * 4

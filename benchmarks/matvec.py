@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -59,6 +60,20 @@ def kernel_benchmark_args(doc: str, script: str) -> argparse.Namespace:
     if not torch.cuda.is_available():
         raise SystemExit(f"benchmarks/{script} measures CUDA kernels: run it on a GPU")
     return args
+
+
+def megatron_on_one_gpu(port: int) -> str:
+    """A one-rank NCCL group and megatron's parallel state (TP=PP=1), for the kernel benchmarks that call megatron's
+    layers; returns the hardware they print and record."""
+    import torch.distributed as dist
+
+    from lightning_megatron.parallel import ParallelConfig, initialize
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    initialize(ParallelConfig(), seed=0)
+    return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
 
 
 def append_row(out: str | None, row: dict) -> None:

@@ -11,7 +11,6 @@ GPU only:   python benchmarks/qkv_bias.py [--out rows.jsonl]
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -22,8 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lightning_megatron.backends import fuse_wgrad_accumulation
 from lightning_megatron.models.layers import BiasInGemmColumnParallelLinear
-from lightning_megatron.parallel import ParallelConfig, initialize
-from matvec import append_row, kernel_benchmark_args
+from matvec import append_row, kernel_benchmark_args, megatron_on_one_gpu
 
 # [sequence, micro batch, hidden]; the projection's output is 3 x hidden.
 SHAPES = {"124M mb8": (1024, 8, 768), "1.3B mb16": (1024, 16, 2048)}
@@ -52,11 +50,7 @@ def build(cls: type, hidden: int) -> ColumnParallelLinear:
 
 def main() -> None:
     args = kernel_benchmark_args(__doc__, "qkv_bias.py")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29535")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    initialize(ParallelConfig(), seed=0)
-    hardware = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    hardware = megatron_on_one_gpu(29535)
     print(f"QKV projection on {hardware}, bf16, milliseconds per call")
     for name, (seq, batch, hidden) in SHAPES.items():
         x = torch.randn(seq, batch, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -139,9 +139,8 @@ def test_qkv_bias_in_gemm_is_megatrons_linear(fuse_wgrad, one_rank):
                                gradient_accumulation_fusion=fuse_wgrad and fuse_wgrad_accumulation())
     layers = [cls(16, 48, config=config, init_method=torch.nn.init.normal_, bias=True, gather_output=False)
               for cls in (BiasInGemmColumnParallelLinear, ColumnParallelLinear)]
-    layers[1].load_state_dict(layers[0].state_dict())
     torch.nn.init.normal_(layers[0].bias)
-    layers[1].bias.data.copy_(layers[0].bias)
+    layers[1].load_state_dict(layers[0].state_dict())
     x = torch.randn(5, 3, 16)
     grad = torch.randn(5, 3, 48)
     results = []
