@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,19 @@ def graph_time(fn, reps: int = 4) -> float:
         end.synchronize()
         best = min(best, start.elapsed_time(end) * 1000 / reps)
     return best
+
+
+def median_ms(call: Callable[[], object], repeats: int = 30) -> float:
+    """Median milliseconds of ``call`` (each timed alone, between synchronisations), after five warm-up calls."""
+    times = []
+    for _ in range(repeats + 5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    steady = sorted(times[5:])
+    return steady[len(steady) // 2]
 
 
 def kernel_benchmark_args(doc: str, script: str) -> argparse.Namespace:

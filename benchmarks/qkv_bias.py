@@ -11,9 +11,6 @@ GPU only:   python benchmarks/qkv_bias.py [--out rows.jsonl]
 
 from __future__ import annotations
 
-import time
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
@@ -21,23 +18,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lightning_megatron.backends import fuse_wgrad_accumulation
 from lightning_megatron.models.layers import BiasInGemmColumnParallelLinear
-from matvec import append_row, kernel_benchmark_args, megatron_on_one_gpu
+from matvec import append_row, kernel_benchmark_args, median_ms, megatron_on_one_gpu
 
 # [sequence, micro batch, hidden]; the projection's output is 3 x hidden.
 SHAPES = {"124M mb8": (1024, 8, 768), "1.3B mb16": (1024, 16, 2048)}
 LAYERS = {"ours (bias in the GEMM)": BiasInGemmColumnParallelLinear, "megatron ColumnParallelLinear": ColumnParallelLinear}
-
-
-def median_ms(call: Callable[[], object], repeats: int = 30) -> float:
-    times = []
-    for _ in range(repeats + 5):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    steady = sorted(times[5:])
-    return steady[len(steady) // 2]
 
 
 def build(cls: type, hidden: int) -> ColumnParallelLinear:
