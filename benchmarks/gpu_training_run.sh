@@ -41,6 +41,7 @@ BENCH="python benchmarks/train_throughput.py --out $RESULTS --steps 12 --warmup 
 # with the fusions (last in its process: megatron's graphs are process-wide).
 run_step cross_entropy 60 python benchmarks/cross_entropy.py --out "$OUT/cross_entropy.jsonl"
 run_step qkv_bias 60 python benchmarks/qkv_bias.py --out "$OUT/qkv_bias.jsonl"
+run_step layer_norm 60 python benchmarks/layer_norm.py --out "$OUT/layer_norm.jsonl"
 run_step mbs8 240 $BENCH --cases overhead hf fusions_all wgrad fused_adam cuda_graphs --global-batch 16 --micro-batch 8
 # The 1.3B preset's MFU, default and with every fusion, at global batch 32 and 64 (the optimizer step amortised).
 run_step 1_3b 100 $BENCH --model gpt2_1_3b --cases fusions_all --global-batch 32 --micro-batch 16 --steps 10 --warmup 3

@@ -389,15 +389,16 @@ HF_COMPILE = "transformers GPT2LMHeadModel compile"
 
 
 def all_fusions(config: lm.GPTConfig) -> lm.GPTConfig:
-    """``config`` asking for every fusion (the model keeps those that apply to it)."""
-    return replace(config, **dict.fromkeys(FUSIONS, True))
+    """``config`` asking for every fusion (the model keeps those that apply to it): megatron's and our LayerNorm."""
+    return replace(config, **dict.fromkeys(FUSIONS, True), layer_norm_fusion=True)
 
 
 def applicable_fusions(config: lm.GPTConfig) -> list[str]:
     """The fusion switches that change something on this model: those its megatron config keeps when all are asked
-    for (see docs/models.md, "Fused kernels")."""
+    for, and our LayerNorm's where it has LayerNorms (see docs/models.md, "Fused kernels")."""
     megatron_config = lm.GPT(all_fusions(config)).transformer_config()
-    return [name for name in FUSIONS if getattr(megatron_config, name)]
+    ours = ["layer_norm_fusion"] if config.normalization == "LayerNorm" else []
+    return [name for name in FUSIONS if getattr(megatron_config, name)] + ours
 
 
 def fusion_variants(config: lm.GPTConfig) -> dict[str, dict]:

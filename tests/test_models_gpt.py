@@ -163,3 +163,27 @@ def test_gpt_attention_adds_the_qkv_bias_in_the_gemm():
 
     spec = gpt_layer_spec()
     assert spec.submodules.self_attention.submodules.linear_qkv is BiasInGemmColumnParallelLinear
+
+
+def test_layer_norm_fusion_builds_our_norms_with_torchs_state_and_math_off_gpus(one_rank):
+    from lightning_megatron.models.layer_norm import FusedLayerNorm
+
+    def build(fused: bool) -> torch.nn.Module:
+        model = GPT(GPTConfig.gpt2_124m(vocab_size=256, num_layers=2, hidden_size=64, num_attention_heads=4,
+                                        seq_length=16, layer_norm_fusion=fused))
+        return model.build_stage(model.transformer_config(), pre_process=True, post_process=True, vp_stage=None)
+
+    fused, plain = build(True), build(False)
+    norms = {name for name, module in fused.named_modules() if isinstance(module, FusedLayerNorm)}
+    assert norms == {"decoder.final_layernorm", *(f"decoder.layers.{i}.{norm}" for i in range(2)
+                                                  for norm in ("input_layernorm", "pre_mlp_layernorm"))}
+    assert not any(isinstance(module, FusedLayerNorm) for module in plain.modules())
+    state = plain.state_dict()
+    assert fused.state_dict().keys() == state.keys()
+    for name, tensor in fused.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            torch.testing.assert_close(tensor, state[name], msg=name)
+    tokens = torch.randint(0, 256, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    fused.eval(), plain.eval()
+    torch.testing.assert_close(fused(tokens, positions, None), plain(tokens, positions, None))

@@ -57,6 +57,10 @@ class GPTConfig(ModelConfig):
     """A norm right after the word embeddings (BLOOM's ``word_embeddings_layernorm``)."""
     apply_rope_fusion: bool = True
     """GPU runs with Transformer Engine: fused RoPE (megatron's fused kernel needs TE; without it RoPE is unfused)."""
+    layer_norm_fusion: bool = False
+    """GPU runs: LayerNorms in our Triton kernels (:mod:`~lightning_megatron.models.layer_norm`; megatron's fused norms
+    need Transformer Engine or Apex). Like megatron's fusions, off unless asked for: where the host is the bottleneck,
+    a Triton launch costs more than torch's."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -194,7 +198,7 @@ class GPT(MegatronModule):
         model = _GPTModel(
             config=config,
             transformer_layer_spec=gpt_block_spec(config, vp_stage, qk_layernorm=c.qk_layernorm, attention=c.attention,
-                                                  alibi=alibi),
+                                                  alibi=alibi, fused_norm=c.layer_norm_fusion),
             vocab_size=c.padded_vocab_size(config.tensor_model_parallel_size),
             max_sequence_length=c.seq_length,
             pre_process=pre_process,

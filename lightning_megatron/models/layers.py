@@ -28,6 +28,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lightning_megatron.errors import UserError
 from lightning_megatron.models.attention import SDPAttention
+from lightning_megatron.models.layer_norm import FusedLayerNorm
 
 
 def token_losses_collecting_logits(
@@ -68,16 +69,19 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 class Norm:
     """A torch ``LayerNorm``/``RMSNorm`` built from a megatron config, usable with sequence parallelism.
 
+    ``fused``: a LayerNorm runs our Triton kernels on GPUs (:class:`~lightning_megatron.models.layer_norm.FusedLayerNorm`).
+
     Under sequence parallelism each TP rank normalises its own slice of the sequence, so the norm's gradients are
     partial sums: marking the parameters ``sequence_parallel`` makes megatron's ``finalize_model_grads`` all-reduce
     them across the TP group, as it does for Transformer Engine's norms.
     """
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object) -> torch.nn.Module:
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, fused: bool = False,
+                **_: object) -> torch.nn.Module:
         if config.normalization == "RMSNorm":
             norm: torch.nn.Module = torch.nn.RMSNorm(hidden_size, eps=eps)
         elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+            norm = (FusedLayerNorm if fused else torch.nn.LayerNorm)(hidden_size, eps=eps)
         else:
             raise UserError(f"normalization={config.normalization!r} is not supported; use 'LayerNorm' or 'RMSNorm'")
         for param in norm.parameters():
@@ -146,9 +150,15 @@ AttentionBackend = Literal["sdpa", "local"]
 ``local``: megatron-core's ``DotProductAttention`` (explicit softmax, no context parallelism)."""
 
 
-def gpt_layer_spec(qk_layernorm: bool = False, attention: AttentionBackend = "sdpa", alibi: bool = False) -> ModuleSpec:
-    """megatron-core's local GPT layer spec with :class:`Norm` in place of its norms and a choice of core attention
-    (``alibi``: :class:`SDPAttention` adds ALiBi's linear bias)."""
+def norm_spec(fused: bool) -> ModuleSpec | type:
+    """:class:`Norm`, its LayerNorm in our Triton kernels on GPUs if ``fused``."""
+    return ModuleSpec(module=Norm, params={"fused": True}) if fused else Norm
+
+
+def gpt_layer_spec(qk_layernorm: bool = False, attention: AttentionBackend = "sdpa", alibi: bool = False,
+                   fused_norm: bool = False) -> ModuleSpec:
+    """megatron-core's local GPT layer spec with :class:`Norm` in place of its norms (``fused_norm``: see
+    :func:`norm_spec`) and a choice of core attention (``alibi``: :class:`SDPAttention` adds ALiBi's linear bias)."""
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm)
     self_attention = spec.submodules.self_attention
     replaced: dict = {}
@@ -163,22 +173,23 @@ def gpt_layer_spec(qk_layernorm: bool = False, attention: AttentionBackend = "sd
     self_attention = with_bias_in_gemm(dataclasses.replace(
         self_attention, submodules=dataclasses.replace(self_attention.submodules, **replaced)
     ))
+    norm = norm_spec(fused_norm)
     submodules = dataclasses.replace(
-        spec.submodules, input_layernorm=Norm, pre_mlp_layernorm=Norm, self_attention=self_attention
+        spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm, self_attention=self_attention
     )
     return dataclasses.replace(spec, submodules=submodules)
 
 
 def gpt_block_spec(
     config: TransformerConfig, vp_stage: int | None, qk_layernorm: bool = False, attention: AttentionBackend = "sdpa",
-    alibi: bool = False,
+    alibi: bool = False, fused_norm: bool = False,
 ) -> TransformerBlockSubmodules:
     """The decoder block of one pipeline stage (or virtual stage): its layers and a final :class:`Norm`."""
     if attention == "local" and config.context_parallel_size > 1:
         raise UserError("context parallelism needs attention='sdpa' (megatron-core's local attention refuses it)")
-    layer = gpt_layer_spec(qk_layernorm, attention, alibi)
+    layer = gpt_layer_spec(qk_layernorm, attention, alibi, fused_norm)
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=Norm
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=norm_spec(fused_norm)
     )
 
 

@@ -1,0 +1,52 @@
+"""LayerNorm, forward and forward + backward: our Triton kernels (``models.layer_norm``) against torch's.
+
+On the rows of GPT-2 124M at micro batch 8 and of the 1.3B preset at micro batch 16 (sequence 1024, bf16), times
+``FusedLayerNorm`` (what ``GPTConfig(layer_norm_fusion=True)`` builds) and ``torch.nn.LayerNorm`` and prints
+milliseconds per call, torch's time over ours, the bandwidth each reaches (the bytes a call must move: input and
+output forward; input, output gradient and input gradient backward) and the largest difference from torch.
+
+GPU only:   python benchmarks/layer_norm.py [--out rows.jsonl]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_megatron.models.layer_norm import FusedLayerNorm
+from matvec import append_row, kernel_benchmark_args, median_ms
+
+# [sequence, micro batch, hidden]
+SHAPES = {"124M mb8": (1024, 8, 768), "1.3B mb16": (1024, 16, 2048)}
+NORMS = {"ours (Triton)": FusedLayerNorm, "torch LayerNorm": torch.nn.LayerNorm}
+
+
+def main() -> None:
+    args = kernel_benchmark_args(__doc__, "layer_norm.py")
+    hardware = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    print(f"LayerNorm on {hardware}, bf16, milliseconds per call")
+    for name, shape in SHAPES.items():
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn_like(x)
+        size = x.numel() * x.element_size()
+        times, outputs = {}, {}
+        for label, cls in NORMS.items():
+            norm = cls(shape[-1], device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                forward = median_ms(lambda: norm(x))
+                outputs[label] = norm(x).float()
+            both = median_ms(lambda: norm(x).backward(grad))
+            times[label] = {"forward": forward, "forward_backward": both}
+        ours = times["ours (Triton)"]
+        difference = (outputs["ours (Triton)"] - outputs["torch LayerNorm"]).abs().max().item()
+        for label, ms in times.items():
+            print(f"{name:<10} {label:<14} forward {ms['forward']:7.3f} ms ({ms['forward'] / ours['forward']:4.2f}x "
+                  f"ours, {2 * size / ms['forward'] / 1e9:4.2f} TB/s)  forward + backward {ms['forward_backward']:7.3f} "
+                  f"ms ({ms['forward_backward'] / ours['forward_backward']:4.2f}x ours, "
+                  f"{5 * size / ms['forward_backward'] / 1e9:4.2f} TB/s)")
+        print(f"{name:<10} largest difference of the outputs from torch's: {difference:.3g}")
+        append_row(args.out, {"shape": name, "input": list(shape), "hardware": hardware, "ms": times,
+                              "max_abs_difference": difference})
+
+
+if __name__ == "__main__":
+    main()
