@@ -46,6 +46,8 @@ run_step mbs8 240 $BENCH --cases overhead hf fusions_all wgrad fused_adam cuda_g
 # The 1.3B preset's MFU, default and with every fusion, at global batch 32 and 64 (the optimizer step amortised).
 run_step 1_3b 100 $BENCH --model gpt2_1_3b --cases fusions_all --global-batch 32 --micro-batch 16 --steps 10 --warmup 3
 run_step 1_3b_gb64 100 $BENCH --model gpt2_1_3b --cases fusions_all --global-batch 64 --micro-batch 16 --steps 8 --warmup 2
+# What each fusion adds on top of the others on the 1.3B step (each switched off in turn, in one process).
+run_step 1_3b_each_off 200 $BENCH --model gpt2_1_3b --cases fusions_each_off --global-batch 32 --micro-batch 16 --steps 6 --warmup 2
 run_step gpu_tests 90 python -m pytest -v -p no:cacheprovider tests/test_training_gpu.py
 # Not needed for the figures above: where the 1.3B step's GPU time goes, and micro batch 16 on GPT-2 124M.
 run_step profile_1_3b 120 python benchmarks/profile_step.py --preset gpt2_1_3b --fusions --stacks --rows 40 --global-batch 32 --micro-batch 16

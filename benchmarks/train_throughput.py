@@ -6,6 +6,8 @@ Cases (each prints a JSON row and appends it to --out; a case that fails prints 
                and compiled with torch.compile (rows named "... compile"; --no-hf-compile skips them)
   fusions      each of megatron's fusions switched on in turn, against the default (all off)
   fusions_all  every applicable fusion at once, against the default (all off)
+  fusions_each_off  every applicable fusion at once, then with each switched off in turn: what each adds on top of
+               the others (a row's ratio under 1 means that fusion pays)
   fused_adam   OptimConfig(fused=False) (torch's multi-tensor AdamW) against the default (its fused AdamW on GPUs)
   wgrad        DDPConfig(fuse_wgrad_accumulation=False) against the default (weight gradients accumulated in the GEMM)
   syncs        synchronising CUDA calls per training step and the Python lines they come from
@@ -15,7 +17,7 @@ Cases (each prints a JSON row and appends it to --out; a case that fails prints 
   memory       peak memory with no / selective / full recompute and with the distributed optimizer
   compile      compile_layers=True (torch.compile of each transformer layer) vs eager, on the --presets
   lora         full fine-tuning vs LoRA rank 16 on every linear layer: trainable parameters, peak memory, tokens/s
-overhead, hf, fusions, fusions_all, fused_adam, wgrad, syncs, lora and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
+overhead, hf, fusions, fusions_all, fusions_each_off, fused_adam, wgrad, syncs, lora and cuda_graphs use the --model preset. Every row of ours carries its tokens/s ratio to
 each baseline measured earlier in the same run ("vs").
 
 GPU:  python benchmarks/train_throughput.py --cases overhead hf fusions cuda_graphs mfu memory
@@ -386,6 +388,7 @@ OURS = "Trainer(strategy='megatron')"
 BARE = "bare megatron-core loop"
 HF = "transformers GPT2LMHeadModel"
 HF_COMPILE = "transformers GPT2LMHeadModel compile"
+ALL_FUSIONS = f"{OURS} all fusions"
 
 
 def all_fusions(config: lm.GPTConfig) -> lm.GPTConfig:
@@ -468,8 +471,15 @@ def main() -> None:
             session.ratio("fusion on", name, OURS)
     if "fusions_all" in args.cases and cuda:
         fused = all_fusions(base)
-        measure("fusions_all", f"{OURS} all fusions", fused, lambda: run_ours(fused, args), (OURS, HF, HF_COMPILE))
-        session.ratio("all fusions", f"{OURS} all fusions", OURS)
+        measure("fusions_all", ALL_FUSIONS, fused, lambda: run_ours(fused, args), (OURS, HF, HF_COMPILE))
+        session.ratio("all fusions", ALL_FUSIONS, OURS)
+    if "fusions_each_off" in args.cases and cuda:
+        fused = all_fusions(base)
+        measure("fusions_each_off", ALL_FUSIONS, fused, lambda: run_ours(fused, args), (OURS,))
+        for switch in applicable_fusions(base):
+            config, name = replace(fused, **{switch: False}), f"{ALL_FUSIONS} but {switch}"
+            measure("fusions_each_off", name, config, lambda: run_ours(config, args), (ALL_FUSIONS,))
+            session.ratio(f"{switch} off", name, ALL_FUSIONS)
     if "fused_adam" in args.cases and cuda:
         name = f"{OURS} OptimConfig(fused=False)"
         measure("fused_adam", name, base, lambda: run_ours(base, args, fused_adam=False), (OURS,))
