@@ -13,7 +13,7 @@ from launch import REPO
 from lightning_megatron.models.config import FUSIONS
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from train_throughput import RandomData, SyncCensus  # noqa: E402
+from train_throughput import RandomData, SyncCensus, all_fusions  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -60,7 +60,7 @@ def assert_bf16_close(got: list[float], want: list[float]) -> None:
 def test_fused_kernels_train_to_the_unfused_losses(arch):
     # Every fusion megatron has without TE runs here: Llama's SwiGLU and GPT-2's tanh GeLU take the bias-activation
     # fusion, both the bias-dropout-add and cross-entropy ones; GPT-2's LayerNorms run our Triton kernels.
-    fused = train(config(arch, **dict.fromkeys(FUSIONS, True), layer_norm_fusion=True))
+    fused = train(all_fusions(config(arch)))
     unfused = train(config(arch, **dict.fromkeys(FUSIONS, False)))
     assert_bf16_close(fused, unfused)
 
@@ -101,4 +101,3 @@ def test_cuda_graphs_train_to_the_eager_losses():
     eager = train(config("gpt2"))
     graphed = train(config("gpt2", layer_norm_fusion=True), cuda_graphs=True)  # the Triton LayerNorm captured too
     assert_bf16_close(graphed, eager)
-
