@@ -52,7 +52,9 @@ def test_triton_kernels_compute_torchs_layer_norm_on_gpus():
 
 
 def test_triton_kernels_compute_torchs_layer_norm_in_the_interpreter():
-    pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux)")
+    triton = pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux)")
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot loop to a bound passed at run time (3.7 can)")
     # A process of its own: the interpreter is chosen when the kernels are built, once per process. A few programs
     # (3 "multiprocessors"), so that each sums several rows.
     check = ("from lightning_megatron.models import layer_norm; layer_norm._multiprocessors = lambda device: 3; "

@@ -5,7 +5,9 @@ torch's LayerNorm backward runs at about a third of an H100's memory bandwidth o
 rows of 2,048): 168 us a call, 16 ms of its 521 ms step (``benchmarks/profile_step.py``). Here the forward reads each
 row once and writes the output with the row's mean and reciprocal standard deviation; the backward reads the input
 and the output gradient once, writes the input gradient, and sums the weight and bias gradients over the rows each
-program takes, in registers, leaving one small sum over programs (no atomics, so runs are deterministic). Our own
+program takes, in registers, leaving one small sum over programs (no atomics, so runs are deterministic). Each
+backward program takes a tile of rows at a time (4,096 values) and there are two programs per multiprocessor: the
+fastest of 36 tilings timed on an H100 for both GPT-2 widths (``benchmarks/data/h100_layer_norm.jsonl``). Our own
 because torch's kernels are the ones being replaced and ``torch.compile``'s LayerNorm measured slower still
 (``docs/performance.md``).
 """
@@ -19,6 +21,9 @@ import torch
 from torch import Tensor
 
 from lightning_megatron.backends import HAVE_TRITON
+
+TILE = 4096
+"""Values a backward program holds per iteration: rows of up to 4,096 values one at a time, narrower rows several."""
 
 MAX_WIDTH = 16384
 """Widest row the kernels take (a whole row lives in one program's registers); wider rows keep torch's LayerNorm."""
@@ -57,14 +62,20 @@ class _LayerNorm(torch.autograd.Function):
         count, width = rows.shape
         grad = grad.reshape(count, width).contiguous()
         grad_input = torch.empty_like(rows)
-        programs = min(count, 4 * _multiprocessors(rows.device))
+        block, warps = _block(width)
+        tile = max(TILE // block, 1)
+        programs = min(_ceil_div(count, tile), 2 * _multiprocessors(rows.device))
         partial_weight = torch.empty(programs, width, dtype=torch.float32, device=rows.device)
         partial_bias = torch.empty_like(partial_weight)
-        block, warps = _block(width)
         backward_kernel[(programs,)](grad, rows, weight, mean, rstd, grad_input, partial_weight, partial_bias, count,
-                                     width, BLOCK=block, num_warps=warps)
+                                     width, _ceil_div(count, tile * programs), BLOCK=block, ROWS=tile,
+                                     num_warps=warps)
         return (grad_input.view(ctx.shape), partial_weight.sum(0).to(weight.dtype),
                 partial_bias.sum(0).to(weight.dtype), None)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _block(width: int) -> tuple[int, int]:
@@ -99,29 +110,35 @@ def _kernels() -> tuple[Any, Any]:  # built on first use, so that the package im
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def backward(grad_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, grad_x_ptr, grad_w_ptr, grad_b_ptr, count, width,
-                 BLOCK: tl.constexpr):
+    def backward(grad_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, grad_x_ptr, grad_w_ptr, grad_b_ptr, count, width, tiles,
+                 BLOCK: tl.constexpr, ROWS: tl.constexpr):
         program = tl.program_id(0)
-        programs = tl.num_programs(0)
+        stride = tl.num_programs(0) * ROWS
         cols = tl.arange(0, BLOCK)
         live = cols < width
-        w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
-        grad_w = tl.zeros([BLOCK], dtype=tl.float32)
-        grad_b = tl.zeros([BLOCK], dtype=tl.float32)
-        # Each program takes every programs-th row, so the weight and bias gradients stay in registers until the end.
-        for row in range(program, count, programs):
-            offset = tl.cast(row, tl.int64) * width
-            x = tl.load(x_ptr + offset + cols, mask=live, other=0.0).to(tl.float32)
-            dy = tl.load(grad_ptr + offset + cols, mask=live, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            normed = tl.where(live, (x - tl.load(mean_ptr + row)) * rstd, 0.0)
+        w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)[None, :]
+        grad_w = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        grad_b = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        # Program p takes the tiles of ROWS rows that start at p * ROWS, then every `stride` rows after, so the weight
+        # and bias gradients stay in registers until the end.
+        for tile in range(0, tiles):
+            rows = program * ROWS + tile * stride + tl.arange(0, ROWS)
+            live_rows = rows < count
+            mask = live_rows[:, None] & live[None, :]
+            offsets = rows.to(tl.int64)[:, None] * width + cols[None, :]
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(mean_ptr + rows, mask=live_rows, other=0.0)[:, None]
+            rstd = tl.load(rstd_ptr + rows, mask=live_rows, other=0.0)[:, None]
+            normed = tl.where(mask, (x - mean) * rstd, 0.0)
             scaled = w * dy
-            dx = (scaled - normed * (tl.sum(normed * scaled, axis=0) / width) - tl.sum(scaled, axis=0) / width) * rstd
-            tl.store(grad_x_ptr + offset + cols, dx.to(grad_x_ptr.dtype.element_ty), mask=live)
+            dx = (scaled - normed * (tl.sum(normed * scaled, axis=1) / width)[:, None]
+                  - (tl.sum(scaled, axis=1) / width)[:, None]) * rstd
+            tl.store(grad_x_ptr + offsets, dx.to(grad_x_ptr.dtype.element_ty), mask=mask)
             grad_w += dy * normed
             grad_b += dy
-        tl.store(grad_w_ptr + program * width + cols, grad_w, mask=live)
-        tl.store(grad_b_ptr + program * width + cols, grad_b, mask=live)
+        tl.store(grad_w_ptr + program * width + cols, tl.sum(grad_w, axis=0), mask=live)
+        tl.store(grad_b_ptr + program * width + cols, tl.sum(grad_b, axis=0), mask=live)
 
     return forward, backward
 
