@@ -15,6 +15,7 @@ because torch's kernels are the ones being replaced and ``torch.compile``'s Laye
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -64,22 +65,18 @@ class _LayerNorm(torch.autograd.Function):
         grad_input = torch.empty_like(rows)
         block, warps = _block(width)
         tile = max(TILE // block, 1)
-        programs = min(_ceil_div(count, tile), 2 * _multiprocessors(rows.device))
+        programs = min(math.ceil(count / tile), 2 * _multiprocessors(rows.device))
         partial_weight = torch.empty(programs, width, dtype=torch.float32, device=rows.device)
         partial_bias = torch.empty_like(partial_weight)
         backward_kernel[(programs,)](grad, rows, weight, mean, rstd, grad_input, partial_weight, partial_bias, count,
-                                     width, _ceil_div(count, tile * programs), BLOCK=block, ROWS=tile,
+                                     width, math.ceil(count / (tile * programs)), BLOCK=block, ROWS=tile,
                                      num_warps=warps)
         return (grad_input.view(ctx.shape), partial_weight.sum(0).to(weight.dtype),
                 partial_bias.sum(0).to(weight.dtype), None)
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _block(width: int) -> tuple[int, int]:
-    """The power-of-two block a row fits in, and warps enough to hold it in registers (8 values a thread)."""
+    """The power-of-two block a row fits in, and warps enough to hold it in registers (8 values of a row a thread)."""
     block = 1 << (width - 1).bit_length()
     return block, min(max(block // 256, 1), 16)
 
