@@ -44,8 +44,9 @@ def main() -> None:
         ours = times["ours (Triton)"]
         difference = (outputs["ours (Triton)"] - outputs["torch LayerNorm"]).abs().max().item()
         for label, ms in times.items():
-            print(f"{name:<10} {label:<15} GPU: forward {ms['forward']:6.3f} ms ({ms['forward'] / ours['forward']:4.2f}x "
-                  f"ours, {2 * size / ms['forward'] / 1e9:4.2f} TB/s), forward + backward {ms['forward_backward']:6.3f} "
+            print(f"{name:<10} {label:<15} GPU: forward {ms['forward']:6.3f} ms "
+                  f"({ms['forward'] / ours['forward']:4.2f}x ours, {2 * size / ms['forward'] / 1e9:4.2f} TB/s), "
+                  f"forward + backward {ms['forward_backward']:6.3f} "
                   f"ms ({ms['forward_backward'] / ours['forward_backward']:4.2f}x ours, "
                   f"{5 * size / ms['forward_backward'] / 1e9:4.2f} TB/s); one call alone: forward "
                   f"{ms['forward_alone']:6.3f} ms, forward + backward {ms['forward_backward_alone']:6.3f} ms")
